@@ -1,0 +1,285 @@
+"""Typed configuration: model sizes, model, data and training settings, YAML presets and overrides.
+
+DeepSpeed's JSON owns ZeRO, precision, batch arithmetic and clipping; these dataclasses own everything else.
+`cmae_ds.ds_config.validate` checks the two against each other before anything heavy starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names it."""
+
+
+@dataclass(frozen=True)
+class EncoderSize:
+    embed_dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+    patch_size: int
+
+
+# Spec section 3. `debug` is small enough to train for a few steps on a CPU in a test.
+ENCODER_SIZES: dict[str, EncoderSize] = {
+    'debug': EncoderSize(embed_dim=64, depth=2, num_heads=4, mlp_ratio=4.0, patch_size=16),
+    'vit_small': EncoderSize(embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, patch_size=16),
+    'vit_base': EncoderSize(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, patch_size=16),
+    'vit_large': EncoderSize(embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0, patch_size=16),
+    'vit_huge': EncoderSize(embed_dim=1280, depth=32, num_heads=16, mlp_ratio=4.0, patch_size=14),
+    'vit_giant': EncoderSize(embed_dim=1408, depth=40, num_heads=16, mlp_ratio=6144 / 1408, patch_size=14),
+}
+
+# Decoder and projector widths that go with the small debug encoder; every other size uses the official ones.
+_DEBUG_HEADS = dict(decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4, feature_decoder_depth=1,
+                    proj_hidden_dim=128, proj_dim=32)
+
+
+def _check_fields(cls, data: dict, where: str) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f'{where}: unknown key(s) {unknown}; known keys: {sorted(known)}')
+
+
+@dataclass
+class ModelConfig:
+    """The model. Fields left at None are filled from `size` (and `mode`) in __post_init__."""
+
+    size: str = 'vit_base'
+    """Named encoder size: one of ENCODER_SIZES. Explicit fields below override it."""
+    mode: str = 'cmae'
+    """'cmae' (online + target branch, block masking) or 'mae' (pixel branch only, per-patch masking)."""
+    img_size: int = 224
+    in_chans: int = 3
+    patch_size: Optional[int] = None
+    embed_dim: Optional[int] = None
+    depth: Optional[int] = None
+    num_heads: Optional[int] = None
+    mlp_ratio: Optional[float] = None
+    decoder_embed_dim: Optional[int] = None
+    """Width of both decoders (official: 512)."""
+    decoder_depth: Optional[int] = None
+    """Pixel decoder depth (official: 8)."""
+    decoder_num_heads: Optional[int] = None
+    feature_decoder_depth: Optional[int] = None
+    """Feature decoder depth (official: 2)."""
+    proj_hidden_dim: Optional[int] = None
+    proj_dim: Optional[int] = None
+    mask_ratio: Optional[float] = None
+    """CMAE: fraction of 2x2 blocks hidden (official 0.65). MAE: fraction of patches hidden (0.75)."""
+    temperature: float = 0.07
+    loss_con_weight: float = 1.0
+    loss_rec_weight: float = 1.0
+    drop_path: float = 0.0
+    activation_checkpointing: bool = False
+    """Recompute each transformer block in backward instead of storing its activations."""
+
+    def __post_init__(self) -> None:
+        if self.size not in ENCODER_SIZES:
+            raise ConfigError(f'model.size: {self.size!r} is not one of {list(ENCODER_SIZES)}')
+        if self.mode not in ('cmae', 'mae'):
+            raise ConfigError(f"model.mode: {self.mode!r} must be 'cmae' or 'mae'")
+        enc = ENCODER_SIZES[self.size]
+        heads = _DEBUG_HEADS if self.size == 'debug' else dict(
+            decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, feature_decoder_depth=2,
+            proj_hidden_dim=1536, proj_dim=256)
+        defaults = {**dataclasses.asdict(enc), **heads,
+                    'mask_ratio': 0.65 if self.mode == 'cmae' else 0.75}
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.img_size % self.patch_size:
+            raise ConfigError(f'model.img_size {self.img_size} is not a multiple of patch_size {self.patch_size}')
+        if self.mode == 'cmae' and self.grid_size % 2:
+            raise ConfigError(f'model: block masking needs an even patch grid, got {self.grid_size} '
+                              f'(img_size {self.img_size} / patch_size {self.patch_size})')
+        for name, width, heads in (('embed_dim', self.embed_dim, self.num_heads),
+                                   ('decoder_embed_dim', self.decoder_embed_dim, self.decoder_num_heads)):
+            if width % heads:
+                raise ConfigError(f'model.{name} {width} is not divisible by its number of heads {heads}')
+            if width % 4:
+                raise ConfigError(f'model.{name} {width} must be a multiple of 4 (2-D sin-cos embedding)')
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f'model.mask_ratio {self.mask_ratio} must lie in (0, 1)')
+        if self.num_visible == 0:
+            raise ConfigError(f'model.mask_ratio {self.mask_ratio} leaves no visible patch')
+        if self.temperature <= 0:
+            raise ConfigError(f'model.temperature {self.temperature} must be positive')
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f'model.drop_path {self.drop_path} must lie in [0, 1)')
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size ** 2
+
+    @property
+    def num_visible(self) -> int:
+        """Visible patches per sample; the same for every sample (spec section 2)."""
+        if self.mode == 'cmae':
+            num_blocks = (self.grid_size // 2) ** 2
+            return 4 * int(num_blocks * (1 - self.mask_ratio))
+        return int(self.num_patches * (1 - self.mask_ratio))
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = 'model') -> 'ModelConfig':
+        _check_fields(cls, data, where)
+        return cls(**data)
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are turned into batches."""
+
+    source: str = 'embedded'
+    """'embedded' (photos shipped with the package), 'folder' (ImageNet-style), 'json' (official annotation
+    file), 'filelist' (one path per line, optionally followed by a label), or 'synthetic'."""
+    root: str = ''
+    """Image folder; for 'json' and 'filelist', the folder that relative paths in `ann_file` start from."""
+    ann_file: str = ''
+    """The official JSON annotation file or the file list, for those sources."""
+    pipeline: str = 'auto'
+    """'auto' (DALI when importable, else torch), 'dali' or 'torch'."""
+    num_workers: int = 4
+    """DataLoader workers (torch pipeline) or DALI CPU threads per rank."""
+    master_extra: int = 32
+    """The master crop is view + this many pixels (spec section 7: 256 for 224 views)."""
+
+    def __post_init__(self) -> None:
+        if self.source not in ('embedded', 'folder', 'json', 'filelist', 'synthetic'):
+            raise ConfigError(f'data.source: {self.source!r} is not one of embedded, folder, json, filelist, '
+                              'synthetic')
+        if self.pipeline not in ('auto', 'dali', 'torch'):
+            raise ConfigError(f"data.pipeline: {self.pipeline!r} must be 'auto', 'dali' or 'torch'")
+        if self.source in ('folder',) and not self.root:
+            raise ConfigError("data.root must be set for data.source 'folder'")
+        if self.source in ('json', 'filelist') and not self.ann_file:
+            raise ConfigError(f"data.ann_file must be set for data.source {self.source!r}")
+        if self.num_workers < 0:
+            raise ConfigError(f'data.num_workers {self.num_workers} must be >= 0')
+
+
+@dataclass
+class TrainConfig:
+    """Optimization, schedules, checkpoints and logging. Batch sizes and precision live in the DeepSpeed JSON."""
+
+    epochs: int = 300
+    warmup_epochs: int = 40
+    base_lr: float = 1.5e-4
+    """Learning rate per 256 images of global batch (spec section 8)."""
+    warmup_start_factor: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    momentum_base: float = 0.996
+    momentum_end: float = 0.996
+    optimizer: str = 'auto'
+    """'auto' picks a fused AdamW for the device; see cmae_ds.optim."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: run all epochs). Schedules still span all epochs."""
+    seed: int = 0
+    output_dir: str = 'runs/cmae'
+    save_every_steps: int = 1000
+    keep_last: int = 3
+    log_every_steps: int = 10
+    image_every_steps: int = 500
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        if self.epochs <= 0:
+            raise ConfigError(f'train.epochs {self.epochs} must be positive')
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ConfigError(f'train.warmup_epochs {self.warmup_epochs} must lie in [0, train.epochs]')
+        for name in ('momentum_base', 'momentum_end'):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f'train.{name} {getattr(self, name)} must lie in [0, 1]')
+        for name in ('save_every_steps', 'log_every_steps', 'image_every_steps', 'keep_last'):
+            if getattr(self, name) < 0:
+                raise ConfigError(f'train.{name} must be >= 0')
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {'model': ModelConfig, 'data': DataConfig, 'train': TrainConfig}
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` strings (values parsed as YAML) to a raw config dict."""
+    raw = {k: dict(v or {}) for k, v in raw.items()}
+    for item in overrides:
+        if '=' not in item or '.' not in item.split('=', 1)[0]:
+            raise ConfigError(f'override {item!r} must look like section.key=value, e.g. train.epochs=800')
+        key, value = item.split('=', 1)
+        section, name = key.split('.', 1)
+        if section not in _SECTIONS:
+            raise ConfigError(f'override {item!r}: unknown section {section!r}; sections: {list(_SECTIONS)}')
+        raw.setdefault(section, {})[name] = _parse_value(value)
+    return raw
+
+
+def build_config(raw: dict, where: str = 'config') -> Config:
+    unknown = sorted(set(raw) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(f'{where}: unknown section(s) {unknown}; sections: {list(_SECTIONS)}')
+    parts = {}
+    for name, cls in _SECTIONS.items():
+        section = raw.get(name) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f'{where}: section {name!r} must be a mapping')
+        _check_fields(cls, section, f'{where}: {name}')
+        try:
+            parts[name] = cls(**section)
+        except TypeError as e:
+            raise ConfigError(f'{where}: {name}: {e}') from None
+    return Config(**parts)
+
+
+PRESET_DIR = Path(__file__).parent / 'presets'
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Load a YAML file (or a preset name from cmae_ds/presets) and apply command-line overrides."""
+    raw: dict = {}
+    where = 'defaults'
+    if path:
+        p = Path(path)
+        if not p.exists() and (PRESET_DIR / f'{path}.yaml').exists():
+            p = PRESET_DIR / f'{path}.yaml'
+        if not p.exists():
+            presets = sorted(q.stem for q in PRESET_DIR.glob('*.yaml'))
+            raise ConfigError(f'config file {path} not found (presets: {presets})')
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f'{p}: not valid YAML: {e}') from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f'{p}: top level must be a mapping of sections')
+        where = str(p)
+    raw = apply_overrides(raw, overrides or [])
+    return build_config(raw, where)

@@ -1,0 +1,8 @@
+"""Plain PyTorch models: no DeepSpeed, no process-group setup, no data code."""
+from .classifier import ViTClassifier
+from .cmae import CMAE, TargetBranch
+from .masking import block_mask, patch_mask, patchify, unpatchify, visible_ids
+from .vit import ViTEncoder, interpolate_pos_embed, sincos_pos_embed_2d
+
+__all__ = ['CMAE', 'TargetBranch', 'ViTClassifier', 'ViTEncoder', 'block_mask', 'patch_mask', 'patchify',
+           'unpatchify', 'visible_ids', 'interpolate_pos_embed', 'sincos_pos_embed_2d']

@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+# kernels/ is installed as cmae_ds.kernels: a bare top-level `kernels` would collide with an unrelated PyPI package.
+PACKAGES = find_packages(include=['cmae_ds', 'cmae_ds.*']) + ['cmae_ds.kernels'] + [
+    'cmae_ds.kernels.' + name for name in find_packages('kernels')]
+
+setup(
+    name='cmae_ds',
+    version='0.1.0',
+    description='CMAE (Contrastive Masked Autoencoders) pretraining, fine-tuning and evaluation under DeepSpeed',
+    python_requires='>=3.10',
+    packages=PACKAGES,
+    package_dir={'cmae_ds.kernels': 'kernels'},
+    include_package_data=True,
+    package_data={'cmae_ds': ['presets/*.yaml', 'data/embedded/*', 'data/embedded/**/*']},
+    install_requires=[
+        'torch>=2.4',
+        'torchvision',
+        'timm>=1.0',
+        'deepspeed>=0.16',
+        'pyyaml',
+        'tensorboard',
+        'tqdm',
+        'numpy',
+        'pillow',
+    ],
+    extras_require={
+        'dali': ['nvidia-dali-cuda120'],
+        'test': ['pytest', 'nvidia-dali-cuda120'],
+    },
+)
