@@ -4,9 +4,13 @@ The model never sets up a process group; it only asks whether one with more than
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch import nn
+
+warnings.filterwarnings('ignore', message='torch.distributed.nn.functional.all_reduce is deprecated')
 
 
 def world() -> tuple[int, int]:
@@ -28,7 +32,7 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 
 def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     """Differentiable sum over ranks: the backward sums the gradients of every rank's use of the result."""
-    from torch.distributed.nn.functional import all_reduce
+    from torch.distributed.nn.functional import all_reduce  # autograd-aware; the functional-collectives replacement is not on gloo CPU in every release
     return all_reduce(x, op=dist.ReduceOp.SUM)
 
 

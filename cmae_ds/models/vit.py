@@ -124,7 +124,8 @@ class Blocks(nn.ModuleList):
 
 
 def make_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, drop_path: float = 0.0) -> Blocks:
-    rates = torch.linspace(0, drop_path, depth).tolist() if depth > 1 else [drop_path] * depth
+    # Linearly increasing stochastic depth; plain Python so that building on the meta device works.
+    rates = [drop_path * i / (depth - 1) for i in range(depth)] if depth > 1 else [drop_path] * depth
     return Blocks([Block(dim, num_heads, mlp_ratio, rate) for rate in rates])
 
 

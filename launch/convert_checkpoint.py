@@ -1,0 +1,45 @@
+#!/usr/bin/env python
+"""Convert model checkpoints.
+
+  official-to-ours SRC OUT [model.key=value ...]   official CMAE pretraining checkpoint -> our CMAE state dict
+  extract-encoder  SRC OUT [model.key=value ...]   online encoder only (ours or official source)
+  to-timm          SRC OUT [model.key=value ...]   encoder in timm VisionTransformer names (global_pool='token')
+
+Model fields default to ViT-B/16 at 224; pass model.size=... or the individual fields for other models.
+"""
+import argparse
+import sys
+
+import torch
+
+from cmae_ds.checkpoint import (CheckpointError, encoder_state, encoder_to_timm, extract_encoder,
+                                load_official_cmae)
+from cmae_ds.config import ConfigError, load_config
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('action', choices=['official-to-ours', 'extract-encoder', 'to-timm'])
+    parser.add_argument('src')
+    parser.add_argument('out')
+    parser.add_argument('overrides', nargs='*', help='model.key=value')
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(None, args.overrides).model
+        if args.action == 'official-to-ours':
+            # Loading validates every key and shape before anything is written.
+            out = {'state_dict': load_official_cmae(args.src, cfg).state_dict()}
+        elif args.action == 'extract-encoder':
+            out = extract_encoder(args.src, cfg)
+        else:
+            out = encoder_to_timm(encoder_state(args.src))
+    except (CheckpointError, ConfigError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    torch.save(out, args.out)
+    print(f'wrote {args.out}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
