@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+import typing
 from typing import Any, Optional
 
 import yaml
@@ -46,6 +47,50 @@ def _check_fields(cls, data: dict, where: str) -> None:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f'{where}: unknown key(s) {unknown}; known keys: {sorted(known)}')
+
+
+def _coerce(cls, data: dict, where: str) -> dict:
+    """Check each value against its field's type. YAML reads `1e30` as a string (1.1 wants `1.0e30`), so numeric
+    strings become numbers; anything else of the wrong type is an error naming the key."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in data.items():
+        kind = hints[key]
+        if typing.get_origin(kind) is typing.Union:  # Optional[X]
+            if value is None:
+                out[key] = None
+                continue
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        out[key] = _coerce_value(kind, value, f'{where}.{key}')
+    return out
+
+
+def _coerce_value(kind, value, name: str):
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind in (int, float):
+        if isinstance(value, bool):
+            pass
+        elif isinstance(value, (int, float)) and (kind is float or float(value).is_integer()):
+            return kind(value)
+        elif isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+            else:
+                if kind is float or number.is_integer():
+                    return kind(number)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    elif typing.get_origin(kind) is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce_value(a, v, name) for a, v in zip(typing.get_args(kind), value))
+    else:
+        return value
+    raise ConfigError(f'{name}: {value!r} is not a valid {getattr(kind, "__name__", kind)}')
 
 
 @dataclass
@@ -137,7 +182,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict, where: str = 'model') -> 'ModelConfig':
         _check_fields(cls, data, where)
-        return cls(**data)
+        return cls(**_coerce(cls, data, where))
 
 
 @dataclass
@@ -254,7 +299,7 @@ def build_config(raw: dict, where: str = 'config') -> Config:
             raise ConfigError(f'{where}: section {name!r} must be a mapping')
         _check_fields(cls, section, f'{where}: {name}')
         try:
-            parts[name] = cls(**section)
+            parts[name] = cls(**_coerce(cls, section, name))
         except TypeError as e:
             raise ConfigError(f'{where}: {name}: {e}') from None
     return Config(**parts)

@@ -1,0 +1,110 @@
+"""Run checkpoints on top of DeepSpeed's: a completion marker per tag, an atomically replaced `latest` pointer, and
+pruning to the last K. A crash or kill during a save leaves `latest` on the previous complete checkpoint.
+
+Layout: <run>/checkpoints/<tag>/ (DeepSpeed's files + complete.json), <run>/checkpoints/latest (a tag name).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .dist import barrier
+
+MARKER = 'complete.json'
+POINTER = 'latest'
+
+
+def tag_for(step: int) -> str:
+    return f'step_{step:08d}'
+
+
+def _step_of(tag: str) -> int:
+    return int(tag.split('_')[-1]) if tag.startswith('step_') and tag.split('_')[-1].isdigit() else -1
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Tags with a completion marker, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and (p / MARKER).is_file()]
+    return sorted(tags, key=_step_of)
+
+
+def find_resume_tag(ckpt_dir: Path) -> Optional[str]:
+    """The pointer's tag when its checkpoint is complete, else the newest complete tag, else None."""
+    pointer = ckpt_dir / POINTER
+    if pointer.is_file():
+        tag = pointer.read_text().strip()
+        if (ckpt_dir / tag / MARKER).is_file():
+            return tag
+    tags = complete_tags(ckpt_dir)
+    return tags[-1] if tags else None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + '.tmp')
+    with open(tmp, 'w') as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state['torch'])
+    np.random.set_state(state['numpy'])
+    random.setstate(state['python'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, is_main: bool) -> Path:
+    """Save a DeepSpeed checkpoint for `step` (collective: every rank calls it), then mark it and point to it."""
+    tag = tag_for(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    if os.environ.get('CMAE_TEST_KILL_DURING_SAVE') == tag:
+        os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume test: files written, no marker
+    barrier()  # every rank's shard is on disk before the checkpoint is declared complete
+    if is_main:
+        _atomic_write(ckpt_dir / tag / MARKER, json.dumps({'step': step, 'tag': tag}))
+        _atomic_write(ckpt_dir / POINTER, tag)
+        prune(ckpt_dir, keep_last)
+    barrier()
+    return ckpt_dir / tag
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> None:
+    """Remove complete checkpoints beyond the newest `keep_last`, and partial ones older than the newest complete."""
+    tags = complete_tags(ckpt_dir)
+    if not tags:
+        return
+    newest = _step_of(tags[-1])
+    doomed = tags[:-keep_last] if keep_last > 0 else []
+    doomed += [p.name for p in ckpt_dir.iterdir()
+               if p.is_dir() and not (p / MARKER).exists() and 0 <= _step_of(p.name) < newest]
+    for tag in doomed:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+
+
+def load(engine, ckpt_dir: Path, tag: str) -> dict:
+    """Load model, optimizer and scheduler state of `tag` into the engine; returns the client state."""
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True,
+                                                load_optimizer_states=True, load_lr_scheduler_states=False)
+    if path is None:
+        raise RuntimeError(f'DeepSpeed could not load checkpoint {ckpt_dir / tag}')
+    return client_state

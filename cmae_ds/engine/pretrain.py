@@ -1,0 +1,351 @@
+"""CMAE pretraining under DeepSpeed: one explicit loop, `train()` -> `train_step()`.
+
+Per micro-batch: forward, `engine.backward`, `engine.step` (DeepSpeed decides whether this micro-step is an
+accumulation boundary). At each boundary the target branch takes its momentum step and the next learning rate is set.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+from ..config import Config, ConfigError
+from ..data import build_pretrain_loader
+from ..ds_config import ResolvedBatch, load_ds_config, validate
+from ..models import CMAE
+from ..schedules import lr_at, momentum_at, scaled_lr
+from . import checkpointing
+from .dist import DistContext, setup_distributed
+from .logger import RunLogger
+from .optim import build_optimizer, param_groups
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf; training stopped without saving."""
+
+
+@dataclass
+class Progress:
+    """Where the run is; saved in every checkpoint's client state."""
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already trained on
+    step: int = 0  # optimizer steps taken
+
+
+@dataclass(frozen=True)
+class Schedule:
+    peak_lr: float
+    total_steps: int
+    warmup_steps: int
+    steps_per_epoch: int
+
+    def lr(self, cfg, step: int) -> float:
+        return lr_at(step, base_lr=self.peak_lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                     warmup_start_factor=cfg.train.warmup_start_factor, min_lr=cfg.train.min_lr)
+
+    def momentum(self, cfg, step: int) -> float:
+        return momentum_at(step, total_steps=self.total_steps, m_base=cfg.train.momentum_base,
+                           m_end=cfg.train.momentum_end)
+
+
+def _dtype(batch: ResolvedBatch) -> torch.dtype:
+    return {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(batch.precision, torch.float32)
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group['lr'] = lr * group.get('lr_scale', 1.0)
+
+
+def momentum_step(model: CMAE, m: float, zero_stage: int) -> None:
+    """EMA of the target towards the online weights. ZeRO-3 partitions the online parameters, so they are
+    gathered (all at once, one collective) for the duration of the update."""
+    if model.target is None:
+        return
+    if zero_stage == 3:
+        import deepspeed
+        _, sources = model.ema_pairs()
+        with deepspeed.zero.GatheredParameters(sources, modifier_rank=None):
+            model.momentum_update(m)
+    else:
+        model.momentum_update(m)
+
+
+def train_step(engine, batch: dict, dtype: torch.dtype, mask_gen: Optional[torch.Generator] = None) -> dict:
+    """One micro-step. Returns the model's output dict (losses still on the device)."""
+    img = batch['img'].to(engine.device, dtype=dtype, non_blocking=True)
+    img_target = batch['img_target'].to(engine.device, dtype=dtype, non_blocking=True)
+    out = engine(img, img_target, generator=mask_gen)
+    engine.backward(out['loss'])
+    engine.step()
+    return out
+
+
+def _resume_tag(resume: str, ckpt_dir: Path) -> Optional[str]:
+    existing = checkpointing.find_resume_tag(ckpt_dir)
+    if resume == 'auto':
+        return existing
+    if resume == 'none':
+        if existing is not None:
+            raise ConfigError(f'{ckpt_dir} already holds checkpoints ({existing}); use --resume auto to continue '
+                              'that run, or set train.output_dir to a new folder (nothing was overwritten)')
+        return None
+    tag = Path(resume).name
+    if not (ckpt_dir / tag / checkpointing.MARKER).is_file():
+        raise ConfigError(f'--resume {resume}: no complete checkpoint {tag} in {ckpt_dir}')
+    return tag
+
+
+def _write_run_files(run_dir: Path, cfg: Config, ds: dict, step: int) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    suffix = '' if step == 0 else f'.resume_{step:08d}'
+    (run_dir / f'config{suffix}.yaml').write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (run_dir / f'ds_config{suffix}.json').write_text(json.dumps(ds, indent=2))
+
+
+def _client_state(cfg: Config, progress: Progress, mask_gen: torch.Generator) -> dict:
+    return {'progress': asdict(progress), 'rng': checkpointing.rng_state(), 'mask_rng': mask_gen.get_state(),
+            'config': cfg.to_dict()}
+
+
+def _grad_norm(engine) -> Optional[float]:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def _loss_scale(engine) -> Optional[float]:
+    scale = getattr(engine.optimizer, 'cur_scale', None) or getattr(engine.optimizer, 'loss_scale', None)
+    return float(scale) if isinstance(scale, (int, float, torch.Tensor)) else None
+
+
+class Meter:
+    """Throughput and data-wait fraction between log steps, host-side only."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.start, self.wait, self.images = time.perf_counter(), 0.0, 0
+
+    def values(self, world_size: int) -> dict:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return {'images_per_s': self.images * world_size / elapsed, 'data_wait_fraction': self.wait / elapsed}
+
+
+def consolidated_state_dict(engine, model: CMAE, zero_stage: int) -> dict:
+    """Full fp32 model state (online from the optimizer's fp32 masters where DeepSpeed has them, target as kept).
+    Collective: every rank must call it."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    state = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p in model.parameters():
+        full = safe_get_full_fp32_param(p) if p.requires_grad else None
+        if full is None:
+            full = _gathered(p, zero_stage)
+        state[names[id(p)]] = full.detach().float().cpu().clone()
+    for name, value in model.state_dict().items():
+        if name not in state:
+            state[name] = value.detach().cpu().clone().float() if value.is_floating_point() else value.cpu()
+    return state
+
+
+def _gathered(p, zero_stage):
+    if zero_stage != 3:
+        return p
+    import deepspeed
+    with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+        return p.detach().clone()
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    checkpoint: Optional[Path]
+    model_file: Optional[Path]
+    steps: int
+    last_loss: Optional[float]
+    first_loss: Optional[float]
+
+
+def build_engine(cfg: Config, ds: dict, batch_cfg: ResolvedBatch, ctx: DistContext, peak_lr: float):
+    """CMAE wrapped by DeepSpeed with the project's AdamW groups. Returns (engine, model, optimizer name).
+
+    Every rank builds the model from the same seed: DeepSpeed broadcasts the online weights from rank 0, but the
+    target branch is outside its reach and must start identical everywhere by construction.
+    """
+    import deepspeed
+    torch.manual_seed(cfg.train.seed)
+    model = CMAE(cfg.model)
+    optimizer, opt_name = build_optimizer(param_groups(model, cfg.train.weight_decay), lr=peak_lr,
+                                          betas=cfg.train.betas, backend=cfg.train.optimizer, device=ctx.device,
+                                          offload=batch_cfg.offload_optimizer)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    model.to(engine.device)
+    return engine, model, opt_name
+
+
+def mask_generator(cfg: Config, ctx: DistContext) -> torch.Generator:
+    """The masks' own random stream: different per rank, saved in checkpoints, and untouched by anything else
+    that draws from the global RNG (a DataLoader draws a seed from it whenever an iterator starts)."""
+    return torch.Generator(device=ctx.device).manual_seed(cfg.train.seed * 1000 + ctx.rank + 1)
+
+
+def train(cfg: Config, ds_path: str, resume: str = 'auto', observer=None) -> RunResult:
+    """Pretrain CMAE with the DeepSpeed JSON at `ds_path`; see the README for the run folder layout.
+
+    `observer(step, engine, model)`, if given, is called on every rank at start and after each optimizer step's
+    momentum update (tests use it to follow the weights; monitors to evaluate).
+    """
+    ds = load_ds_config(ds_path)
+    ctx = setup_distributed()
+    batch_cfg = validate(ds, cfg, ctx.world_size, path=ds_path)
+    run_dir = Path(cfg.train.output_dir)
+    ckpt_dir = run_dir / 'checkpoints'
+    tag = _resume_tag(resume, ckpt_dir)
+    loader = build_pretrain_loader(cfg.data, img_size=cfg.model.img_size, batch_size=batch_cfg.micro_batch,
+                                   rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
+                                   device=ctx.device, drop_last=True)
+    schedule = _schedule(cfg, batch_cfg, len(loader), ds_path)
+    engine, model, opt_name = build_engine(cfg, ds, batch_cfg, ctx, schedule.peak_lr)
+    progress, mask_gen = Progress(), mask_generator(cfg, ctx)
+    if tag is not None:
+        client = checkpointing.load(engine, ckpt_dir, tag)
+        progress = Progress(**client['progress'])
+        checkpointing.set_rng_state(client['rng'])
+        mask_gen.set_state(client['mask_rng'])
+    if ctx.is_main:
+        _write_run_files(run_dir, cfg, ds, progress.step)
+    logger = RunLogger(run_dir, schedule.total_steps, progress.step, ctx.is_main, cfg.train.progress_bar)
+    logger.text(f'cmae_ds: {cfg.model.mode} {cfg.model.size}, data pipeline {loader.name}, optimizer {opt_name}, '
+                f'{batch_cfg.precision} ZeRO-{batch_cfg.zero_stage}, global batch {batch_cfg.global_batch}, '
+                f'peak lr {schedule.peak_lr:.3g}, {schedule.total_steps} steps'
+                + (f', resumed from {tag}' if tag else ''))
+    if observer is not None:
+        observer(progress.step, engine, model)
+    try:
+        return _loop(cfg, ctx, engine, model, loader, schedule, batch_cfg, progress, logger, ckpt_dir, observer,
+                     mask_gen)
+    finally:
+        logger.close()
+
+
+def _schedule(cfg: Config, batch_cfg: ResolvedBatch, batches_per_epoch: int, ds_path: str) -> Schedule:
+    steps_per_epoch = batches_per_epoch // batch_cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise ConfigError(f'{ds_path}: {batches_per_epoch} micro-batches per rank per epoch are fewer than '
+                          f'gradient_accumulation_steps {batch_cfg.grad_accum}: the dataset is too small for a '
+                          f'global batch of {batch_cfg.global_batch}')
+    return Schedule(peak_lr=scaled_lr(cfg.train.base_lr, batch_cfg.global_batch),
+                    total_steps=cfg.train.epochs * steps_per_epoch,
+                    warmup_steps=cfg.train.warmup_epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
+
+
+def _loop(cfg, ctx: DistContext, engine, model, loader, schedule, batch_cfg, progress, logger, ckpt_dir,
+          observer, mask_gen):
+    dtype = _dtype(batch_cfg)
+    last_step = schedule.total_steps if cfg.train.max_steps <= 0 else min(schedule.total_steps,
+                                                                          progress.step + cfg.train.max_steps)
+    usable = schedule.steps_per_epoch * batch_cfg.grad_accum  # a partial accumulation at an epoch's end is dropped
+    watch = Watch(torch.zeros((), dtype=torch.bool, device=engine.device), Meter(), mask_gen)
+    set_lr(engine.optimizer, schedule.lr(cfg, progress.step))
+    while progress.step < last_step:
+        loader.set_epoch(progress.epoch)
+        if progress.batch_in_epoch:
+            loader.skip_batches(progress.batch_in_epoch)
+        it = iter(loader)
+        while progress.step < last_step:
+            t0 = time.perf_counter()
+            batch = next(it)
+            watch.meter.wait += time.perf_counter() - t0
+            boundary = engine.is_gradient_accumulation_boundary()
+            out = train_step(engine, batch, dtype, mask_gen)
+            watch.nonfinite |= ~torch.isfinite(out['loss'].detach())
+            watch.meter.images += batch['img'].shape[0]
+            progress.batch_in_epoch += 1
+            epoch_done = progress.batch_in_epoch >= usable
+            if epoch_done:
+                progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+            if boundary:
+                progress.step += 1
+                _after_step(cfg, ctx, engine, model, schedule, batch_cfg, progress, logger, ckpt_dir, batch, out,
+                            watch, final=progress.step == last_step)
+                if observer is not None:
+                    observer(progress.step, engine, model)
+            if epoch_done:
+                break
+    model_file = _save_model_file(engine, model, batch_cfg, ckpt_dir.parent, ctx.is_main)
+    return RunResult(ckpt_dir.parent, watch.saved, model_file, progress.step, watch.last_loss, watch.first_loss)
+
+
+@dataclass
+class Watch:
+    """What the loop carries between steps: the device-side non-finite flag (read only at log and save steps,
+    so no per-step host sync), throughput meter, losses seen at log steps, the last checkpoint written."""
+    nonfinite: torch.Tensor
+    meter: Meter
+    mask_gen: torch.Generator
+    first_loss: Optional[float] = None
+    last_loss: Optional[float] = None
+    saved: Optional[Path] = None
+
+
+def _after_step(cfg, ctx, engine, model, schedule, batch_cfg, progress, logger, ckpt_dir, batch, out, watch, final):
+    """Everything that happens once per optimizer step: EMA, next lr, logging, images, checkpoints."""
+    step = progress.step
+    momentum_step(model, schedule.momentum(cfg, step), batch_cfg.zero_stage)
+    set_lr(engine.optimizer, schedule.lr(cfg, step))
+    logger.advance()
+    if _due(step, cfg.train.log_every_steps) or final:
+        _check_finite(watch.nonfinite, step, ckpt_dir)
+        watch.last_loss = _log(cfg, engine, schedule, progress, out, watch.meter, logger, ctx.world_size)
+        watch.first_loss = watch.last_loss if watch.first_loss is None else watch.first_loss
+        watch.meter.reset()
+    if _due(step, cfg.train.image_every_steps) or final:
+        logger.reconstruction(step, batch['img'], batch.get('img_target'), out['pred_pixel'], out['mask'],
+                              cfg.model.patch_size)
+    if _due(step, cfg.train.save_every_steps) or final:
+        _check_finite(watch.nonfinite, step, ckpt_dir)
+        watch.saved = checkpointing.save(engine, ckpt_dir, step, _client_state(cfg, progress, watch.mask_gen),
+                                         cfg.train.keep_last, ctx.is_main)
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def _check_finite(flag: torch.Tensor, step: int, ckpt_dir: Path) -> None:
+    if bool(flag):
+        last = checkpointing.find_resume_tag(ckpt_dir)
+        raise NonFiniteLoss(f'the loss became NaN or inf at or before step {step}; stopped without saving. '
+                            f'Last good checkpoint: {ckpt_dir / last if last else "none"}')
+
+
+def _log(cfg, engine, schedule, progress, out, meter, logger, world_size) -> float:
+    values = {'loss': float(out['loss'].detach()), 'loss_rec': float(out['loss_rec'].detach()),
+              'lr': schedule.lr(cfg, progress.step), 'momentum': schedule.momentum(cfg, progress.step),
+              'epoch': progress.epoch + progress.batch_in_epoch / max(1, schedule.steps_per_epoch)}
+    if 'loss_con' in out:
+        values['loss_con'] = float(out['loss_con'].detach())
+    for name, value in (('grad_norm', _grad_norm(engine)), ('loss_scale', _loss_scale(engine))):
+        if value is not None:
+            values[name] = value
+    values.update(meter.values(world_size))
+    logger.scalars(progress.step, values)
+    return values['loss']
+
+
+def _save_model_file(engine, model, batch_cfg, run_dir: Path, is_main: bool) -> Optional[Path]:
+    """model.pt: the full fp32 model (online and target) for fine-tuning, extraction and export."""
+    state = consolidated_state_dict(engine, model, batch_cfg.zero_stage)
+    if not is_main:
+        return None
+    path = run_dir / 'model.pt'
+    tmp = path.with_name('model.pt.tmp')
+    torch.save({'state_dict': state, 'model_config': asdict(model.cfg)}, tmp)
+    tmp.replace(path)
+    return path

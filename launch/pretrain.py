@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+"""CMAE pretraining.
+
+  python launch/pretrain.py                                     # embedded default: debug CMAE on shipped photos
+  deepspeed --num_gpus 8 launch/pretrain.py --config cmae_vit_base_300e --deepspeed_config ds_configs/zero2_bf16.json \\
+      data.root=/data/imagenet/train train.output_dir=runs/cmae_b300
+  deepspeed --hostfile hosts launch/pretrain.py --config ... --deepspeed_config ...
+
+Trailing `section.key=value` arguments override any config field (values are parsed as YAML).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--config', default='debug', help='YAML file or preset name in cmae_ds/presets')
+    parser.add_argument('--deepspeed_config', '--ds_config', dest='ds_config', default=None,
+                        help='DeepSpeed JSON (default: ds_configs/cpu_debug.json, fp32, runs on a CPU or one GPU)')
+    parser.add_argument('--resume', default='auto', help="'auto' (newest complete checkpoint), 'none', or a tag")
+    parser.add_argument('--local_rank', type=int, default=None, help='set by the DeepSpeed launcher')
+    parser.add_argument('overrides', nargs='*', help='section.key=value')
+    return parser.parse_args(argv)
+
+
+def default_ds_config() -> str:
+    return str(ROOT / 'ds_configs' / 'cpu_debug.json')
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    from cmae_ds.config import ConfigError, load_config
+    from cmae_ds.engine.pretrain import NonFiniteLoss, train
+    try:
+        cfg = load_config(args.config, args.overrides)
+        result = train(cfg, args.ds_config or default_ds_config(), resume=args.resume)
+    except ConfigError as e:
+        print(f'config error: {e}', file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f'training stopped: {e}', file=sys.stderr)
+        return 3
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f'done: {result.steps} steps, loss {result.first_loss:.4f} -> {result.last_loss:.4f}'
+              if result.first_loss is not None else f'done: {result.steps} steps')
+        print(f'checkpoint:  {result.checkpoint}')
+        print(f'model file:  {result.model_file}')
+        print(f'tensorboard: tensorboard --logdir {result.run_dir / "tensorboard"}')
+        print(f'images:      {result.run_dir / "images"}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
