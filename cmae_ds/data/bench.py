@@ -1,0 +1,105 @@
+"""Data-only benchmark: images/s of the DALI CPU pipeline and the torch pipeline on the same JPEGs and threads.
+
+    python -m cmae_ds.data.bench --images 512 --batch 64 --threads 2 [--device cuda] [--root DIR]
+
+Without --root it writes ImageNet-like JPEGs (500x375, quality 90, photo content from the embedded set) to a temp
+folder. Each pipeline runs `--epochs` epochs of the CMAE pretraining views (224 + 32 master); the first batch of
+each run (pipeline build, worker start) is excluded from the rate.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cmae_ds.config import DataConfig
+
+from .build import build_pretrain_loader
+from .sources import embedded_samples
+
+
+def write_imagenet_like(root: Path, n: int, size=(500, 375), seed: int = 0) -> None:
+    """n JPEGs of photo content at ImageNet's typical size, spread over 10 class folders."""
+    rng = np.random.default_rng(seed)
+    photos = [Image.open(p).convert('RGB') for p, _ in embedded_samples()]
+    for i in range(n):
+        img = photos[i % len(photos)].resize(size, Image.BICUBIC)
+        arr = np.asarray(img, dtype=np.int16) + rng.integers(-16, 17, (size[1], size[0], 3))  # grain: ~110 KB files like ImageNet
+        d = root / f'class_{i % 10:02d}'
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(d / f'{i:06d}.jpg', quality=90)
+
+
+def time_pipeline(root: Path, pipeline: str, batch: int, threads: int, img_size: int, device: str,
+                  epochs: int) -> dict:
+    data_cfg = DataConfig(source='folder', root=str(root), pipeline=pipeline, num_workers=threads)
+    loader = build_pretrain_loader(data_cfg, img_size=img_size, batch_size=batch, device=device)
+    images, seconds, firsts = 0, 0.0, 0
+    cpu0 = _cpu_seconds()
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        it = iter(loader)
+        first = b = next(it)
+        _sync(first)
+        t = time.perf_counter()
+        for b in it:
+            images += len(b['img'])
+        _sync(b)
+        seconds += time.perf_counter() - t
+        firsts += len(first['img'])
+        del it  # joins the DataLoader workers, so their CPU time is counted below
+    cpu = _cpu_seconds() - cpu0
+    return dict(name=loader.name, images=images, seconds=seconds, rate=images / max(seconds, 1e-9),
+                cpu_ms=1e3 * cpu / max(images + firsts, 1))
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process (DALI's threads) and its reaped children (DataLoader workers)."""
+    import resource
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _sync(batch: dict) -> None:
+    if batch['img'].is_cuda:
+        torch.cuda.synchronize(batch['img'].device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--images', type=int, default=512)
+    ap.add_argument('--batch', type=int, default=64)
+    ap.add_argument('--threads', type=int, default=2, help='DALI CPU threads = torch DataLoader workers')
+    ap.add_argument('--img-size', type=int, default=224)
+    ap.add_argument('--epochs', type=int, default=2)
+    ap.add_argument('--device', default='cpu', help="'cuda' adds nothing for torch but runs DALI's GPU graph")
+    ap.add_argument('--root', type=Path, default=None, help='an existing ImageNet-style folder instead')
+    ap.add_argument('--pipelines', default='dali,torch')
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.root
+        if root is None:
+            root = Path(tmp)
+            write_imagenet_like(root, args.images)
+        mb = sum(p.stat().st_size for p in root.rglob('*.jpg')) / 1e6
+        n = len(list(root.rglob('*.jpg')))
+        print(f'{n} JPEGs ({mb / n * 1000:.0f} KB each) in {root}; batch {args.batch}, {args.threads} threads/'
+              f'workers, views {args.img_size}+32, device {args.device}, torch threads {torch.get_num_threads()}')
+        results = [time_pipeline(root, p, args.batch, args.threads, args.img_size, args.device, args.epochs)
+                   for p in args.pipelines.split(',')]
+    print(f"{'pipeline':<10} {'images':>7} {'seconds':>8} {'images/s':>9} {'CPU ms/image':>13}")
+    for r in results:
+        print(f"{r['name']:<10} {r['images']:>7} {r['seconds']:>8.2f} {r['rate']:>9.1f} {r['cpu_ms']:>13.1f}")
+    if len(results) == 2:
+        a, b = results
+        print(f"ratio {a['name']} / {b['name']}: {a['rate'] / b['rate']:.2f}x images/s, "
+              f"{b['cpu_ms'] / a['cpu_ms']:.2f}x less CPU per image")
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,129 @@
+"""DALI loaders: one pipeline per (epoch, start batch) over this rank's files in ShardPlan order.
+
+Building a pipeline per epoch is what makes `set_epoch` and `skip_batches` exact: the file order is fixed in Python,
+and DALI's own shuffling and shard rotation are not used. Augmentation draws come from DALI's generators, seeded
+from (seed, epoch, rank, start batch): the same seed and epoch give the same batches; after a mid-epoch resume the
+images are the same but their random crops differ from the uninterrupted run (the torch pipeline repeats those too).
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from functools import partial
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from . import common as C
+from .base import EpochLoader
+from .sampling import ShardPlan
+
+
+class DataFileError(RuntimeError):
+    """The pipeline met a file it cannot decode; the message names it."""
+
+
+def _pipeline_seed(seed: int, epoch: int, rank: int, start: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, rank, start, 0xDA11]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def _graph_for(mode: str, size: int, extra: int, device: str, hw: float, debug: bool):
+    from . import dali_graphs as G  # imports nvidia.dali: only when a DALI loader is built
+    if mode == 'pretrain':
+        return partial(G.cmae_views, size=size, extra=extra, device=device, hw_decoder_load=hw, debug=debug)
+    if mode == 'cls_train':
+        return partial(G.cls_train_view, size=size, device=device, hw_decoder_load=hw)
+    return partial(G.cls_eval_view, size=size, device=device, hw_decoder_load=hw)
+
+
+class DaliLoader(EpochLoader):
+    """Contract of build_pretrain_loader / build_classification_loader on a DALI pipeline."""
+
+    def __init__(self, samples, mode: str, plan: ShardPlan, device, img_size: int, master_extra: int,
+                 num_threads: int, hw_decoder_load: float = 0.65, debug: bool = False, erase: bool = False):
+        super().__init__(plan, device)
+        self.samples, self.mode, self.debug, self.erase = samples, mode, debug, erase
+        self.paths = [p for p, _ in samples]
+        self.labels = torch.tensor([lab for _, lab in samples], dtype=torch.int64)
+        self.dali_device = 'gpu' if self.device.type == 'cuda' else 'cpu'
+        self.name = f'dali-{self.dali_device}'
+        self.num_threads = max(1, num_threads)
+        self._graph = _graph_for(mode, img_size, master_extra, self.dali_device, hw_decoder_load, debug)
+        self.output_map = (['img', 'img_target', 'index'] + (list(C.DEBUG_KEYS) if debug else [])
+                           if mode == 'pretrain' else ['img', 'index'])
+
+    def _build(self, files: list[str], indices: list[int], seed: int):
+        from nvidia.dali import pipeline_def
+
+        @pipeline_def(enable_conditionals=True)
+        def graph():
+            return self._graph(files, indices)
+
+        device_id = (self.device.index or 0) if self.dali_device == 'gpu' else None
+        with warnings.catch_warnings():  # DALI 2.x's own auto_aug module still calls deprecated aliases
+            warnings.filterwarnings('ignore', message='.*is now deprecated', category=DeprecationWarning)
+            pipe = graph(batch_size=self.plan.batch_size, num_threads=self.num_threads, device_id=device_id,
+                         seed=seed, prefetch_queue_depth=2)
+            pipe.build()
+        return pipe
+
+    def _iterate(self, epoch: int, start_batch: int) -> Iterator[dict]:
+        from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        from .dali_graphs import READER
+
+        batches = self.plan.batches(epoch, start_batch)
+        if not batches:
+            return
+        indices = [int(i) for idx, _ in batches for i in idx]
+        files = [self.paths[i] for i in indices]
+        pipe = self._build(files, indices, _pipeline_seed(self.plan.seed, epoch, self.plan.rank, start_batch))
+        it = DALIGenericIterator(pipe, self.output_map, reader_name=READER, auto_reset=False,
+                                 last_batch_policy=LastBatchPolicy.PARTIAL, prepare_first_batch=False)
+        try:
+            for b, (_, valid) in enumerate(batches, start_batch):
+                try:
+                    raw = next(it)[0]
+                except StopIteration:
+                    break
+                except Exception as e:  # noqa: BLE001 - DALI raises plain RuntimeError; name the file instead
+                    raise self._file_error(e, batches[b - start_batch:b - start_batch + 3]) from e
+                yield self._finish(raw, valid, epoch, b)
+        finally:
+            del it, pipe
+
+    def _finish(self, raw: dict, valid: np.ndarray, epoch: int, b: int) -> dict:
+        index = raw['index'].reshape(-1).to(torch.int64)
+        out = {'img': raw['img'].to(self.device)}
+        if self.mode == 'pretrain':
+            out['img_target'] = raw['img_target'].to(self.device)
+        elif self.erase:
+            C.random_erasing(out['img'], C.batch_generator(self.plan.seed, epoch, self.plan.rank, b))
+        out['index'] = index.to(self.device)
+        if self.mode != 'pretrain':
+            out['label'] = self.labels[index.cpu()].to(self.device)
+            out['valid'] = torch.from_numpy(valid.copy()).to(self.device)
+        if self.debug and self.mode == 'pretrain':
+            out['debug'] = {k: raw[k].reshape(-1).cpu().to(C.DEBUG_DTYPES[k]) for k in C.DEBUG_KEYS}
+        return out
+
+    def _file_error(self, err: Exception, near) -> DataFileError:
+        """Map a DALI failure to the file(s) that caused it: DALI's message when it names one, else the files of
+        the failing batch (and the prefetched ones after it) that PIL cannot decode either."""
+        msg = str(err)
+        named = [p for p in set(re.findall(r'[\w./\\:-]*[\w-]\.\w+', msg)) if p in self._path_set()]
+        if not named:
+            from .scan import check_file
+            named = [self.paths[i] for idx, _ in near for i in idx if check_file(self.paths[i]) is not None]
+        lines = [ln.strip() for ln in msg.splitlines() if ln.strip() and 'no longer valid' not in ln]
+        first = lines[-1] if lines else type(err).__name__  # DALI puts the decoder's own words last
+        names = ', '.join(dict.fromkeys(named)) or 'a file of this batch (could not tell which)'
+        return DataFileError(f'{self.name} pipeline cannot decode {names}: {first}\n'
+                             f'Run launch/scan_dataset.py to list every unreadable file and write a clean file list.')
+
+    def _path_set(self) -> set:
+        if not hasattr(self, '_paths_cache'):
+            self._paths_cache = set(self.paths)
+        return self._paths_cache

@@ -1,0 +1,113 @@
+"""The PyTorch pipeline: PIL decode + the views of views_torch in DataLoader workers; normalization on the device.
+
+Unreadable files are skipped: the sample is replaced by the next readable image of the dataset (so batches keep
+their size, which the all-gather of the contrastive loss needs), counted in `loader.bad_files`, and named in a
+warning once.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import common as C
+from . import views_torch as V
+from .base import EpochLoader
+from .sampling import ShardPlan, sample_rng
+
+MAX_SUBSTITUTES = 64
+
+
+class ViewDataset(Dataset):
+    """Map-style dataset indexed by (index, epoch) tuples from the loader's batch sampler.
+
+    mode: 'pretrain' -> img, img_target uint8 (3, S, S); 'cls_train' / 'cls_eval' -> img uint8 (3, S, S), label.
+    """
+
+    def __init__(self, samples, mode: str, img_size: int, master_extra: int, seed: int, debug: bool = False):
+        self.samples, self.mode, self.size, self.extra = samples, mode, img_size, master_extra
+        self.seed, self.debug = seed, debug
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key) -> dict:
+        index, epoch = key
+        bad = []
+        for k in range(MAX_SUBSTITUTES):
+            i = (index + k) % len(self.samples)
+            try:
+                img = V.decode_rgb(self.samples[i][0])
+            except Exception as e:  # noqa: BLE001 - any decoder failure means "unreadable file"
+                bad.append(f'{self.samples[i][0]} ({type(e).__name__}: {e})')
+                continue
+            out = self._transform(img, sample_rng(self.seed, epoch, index))
+            out.update(index=index, label=self.samples[index][1], bad=bad)
+            return out
+        raise RuntimeError(f'{MAX_SUBSTITUTES} unreadable files in a row from {self.samples[index][0]}: {bad[:3]}')
+
+    def _transform(self, img, rng) -> dict:
+        if self.mode == 'pretrain':
+            p = V.draw_view_params(rng, img.width, img.height, self.extra)
+            online, target = V.cmae_views(img, p, self.size, self.extra)
+            out = dict(img=online, img_target=target)
+            if self.debug:
+                out['debug'] = p.debug()
+            return out
+        if self.mode == 'cls_train':
+            return dict(img=V.train_view(img, rng, self.size))
+        return dict(img=V.eval_view(img, self.size))
+
+
+def collate(items: list[dict]) -> dict:
+    out = {k: torch.stack([it[k] for it in items]) for k in ('img', 'img_target') if k in items[0]}
+    out['index'] = torch.tensor([it['index'] for it in items], dtype=torch.int64)
+    out['label'] = torch.tensor([it['label'] for it in items], dtype=torch.int64)
+    out['bad'] = [b for it in items for b in it['bad']]
+    if 'debug' in items[0]:
+        out['debug'] = {k: torch.tensor([it['debug'][k] for it in items]) for k in C.DEBUG_KEYS}
+    return out
+
+
+class TorchLoader(EpochLoader):
+    """DataLoader over this rank's ShardPlan batches; batches are moved to `device` and normalized there."""
+
+    name = 'torch'
+
+    def __init__(self, dataset: ViewDataset, plan: ShardPlan, device, num_workers: int, erase: bool = False):
+        super().__init__(plan, device)
+        self.dataset, self.num_workers, self.erase = dataset, num_workers, erase
+        self.bad_files: list[str] = []
+
+    def _iterate(self, epoch: int, start_batch: int) -> Iterator[dict]:
+        batches = self.plan.batches(epoch, start_batch)
+        keys = [[(int(i), epoch) for i in idx] for idx, _ in batches]
+        dl = DataLoader(self.dataset, batch_sampler=keys, num_workers=self.num_workers, collate_fn=collate,
+                        pin_memory=self.device.type == 'cuda',
+                        prefetch_factor=4 if self.num_workers else None)
+        for b, (raw, (_, valid)) in enumerate(zip(dl, batches), start_batch):
+            yield self._finish(raw, valid, epoch, b)
+
+    def _finish(self, raw: dict, valid: np.ndarray, epoch: int, b: int) -> dict:
+        for msg in raw.pop('bad'):
+            if msg not in self.bad_files:
+                self.bad_files.append(msg)
+                warnings.warn(f'torch data pipeline: skipped unreadable file {msg}', stacklevel=3)
+        nb = self.device.type == 'cuda'
+        out = {k: C.normalize(raw[k].to(self.device, non_blocking=nb)) for k in ('img', 'img_target') if k in raw}
+        if self.erase:
+            C.random_erasing(out['img'], C.batch_generator(self.plan.seed, epoch, self.plan.rank, b))
+        out['index'] = raw['index'].to(self.device)
+        if self.dataset.mode != 'pretrain':
+            out['label'] = raw['label'].to(self.device)
+            out['valid'] = torch.from_numpy(valid.copy()).to(self.device)
+        if 'debug' in raw:
+            out['debug'] = raw['debug']
+        return out
+
+    @property
+    def num_bad_files(self) -> int:
+        return len(self.bad_files)

@@ -1,0 +1,152 @@
+"""Spec section 7 (and the section 9 classification transforms) on PIL images, one sample at a time.
+
+Every random decision is drawn from a numpy Generator keyed by (seed, epoch, index), so a sample's views do not
+depend on the worker that made them or on where a run resumed.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as tvF
+from PIL import Image, ImageFilter
+
+from . import common as C
+
+
+def decode_rgb(path: str) -> Image.Image:
+    """Any PIL-readable file (JPEG incl. CMYK and grayscale, PNG with alpha or palette) -> RGB. Raises on a
+    truncated or corrupt file (PIL's default), which the caller turns into a skip."""
+    with Image.open(path) as im:
+        im.load()
+        return im.convert('RGB')
+
+
+def rrc_box(rng: np.random.Generator, width: int, height: int, scale, ratio) -> tuple[int, int, int, int]:
+    """torchvision RandomResizedCrop.get_params with an explicit generator -> (top, left, h, w)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    in_ratio = width / height  # fallback: central crop at the nearest allowed aspect ratio
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resized_crop(img: Image.Image, box, size: int) -> Image.Image:
+    top, left, h, w = box
+    return img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+
+
+@dataclass
+class ViewParams:
+    """The random decisions for one sample's two views (spec section 7)."""
+
+    box: tuple[int, int, int, int]
+    flip: bool
+    dy: int
+    dx: int
+    jitter: bool
+    jitter_factors: tuple[float, float, float, float]  # brightness, contrast, saturation, hue
+    jitter_order: tuple[int, ...]
+    gray: bool
+    blur: bool
+    sigma: float
+
+    def debug(self) -> dict:
+        return dict(flip=self.flip, dy=self.dy, dx=self.dx, jitter=self.jitter, gray=self.gray, blur=self.blur,
+                    sigma=self.sigma if self.blur else 0.0)
+
+
+def draw_view_params(rng: np.random.Generator, width: int, height: int, extra: int) -> ViewParams:
+    box = rrc_box(rng, width, height, C.MASTER_SCALE, C.RATIO)
+    flip = bool(rng.random() < 0.5)
+    dy, dx = (int(v) for v in rng.integers(0, extra, size=2))
+    jitter = bool(rng.random() < C.JITTER_P)
+    factors = (rng.uniform(1 - C.BRIGHTNESS, 1 + C.BRIGHTNESS), rng.uniform(1 - C.CONTRAST, 1 + C.CONTRAST),
+               rng.uniform(1 - C.SATURATION, 1 + C.SATURATION), rng.uniform(-C.HUE, C.HUE))
+    order = tuple(int(i) for i in rng.permutation(4))  # torchvision ColorJitter applies them in random order
+    gray = bool(rng.random() < C.GRAY_P)
+    blur = bool(rng.random() < C.BLUR_P)
+    sigma = float(rng.uniform(*C.BLUR_SIGMA))
+    return ViewParams(box, flip, dy, dx, jitter, factors, order, gray, blur, sigma)
+
+
+def _jitter(img: Image.Image, factors, order) -> Image.Image:
+    ops = (tvF.adjust_brightness, tvF.adjust_contrast, tvF.adjust_saturation, tvF.adjust_hue)
+    for i in order:
+        img = ops[i](img, factors[i])
+    return img
+
+
+def to_uint8_chw(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def cmae_views(img: Image.Image, p: ViewParams, size: int, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RGB PIL -> (online, target), each uint8 (3, size, size), not normalized."""
+    master = resized_crop(img, p.box, size + extra)
+    if p.flip:
+        master = master.transpose(Image.FLIP_LEFT_RIGHT)
+    online = master.crop((0, 0, size, size))
+    target = master.crop((p.dx, p.dy, p.dx + size, p.dy + size))
+    if p.jitter:
+        target = _jitter(target, p.jitter_factors, p.jitter_order)
+    if p.gray:
+        target = tvF.rgb_to_grayscale(target, num_output_channels=3)
+    if p.blur:
+        # The official pipeline (mmselfsup GaussianBlur) blurs with PIL's radius = sigma.
+        target = target.filter(ImageFilter.GaussianBlur(radius=p.sigma))
+    return to_uint8_chw(online), to_uint8_chw(target)
+
+
+def eval_view(img: Image.Image, size: int) -> torch.Tensor:
+    """Resize the short side to 256/224 * size (bicubic), center crop size -> uint8 (3, size, size)."""
+    img = tvF.resize(img, C.eval_resize_size(size), interpolation=tvF.InterpolationMode.BICUBIC)
+    return to_uint8_chw(tvF.center_crop(img, [size, size]))
+
+
+def _rand_augment(size: int):
+    from timm.data.auto_augment import rand_augment_transform
+    hparams = dict(translate_const=int(size * 0.45), img_mean=tuple(int(round(m)) for m in C.MEAN),
+                   interpolation=Image.BICUBIC)
+    return rand_augment_transform('rand-m9-n2-mstd0.5-inc1', hparams)
+
+
+_RA_CACHE: dict[int, object] = {}
+
+
+def train_view(img: Image.Image, rng: np.random.Generator, size: int) -> torch.Tensor:
+    """RandomResizedCrop (0.08, 1) bicubic + flip + RandAugment(2, 9, std 0.5, increasing) -> uint8 (3, S, S).
+    Random erasing happens on the normalized batch (common.random_erasing)."""
+    img = resized_crop(img, rrc_box(rng, img.width, img.height, C.CLS_SCALE, C.RATIO), size)
+    if rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    if size not in _RA_CACHE:
+        _RA_CACHE[size] = _rand_augment(size)
+    ra = _RA_CACHE[size]
+    # timm draws from the global `random`/numpy state: seed it per sample, then put the caller's state back.
+    state_py, state_np = random.getstate(), np.random.get_state()
+    random.seed(int(rng.integers(2 ** 62)))
+    np.random.seed(int(rng.integers(2 ** 31)))
+    try:
+        img = ra(img)
+    finally:
+        random.setstate(state_py)
+        np.random.set_state(state_np)
+    return to_uint8_chw(img)

@@ -1,0 +1,76 @@
+"""Fine-tuning and evaluation loaders (spec section 9) on both pipelines."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cmae_ds.data import MEAN, STD, build_classification_loader
+from cmae_ds.data.common import eval_resize_size, random_erasing
+from data_helpers import PIPELINES, cfg, coord_image, random_jpegs, write_folder
+
+S = 56
+
+
+def _pixels(img: torch.Tensor) -> torch.Tensor:
+    return img * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+
+
+def test_eval_resize_scales_256_over_224():
+    assert eval_resize_size(224) == 256 and eval_resize_size(384) == 439 and eval_resize_size(56) == 64
+
+
+@pytest.mark.parametrize('pipeline', PIPELINES)
+def test_eval_resize_short_side_center_crop(tmp_path, pipeline):
+    """A 150x100 coordinate image: short side -> 64, so 96x64; the center 56x56 covers x in [20, 76) of 96."""
+    write_folder(tmp_path, {'a': [coord_image(150, 100)] * 2})
+    loader = build_classification_loader(cfg(tmp_path, pipeline), train=False, img_size=S, batch_size=2)
+    px = _pixels(next(iter(loader))['img'])
+    ref = coord_image(150, 100).resize((96, 64), Image.BICUBIC).crop((20, 4, 76, 60))
+    ref = torch.from_numpy(np.asarray(ref, dtype=np.float32)).permute(2, 0, 1)
+    tol = 0.5 if pipeline == 'torch' else 3.0  # DALI's cubic resampling is not PIL's to the last bit
+    assert (px - ref).abs().amax() <= tol
+
+
+@pytest.mark.parametrize('pipeline', PIPELINES)
+def test_eval_padding_flagged_invalid(tmp_path, pipeline):
+    random_jpegs(tmp_path, 10, classes=3, size=(40, 32))
+    seen, invalid = [], 0
+    for rank in range(3):
+        loader = build_classification_loader(cfg(tmp_path, pipeline), train=False, img_size=16, batch_size=3,
+                                             rank=rank, world_size=3)
+        for b in loader:
+            seen += b['index'][b['valid']].tolist()
+            invalid += int((~b['valid']).sum())
+            assert b['label'].dtype == torch.int64 and b['valid'].dtype == torch.bool
+    assert sorted(seen) == list(range(10)) and invalid == 2
+
+
+@pytest.mark.parametrize('pipeline', PIPELINES)
+def test_train_loader_labels_and_augmentation(tmp_path, pipeline):
+    random_jpegs(tmp_path, 12, classes=3, size=(64, 48))
+    loader = build_classification_loader(cfg(tmp_path, pipeline), train=True, img_size=32, batch_size=4, seed=3)
+    from cmae_ds.data import list_samples
+    labels = [lab for _, lab in list_samples(cfg(tmp_path, pipeline))]
+    loader.set_epoch(1)
+    batches = list(loader)
+    assert len(batches) == 3
+    for b in batches:
+        assert b['img'].shape == (4, 3, 32, 32) and b['img'].dtype == torch.float32
+        assert b['label'].tolist() == [labels[i] for i in b['index'].tolist()]
+        assert b['valid'].all()
+    loader.set_epoch(1)
+    again = list(loader)
+    assert all(torch.equal(x['img'], y['img']) for x, y in zip(batches, again))  # deterministic per epoch
+
+
+def test_random_erasing_rate_and_fill():
+    x = torch.zeros(2000, 3, 24, 24)
+    random_erasing(x, torch.Generator().manual_seed(0))
+    erased = (x != 0).flatten(1).any(1).float().mean().item()
+    assert abs(erased - 0.25) < 4 * math.sqrt(0.25 * 0.75 / 2000)
+    noise = x[x != 0]
+    assert abs(noise.mean().item()) < 0.05 and abs(noise.std().item() - 1) < 0.05
