@@ -1,7 +1,7 @@
 """Run under the DeepSpeed launcher by tests/test_engine_dist.py; writes what it saw to --out on rank 0.
 
   --mode ema   train() for a few steps and record the full online weights after every optimizer step
-  --mode loss  one step of the real engine on a fixed global batch split across ranks; record loss and weights
+  --mode loss  one step of the real engine on a fixed global batch split across ranks; record loss and gradients
 """
 import argparse
 
@@ -50,11 +50,17 @@ def run_loss(cfg, ds_path, out):
     out_dict = engine(img[part], img_t[part], mask=mask[part])
     loss = out_dict['loss'].detach().clone()
     engine.backward(out_dict['loss'])
+    grads = full_grads(model)
     engine.step()
     dist.all_reduce(loss)
-    state = full_state(model, batch_cfg.zero_stage)
     if ctx.rank == 0:
-        torch.save({'loss': loss / ctx.world_size, 'online': state}, out)
+        torch.save({'loss': loss / ctx.world_size, 'grads': grads}, out)
+
+
+def full_grads(model):
+    """Averaged full gradients as the optimizer will see them (collective; works under every ZeRO stage)."""
+    from deepspeed.utils import safe_get_full_grad
+    return {n: safe_get_full_grad(p).detach().float().clone() for n, p in model.named_parameters()}
 
 
 def main():
