@@ -202,6 +202,8 @@ class DataConfig:
     """DataLoader workers (torch pipeline) or DALI CPU threads per rank."""
     master_extra: int = 32
     """The master crop is view + this many pixels (spec section 7: 256 for 224 views)."""
+    hw_decoder_load: float = 0.65
+    """DALI on a GPU: share of JPEG decoding sent to the hardware decoder (A100/H100 nvJPEG engine)."""
 
     def __post_init__(self) -> None:
         if self.source not in ('embedded', 'folder', 'json', 'filelist', 'synthetic'):
@@ -215,6 +217,8 @@ class DataConfig:
             raise ConfigError(f"data.ann_file must be set for data.source {self.source!r}")
         if self.num_workers < 0:
             raise ConfigError(f'data.num_workers {self.num_workers} must be >= 0')
+        if not 0.0 <= self.hw_decoder_load <= 1.0:
+            raise ConfigError(f'data.hw_decoder_load {self.hw_decoder_load} must lie in [0, 1]')
 
 
 @dataclass
@@ -328,3 +332,242 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         where = str(p)
     raw = apply_overrides(raw, overrides or [])
     return build_config(raw, where)
+
+
+# --- Fine-tuning, linear probing and kNN (spec section 9) ------------------------------------------------------
+# Their YAML files have the sections model (the encoder's architecture), data (training images), val_data
+# (validation images) and one task section: finetune, linprobe or knn. See docs/finetune.md.
+
+
+@dataclass
+class ClassifierTrainConfig:
+    """Fields shared by fine-tuning and linear probing. Batch sizes and precision live in the DeepSpeed JSON."""
+
+    pretrained: str = ''
+    """Starting weights: our pretraining run's model.pt (or its run folder), an extracted encoder, an official
+    pretraining checkpoint or an official extracted backbone."""
+    num_classes: int = 1000
+    epochs: int = 100
+    warmup_epochs: int = 5
+    base_lr: float = 5e-4
+    """Learning rate per 256 images of global batch: lr = base_lr x global_batch / 256."""
+    warmup_start_factor: float = 1e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    img_size: Optional[int] = None
+    """Training and evaluation resolution; None: model.img_size. The position embedding is interpolated."""
+    eval_every_epochs: int = 1
+    eval_batch_size: int = 0
+    """Images per rank per evaluation forward; 0: the JSON's train_micro_batch_size_per_gpu."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: run all epochs). Schedules still span all epochs."""
+    seed: int = 0
+    output_dir: str = 'runs/finetune'
+    save_every_steps: int = 0
+    """Resumable checkpoints between epoch ends (0: only at each epoch's end, after its evaluation)."""
+    keep_last: int = 1
+    log_every_steps: int = 10
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        where = type(self).section
+        if self.num_classes < 1:
+            raise ConfigError(f'{where}.num_classes {self.num_classes} must be >= 1')
+        if self.epochs <= 0:
+            raise ConfigError(f'{where}.epochs {self.epochs} must be positive')
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ConfigError(f'{where}.warmup_epochs {self.warmup_epochs} must lie in [0, {where}.epochs]')
+        if self.img_size is not None and self.img_size <= 0:
+            raise ConfigError(f'{where}.img_size {self.img_size} must be positive')
+        for name in ('eval_every_epochs', 'eval_batch_size', 'max_steps', 'save_every_steps', 'keep_last',
+                     'log_every_steps'):
+            if getattr(self, name) < 0:
+                raise ConfigError(f'{where}.{name} must be >= 0')
+
+    section = 'classifier'
+
+
+@dataclass
+class FinetuneConfig(ClassifierTrainConfig):
+    """The official fine-tuning recipe (spec section 9): AdamW, layer-wise lr decay, mixup/cutmix, drop path."""
+
+    layer_decay: float = 0.65
+    """lr scale of layer l (0: embeddings, i + 1: block i, depth + 1: fc_norm and head) is
+    layer_decay ** (depth + 1 - l)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    drop_path: float = 0.1
+    smoothing: float = 0.1
+    mixup: float = 0.8
+    """Mixup alpha (0: off)."""
+    cutmix: float = 1.0
+    """CutMix alpha (0: off)."""
+    mixup_prob: float = 1.0
+    """Probability that a batch is mixed at all."""
+    mixup_switch_prob: float = 0.5
+    """Probability of CutMix instead of mixup when both are on."""
+    optimizer: str = 'auto'
+    """AdamW backend, as train.optimizer for pretraining."""
+
+    section = 'finetune'
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.betas = tuple(self.betas)
+        if not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f'finetune.layer_decay {self.layer_decay} must lie in (0, 1]')
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f'finetune.drop_path {self.drop_path} must lie in [0, 1)')
+        if not 0.0 <= self.smoothing < 1.0:
+            raise ConfigError(f'finetune.smoothing {self.smoothing} must lie in [0, 1)')
+        for name in ('mixup', 'cutmix'):
+            if getattr(self, name) < 0:
+                raise ConfigError(f'finetune.{name} {getattr(self, name)} must be >= 0 (0: off)')
+        for name in ('mixup_prob', 'mixup_switch_prob'):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f'finetune.{name} {getattr(self, name)} must lie in [0, 1]')
+
+    @property
+    def mixes(self) -> bool:
+        return (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0
+
+
+@dataclass
+class LinearProbeConfig(ClassifierTrainConfig):
+    """MAE's linear probing protocol: frozen encoder, BatchNorm1d(affine=False) + Linear, LARS, 90 epochs."""
+
+    epochs: int = 90
+    warmup_epochs: int = 10
+    base_lr: float = 0.1
+    """MAE: blr 0.1 at batch 16384 -> lr 6.4."""
+    warmup_start_factor: float = 0.0
+    """MAE's warmup starts from 0."""
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    optimizer: str = 'lars'
+    """'lars' (MAE's LARS: momentum 0.9, trust coefficient 0.001, matrices only) or 'sgd' (momentum 0.9)."""
+    momentum: float = 0.9
+    pool: str = 'cls'
+    """Feature fed to the probe: 'cls' (MAE's default: cls token after the final norm) or 'mean' (mean of the
+    patch tokens after the final norm)."""
+    output_dir: str = 'runs/linprobe'
+
+    section = 'linprobe'
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.optimizer not in ('lars', 'sgd'):
+            raise ConfigError(f"linprobe.optimizer {self.optimizer!r} must be 'lars' or 'sgd'")
+        if self.pool not in ('cls', 'mean'):
+            raise ConfigError(f"linprobe.pool {self.pool!r} must be 'cls' or 'mean'")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f'linprobe.momentum {self.momentum} must lie in [0, 1)')
+
+
+@dataclass
+class KnnConfig:
+    """Weighted kNN on frozen features (DINO's protocol): k nearest training images by cosine similarity vote
+    with weight exp(similarity / temperature). Stand-alone (launch/knn.py) or as a pretraining monitor."""
+
+    k: int = 20
+    temperature: float = 0.07
+    num_classes: int = 0
+    """0: one more than the largest training label."""
+    batch_size: int = 64
+    """Images per rank per feature-extraction forward."""
+    every_steps: int = 0
+    """Pretraining monitor: run every this many optimizer steps (0: off)."""
+    pretrained: str = ''
+    """Stand-alone: the checkpoint whose online encoder is evaluated (any source load_encoder understands)."""
+    output_dir: str = 'runs/knn'
+
+    section = 'knn'
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ConfigError(f'knn.k {self.k} must be >= 1')
+        if self.temperature <= 0:
+            raise ConfigError(f'knn.temperature {self.temperature} must be positive')
+        for name in ('num_classes', 'every_steps'):
+            if getattr(self, name) < 0:
+                raise ConfigError(f'knn.{name} must be >= 0')
+        if self.batch_size < 1:
+            raise ConfigError(f'knn.batch_size {self.batch_size} must be >= 1')
+
+
+@dataclass
+class TaskConfig:
+    """A fine-tuning, linear-probing or kNN run: model, training data, validation data and the task section."""
+
+    model: ModelConfig
+    data: DataConfig
+    val_data: DataConfig
+    task: Any
+    """FinetuneConfig, LinearProbeConfig or KnnConfig."""
+
+    def to_dict(self) -> dict:
+        return {'model': dataclasses.asdict(self.model), 'data': dataclasses.asdict(self.data),
+                'val_data': dataclasses.asdict(self.val_data), self.task.section: dataclasses.asdict(self.task)}
+
+
+TASKS = {'finetune': FinetuneConfig, 'linprobe': LinearProbeConfig, 'knn': KnnConfig}
+
+
+def _task_sections(task: str) -> dict:
+    return {'model': ModelConfig, 'data': DataConfig, 'val_data': DataConfig, task: TASKS[task]}
+
+
+def _read_yaml(path: str) -> tuple[dict, str]:
+    p = Path(path)
+    if not p.exists() and (PRESET_DIR / f'{path}.yaml').exists():
+        p = PRESET_DIR / f'{path}.yaml'
+    if not p.exists():
+        presets = sorted(q.stem for q in PRESET_DIR.glob('*.yaml'))
+        raise ConfigError(f'config file {path} not found (presets: {presets})')
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f'{p}: not valid YAML: {e}') from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f'{p}: top level must be a mapping of sections')
+    return raw, str(p)
+
+
+def _apply_task_overrides(raw: dict, overrides: list[str], sections: dict) -> dict:
+    raw = {k: dict(v or {}) if isinstance(v, dict) or v is None else v for k, v in raw.items()}
+    for item in overrides:
+        if '=' not in item or '.' not in item.split('=', 1)[0]:
+            raise ConfigError(f'override {item!r} must look like section.key=value, e.g. finetune.epochs=50')
+        key, value = item.split('=', 1)
+        section, name = key.split('.', 1)
+        if section not in sections:
+            raise ConfigError(f'override {item!r}: unknown section {section!r}; sections: {list(sections)}')
+        raw.setdefault(section, {})[name] = _parse_value(value)
+    return raw
+
+
+def load_task_config(task: str, path: Optional[str] = None, overrides: Optional[list[str]] = None) -> TaskConfig:
+    """Load a fine-tuning ('finetune'), linear-probing ('linprobe') or kNN ('knn') YAML file or preset, then apply
+    `section.key=value` overrides. Sections: model, data, val_data and the task's own."""
+    if task not in TASKS:
+        raise ConfigError(f'unknown task {task!r}; tasks: {list(TASKS)}')
+    sections = _task_sections(task)
+    raw, where = _read_yaml(path) if path else ({}, 'defaults')
+    raw = _apply_task_overrides(raw, overrides or [], sections)
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f'{where}: unknown section(s) {unknown}; sections for {task}: {list(sections)}')
+    parts = {}
+    for name, cls in sections.items():
+        section = raw.get(name) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f'{where}: section {name!r} must be a mapping')
+        _check_fields(cls, section, f'{where}: {name}')
+        try:
+            parts[name] = cls(**_coerce(cls, section, name))
+        except TypeError as e:
+            raise ConfigError(f'{where}: {name}: {e}') from None
+    return TaskConfig(parts['model'], parts['data'], parts['val_data'], parts[task])
+
+
+def load_finetune_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> TaskConfig:
+    return load_task_config('finetune', path, overrides)

@@ -32,13 +32,14 @@ def default_ds_config() -> str:
 
 def main(argv=None) -> int:
     args = parse(argv)
-    from cmae_ds.config import ConfigError, load_config
+    from cmae_ds.config import load_config
     from cmae_ds.engine.pretrain import NonFiniteLoss, train
+    from cmae_ds.errors import USER_ERRORS
     try:
         cfg = load_config(args.config, args.overrides)
         result = train(cfg, args.ds_config or default_ds_config(), resume=args.resume)
-    except ConfigError as e:
-        print(f'config error: {e}', file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f'error: {e}', file=sys.stderr)
         return 2
     except NonFiniteLoss as e:
         print(f'training stopped: {e}', file=sys.stderr)

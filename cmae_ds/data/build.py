@@ -8,7 +8,7 @@ import torch
 
 from .base import EpochLoader
 from .sampling import ShardPlan
-from .sources import Sample, list_samples
+from .sources import DataSourceError, Sample, list_samples
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def _plan(samples_len: int, batch_size: int, rank: int, world_size: int, seed: i
           drop_last: bool, pad: bool, where: str) -> ShardPlan:
     plan = ShardPlan(samples_len, batch_size, rank, world_size, seed, shuffle, drop_last, pad)
     if plan.num_batches() == 0:
-        raise ValueError(f'{where}: {samples_len} images give no batch of {batch_size} on each of {world_size} '
+        raise DataSourceError(f'{where}: {samples_len} images give no batch of {batch_size} on each of {world_size} '
                          f'rank(s) with drop_last={drop_last}; lower the batch size or add images')
     return plan
 

@@ -18,10 +18,7 @@ import torch
 from . import common as C
 from .base import EpochLoader
 from .sampling import ShardPlan
-
-
-class DataFileError(RuntimeError):
-    """The pipeline met a file it cannot decode; the message names it."""
+from .sources import DataFileError
 
 
 def _pipeline_seed(seed: int, epoch: int, rank: int, start: int) -> int:

@@ -22,6 +22,11 @@ EMBEDDED_DIR = Path(__file__).parent / 'embedded'
 Sample = tuple[str, int]
 
 
+class DataFileError(RuntimeError):
+    """A pipeline met a file it cannot decode; the message names it. (Defined here, not in the DALI module, so it
+    can be caught where DALI is not installed.)"""
+
+
 class DataSourceError(ValueError):
     """A data source (folder, annotation file, file list) is missing or malformed; the message names it."""
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -209,7 +209,8 @@ def train(cfg: Config, ds_path: str, resume: str = 'auto', observer=None) -> Run
     tag = _resume_tag(resume, ckpt_dir)
     loader = build_pretrain_loader(cfg.data, img_size=cfg.model.img_size, batch_size=batch_cfg.micro_batch,
                                    rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
-                                   device=ctx.device, drop_last=True)
+                                   device=ctx.device, drop_last=True,
+                                   hw_decoder_load=cfg.data.hw_decoder_load)
     schedule = _schedule(cfg, batch_cfg, len(loader), ds_path)
     engine, model, opt_name = build_engine(cfg, ds, batch_cfg, ctx, schedule.peak_lr)
     progress, mask_gen = Progress(), mask_generator(cfg, ctx)
@@ -264,7 +265,7 @@ def _loop(cfg, ctx: DistContext, engine, model, loader, schedule, batch_cfg, pro
             watch.meter.wait += time.perf_counter() - t0
             boundary = engine.is_gradient_accumulation_boundary()
             out = train_step(engine, batch, dtype, mask_gen)
-            watch.nonfinite |= ~torch.isfinite(out['loss'].detach())
+            watch.accumulate(out)
             watch.meter.images += batch['img'].shape[0]
             progress.batch_in_epoch += 1
             epoch_done = progress.batch_in_epoch >= usable
@@ -292,6 +293,23 @@ class Watch:
     first_loss: Optional[float] = None
     last_loss: Optional[float] = None
     saved: Optional[Path] = None
+    sums: dict = field(default_factory=dict)
+    count: int = 0
+
+    def accumulate(self, out: dict) -> None:
+        """Device-side running sums of the losses since the last log step (logged as means: a single batch of a
+        small run is too noisy to show the trend)."""
+        self.nonfinite |= ~torch.isfinite(out['loss'].detach())
+        for key in ('loss', 'loss_rec', 'loss_con'):
+            if key in out:
+                value = out[key].detach().float()
+                self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.count += 1
+
+    def means(self) -> dict:
+        values = {k: float(v) / max(self.count, 1) for k, v in self.sums.items()}
+        self.sums, self.count = {}, 0
+        return values
 
 
 def _after_step(cfg, ctx, engine, model, schedule, batch_cfg, progress, logger, ckpt_dir, batch, out, watch, final):
@@ -302,7 +320,7 @@ def _after_step(cfg, ctx, engine, model, schedule, batch_cfg, progress, logger, 
     logger.advance()
     if _due(step, cfg.train.log_every_steps) or final:
         _check_finite(watch.nonfinite, step, ckpt_dir)
-        watch.last_loss = _log(cfg, engine, schedule, progress, out, watch.meter, logger, ctx.world_size)
+        watch.last_loss = _log(cfg, engine, schedule, progress, watch.means(), watch.meter, logger, ctx.world_size)
         watch.first_loss = watch.last_loss if watch.first_loss is None else watch.first_loss
         watch.meter.reset()
     if _due(step, cfg.train.image_every_steps) or final:
@@ -325,12 +343,10 @@ def _check_finite(flag: torch.Tensor, step: int, ckpt_dir: Path) -> None:
                             f'Last good checkpoint: {ckpt_dir / last if last else "none"}')
 
 
-def _log(cfg, engine, schedule, progress, out, meter, logger, world_size) -> float:
-    values = {'loss': float(out['loss'].detach()), 'loss_rec': float(out['loss_rec'].detach()),
-              'lr': schedule.lr(cfg, progress.step), 'momentum': schedule.momentum(cfg, progress.step),
-              'epoch': progress.epoch + progress.batch_in_epoch / max(1, schedule.steps_per_epoch)}
-    if 'loss_con' in out:
-        values['loss_con'] = float(out['loss_con'].detach())
+def _log(cfg, engine, schedule, progress, losses: dict, meter, logger, world_size) -> float:
+    """Logs mean losses since the last log step, lr, momentum, grad norm, loss scale, images/s, data wait."""
+    values = dict(losses, lr=schedule.lr(cfg, progress.step), momentum=schedule.momentum(cfg, progress.step),
+                  epoch=progress.epoch + progress.batch_in_epoch / max(1, schedule.steps_per_epoch))
     for name, value in (('grad_norm', _grad_norm(engine)), ('loss_scale', _loss_scale(engine))):
         if value is not None:
             values[name] = value

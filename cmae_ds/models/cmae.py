@@ -23,9 +23,12 @@ def build_encoder(cfg: ModelConfig, *, final_norm: bool, learned_pos: bool = Fal
                       drop_path=drop_path, final_norm=final_norm, learned_pos=learned_pos)
 
 
+DECODER_MLP_RATIO = 4.0  # spec section 4: both decoders, whatever the encoder's ratio (ViT-g's is 4.36)
+
+
 def build_decoder(cfg: ModelConfig, depth: int, out_dim: int) -> MAEDecoder:
     return MAEDecoder(grid=cfg.grid_size, in_dim=cfg.embed_dim, dim=cfg.decoder_embed_dim, depth=depth,
-                      num_heads=cfg.decoder_num_heads, mlp_ratio=cfg.mlp_ratio, out_dim=out_dim)
+                      num_heads=cfg.decoder_num_heads, mlp_ratio=DECODER_MLP_RATIO, out_dim=out_dim)
 
 
 class TargetBranch(nn.Module):

@@ -1,0 +1,86 @@
+"""lr and momentum schedules: values at the landmarks, shape between them, edge cases."""
+import math
+
+import pytest
+
+from cmae_ds.schedules import lr_at, momentum_at, scaled_lr
+
+LR = 2.4e-3
+
+
+def lr(step, total=1000, warmup=100, **kw):
+    return lr_at(step, base_lr=LR, total_steps=total, warmup_steps=warmup, **kw)
+
+
+def test_scaled_lr_official_recipe():
+    assert scaled_lr(1.5e-4, 4096) == pytest.approx(2.4e-3)
+    assert scaled_lr(1.5e-4, 256) == pytest.approx(1.5e-4)
+    with pytest.raises(ValueError):
+        scaled_lr(1.5e-4, 0)
+
+
+def test_warmup_starts_at_start_factor_and_is_linear():
+    assert lr(0) == pytest.approx(1e-4 * LR)
+    assert lr(50) == pytest.approx(LR * (1e-4 + (1 - 1e-4) * 0.5))
+    steps = [lr(s) for s in range(100)]
+    diffs = [b - a for a, b in zip(steps, steps[1:])]
+    assert all(d == pytest.approx(diffs[0]) for d in diffs)
+
+
+def test_peak_at_end_of_warmup_then_cosine_to_min():
+    assert lr(100) == pytest.approx(LR)
+    assert lr(550) == pytest.approx(LR / 2)  # half-way through the decay
+    assert lr(1000) == pytest.approx(0.0, abs=1e-15)
+    assert lr(1000, min_lr=1e-6) == pytest.approx(1e-6)
+    assert lr(550, min_lr=1e-6) == pytest.approx(1e-6 + (LR - 1e-6) / 2)
+    # Cosine in between: independent formula.
+    s = 700
+    assert lr(s) == pytest.approx(LR * 0.5 * (1 + math.cos(math.pi * (s - 100) / 900)))
+
+
+def test_monotone_up_then_down():
+    values = [lr(s) for s in range(1001)]
+    assert all(a < b for a, b in zip(values[:100], values[1:101]))
+    assert all(a >= b for a, b in zip(values[100:], values[101:]))
+
+
+def test_no_warmup_starts_at_peak():
+    assert lr(0, warmup=0) == pytest.approx(LR)
+    assert lr(500, warmup=0) == pytest.approx(LR / 2)
+
+
+def test_beyond_total_stays_at_min():
+    assert lr(1001, min_lr=1e-6) == pytest.approx(1e-6)
+    assert lr(10**6, min_lr=1e-6) == pytest.approx(1e-6)
+
+
+def test_warmup_as_long_as_training_holds_peak():
+    assert lr(50, total=100, warmup=100) == pytest.approx(LR * (1e-4 + (1 - 1e-4) * 0.5))
+    assert lr(100, total=100, warmup=100) == pytest.approx(LR)
+    assert lr(150, total=100, warmup=200) == pytest.approx(LR * (1e-4 + (1 - 1e-4) * 0.75))
+
+
+@pytest.mark.parametrize('kw', [dict(step=-1), dict(total=0), dict(warmup=-1)])
+def test_bad_arguments(kw):
+    args = dict(step=0, total=10, warmup=1)
+    args.update(kw)
+    with pytest.raises(ValueError):
+        lr(args['step'], total=args['total'], warmup=args['warmup'])
+
+
+def test_momentum_official_is_constant():
+    for s in (0, 10, 500, 1000, 5000):
+        assert momentum_at(s, total_steps=1000, m_base=0.996, m_end=0.996) == pytest.approx(0.996)
+
+
+def test_momentum_cosine_from_base_to_end():
+    m = lambda s: momentum_at(s, total_steps=1000, m_base=0.99, m_end=1.0)  # noqa: E731
+    assert m(0) == pytest.approx(0.99)
+    assert m(500) == pytest.approx(0.995)
+    assert m(1000) == pytest.approx(1.0)
+    assert m(2000) == pytest.approx(1.0)  # clamped past the end
+    assert m(250) == pytest.approx(1.0 - 0.01 * (math.cos(math.pi / 4) + 1) / 2)
+    values = [m(s) for s in range(1001)]
+    assert all(a <= b for a, b in zip(values, values[1:]))
+    with pytest.raises(ValueError):
+        momentum_at(-1, total_steps=10, m_base=0.99, m_end=1.0)
