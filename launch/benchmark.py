@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""Throughput benchmark: images/s, step time, TFLOP/s, MFU and peak memory.
+
+  python launch/benchmark.py --mode model model.size=vit_base                      # synthetic batches on the device
+  python launch/benchmark.py --mode e2e --config cmae_vit_base_300e data.root=/data/imagenet/train
+  python launch/benchmark.py --mode data data.source=folder data.root=...          # the pipeline alone
+  deepspeed --num_gpus 8 launch/benchmark.py --mode model --sizes vit_base vit_large \\
+      --deepspeed_config ds_configs/zero2_bf16.json ds_configs/zero3_bf16.json --micro 64 128   # a sweep
+  python launch/benchmark.py --compare-fusion model.size=vit_base                  # fused paths on vs all off
+
+A sweep runs every (size, ds_config, micro-batch) cell, records a cell's failure (out of memory, ...) and goes on.
+For a sweep the micro-batch of each cell replaces the JSON's train_micro_batch_size_per_gpu in a copy (the file on
+disk is not touched). Results: a table on stdout and JSON at --out.
+"""
+import argparse
+import copy
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FUSION_OFF = {'CMAE_FUSED': '0', 'CMAE_ATTN_BACKEND': 'math'}
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--mode', choices=['model', 'data', 'e2e'], default='model')
+    p.add_argument('--config', default='debug', help='YAML file or preset name')
+    p.add_argument('--deepspeed_config', '--ds_config', dest='ds_configs', nargs='+',
+                   default=[str(ROOT / 'ds_configs' / 'cpu_debug.json')])
+    p.add_argument('--sizes', nargs='+', default=None, help='model sizes to sweep (default: the config\'s)')
+    p.add_argument('--micro', nargs='+', type=int, default=None, help='micro-batch sizes to sweep')
+    p.add_argument('--warmup', type=int, default=3)
+    p.add_argument('--steps', type=int, default=10)
+    p.add_argument('--peak-tflops', type=float, default=None, help='override the device peak used for MFU')
+    p.add_argument('--compare-fusion', action='store_true',
+                   help='run each cell with fused paths on, then with every fusion off (math attention, '
+                        'reference kernels, per-tensor EMA), and report the ratio')
+    p.add_argument('--out', default='benchmark.json')
+    p.add_argument('--local_rank', type=int, default=None)
+    p.add_argument('overrides', nargs='*')
+    return p.parse_args(argv)
+
+
+def cells(args, base_cfg_overrides):
+    from cmae_ds.ds_config import load_ds_config
+    sizes = args.sizes or [None]
+    for ds_path in args.ds_configs:
+        ds_file = load_ds_config(ds_path)
+        for size in sizes:
+            for micro in args.micro or [None]:
+                ds = copy.deepcopy(ds_file)
+                if micro is not None:
+                    ds['train_micro_batch_size_per_gpu'] = micro
+                    ds.pop('train_batch_size', None)
+                overrides = base_cfg_overrides + ([f'model.size={size}'] if size else [])
+                yield Path(ds_path).name, ds, overrides
+
+
+def run_one(args, ds_name, ds, overrides, ctx):
+    from cmae_ds.config import load_config
+    from cmae_ds.engine.benchmark import BenchResult, run_cell
+    cfg = load_config(args.config, overrides)
+    try:
+        return run_cell(args.mode, cfg, ds, ds_name, ctx, args.warmup, args.steps, args.peak_tflops)
+    except Exception as e:  # a cell's failure (OOM above all) is a result; the sweep goes on
+        if os.environ.get('CMAE_BENCH_DEBUG'):
+            traceback.print_exc()
+        _free_memory()
+        r = BenchResult(args.mode, cfg.model.size, cfg.model.mode, ds_name, ds.get('train_micro_batch_size_per_gpu', 0),
+                        ctx.world_size, '-', -1, str(ctx.device))
+        r.error = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
+        return r
+
+
+def _free_memory():
+    import gc
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def with_env(env: dict, fn):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return fn()
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    from cmae_ds.engine.benchmark import format_table
+    from cmae_ds.engine.dist import setup_distributed
+    from cmae_ds.errors import USER_ERRORS
+    ctx = setup_distributed()
+    results = []
+    try:
+        for ds_name, ds, overrides in cells(args, args.overrides):
+            fused = run_one(args, ds_name, ds, overrides, ctx)
+            results.append(fused)
+            if args.compare_fusion and args.mode != 'data':
+                plain = with_env(FUSION_OFF, lambda: run_one(args, ds_name, ds, overrides, ctx))
+                plain.extra['fusion'] = 'off'
+                fused.extra['fusion'] = 'on'
+                if plain.step_ms_median and fused.step_ms_median:
+                    fused.extra['speedup_vs_unfused'] = plain.step_ms_median / fused.step_ms_median
+                results.append(plain)
+    except USER_ERRORS as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    if ctx.is_main:
+        print(format_table(results))
+        for r in results:
+            if 'speedup_vs_unfused' in r.extra:
+                print(f"{r.size} {r.ds_config} micro {r.micro_batch}: fused step is "
+                      f"{r.extra['speedup_vs_unfused']:.2f}x the unfused one (median step time ratio)")
+        Path(args.out).write_text(json.dumps([r.to_dict() for r in results], indent=2))
+        print(f'wrote {args.out}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
