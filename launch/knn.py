@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""kNN accuracy (k = 20, cosine similarity, temperature 0.07, as DINO) of a pretrained encoder's frozen features.
+
+  python launch/knn.py runs/debug/model.pt data.source=folder data.root=train/ val_data.source=folder val_data.root=val/
+  deepspeed --num_gpus 8 launch/knn.py runs/cmae_b300/model.pt --config my_knn.yaml
+
+The checkpoint is anything cmae_ds.checkpoint.load_encoder reads (our model.pt or run folder, an extracted encoder,
+an official pretraining checkpoint or backbone). Our model.pt describes its model; otherwise the model section does.
+Features: mean of the patch tokens after the encoder's final norm, at model.img_size. Sections: model, data (the
+labeled training images that vote), val_data, knn. Prints a table and writes JSON (--out).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('checkpoint', help='pretraining run folder or model.pt, extracted encoder, official checkpoint')
+    parser.add_argument('--config', default=None, help='YAML file or preset with sections model, data, val_data, knn')
+    parser.add_argument('--out', default='knn.json', help='JSON result')
+    parser.add_argument('--local_rank', type=int, default=None, help='set by the DeepSpeed launcher')
+    parser.add_argument('overrides', nargs='*', help='section.key=value')
+    return parser.parse_args(argv)
+
+
+def _model_config(checkpoint: Path, fallback):
+    """Our model.pt carries its ModelConfig; anything else uses the config's model section."""
+    import torch
+    from cmae_ds.config import ModelConfig
+    try:
+        obj = torch.load(checkpoint, map_location='cpu', weights_only=True)
+    except Exception:  # unreadable files are reported by load_encoder with the reason
+        return fallback
+    return ModelConfig(**obj['model_config']) if isinstance(obj, dict) and 'model_config' in obj else fallback
+
+
+def run(args) -> dict:
+    from cmae_ds.checkpoint import load_encoder
+    from cmae_ds.config import load_task_config
+    from cmae_ds.engine.dist import setup_distributed
+    from cmae_ds.engine.knn import KnnEvaluator, mean_patch_features
+    cfg = load_task_config('knn', args.config, args.overrides)
+    ckpt = Path(args.checkpoint)
+    ckpt = ckpt / 'model.pt' if ckpt.is_dir() else ckpt
+    model_cfg = _model_config(ckpt, cfg.model)
+    ctx = setup_distributed()
+    encoder = load_encoder(ckpt, model_cfg).to(ctx.device).eval()
+    evaluator = KnnEvaluator(cfg.task, cfg.data, cfg.val_data, model_cfg.img_size, ctx.rank, ctx.world_size,
+                             ctx.device)
+    result = evaluator(mean_patch_features(encoder))
+    return {'checkpoint': str(ckpt), 'k': cfg.task.k, 'temperature': cfg.task.temperature,
+            'num_classes': evaluator.num_classes, 'img_size': model_cfg.img_size, 'world_size': ctx.world_size,
+            **result.as_dict()}
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    from cmae_ds.errors import USER_ERRORS
+    try:
+        out = run(args)
+    except USER_ERRORS as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        rows = [('checkpoint', out['checkpoint']), ('k / T', f"{out['k']} / {out['temperature']}"),
+                ('train images', out['train_images']), ('val images', out['images']),
+                ('top-1', f"{out['top1']:.2f}"), ('top-5', f"{out['top5']:.2f}")]
+        width = max(len(k) for k, _ in rows)
+        print('\n'.join(f'{k:<{width}}  {v}' for k, v in rows))
+        Path(args.out).write_text(json.dumps(out, indent=2))
+        print(f'results:      {args.out}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

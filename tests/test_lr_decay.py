@@ -1,0 +1,78 @@
+"""Layer-wise lr decay groups: the formula per parameter, the no-decay rules, agreement with timm's reference."""
+import pytest
+import torch
+
+from cmae_ds.config import ModelConfig
+from cmae_ds.engine.lr_decay import layer_decay_groups, layer_id
+from cmae_ds.engine.pretrain import set_lr
+from cmae_ds.models import ViTClassifier
+
+DEPTH = 3
+CFG = ModelConfig(size='debug', depth=DEPTH, img_size=32, patch_size=8)
+
+
+def expected_layer(name: str) -> int:
+    if name.startswith(('encoder.patch_embed.', 'encoder.cls_token', 'encoder.pos_embed')):
+        return 0
+    if name.startswith('encoder.blocks.'):
+        return int(name.split('.')[2]) + 1
+    assert name.startswith(('fc_norm.', 'head.')), name
+    return DEPTH + 1
+
+
+def expected_no_decay(name: str, p) -> bool:
+    return p.ndim == 1 or name.endswith('.bias') or name in ('encoder.cls_token', 'encoder.pos_embed')
+
+
+def by_name(groups):
+    return {n: g for g in groups for n in g['names']}
+
+
+def test_each_parameter_gets_decay_to_the_power_of_its_distance_from_the_head():
+    model = ViTClassifier(CFG, num_classes=7)
+    groups = layer_decay_groups(model, weight_decay=0.05, layer_decay=0.65, depth=DEPTH)
+    table = by_name(groups)
+    assert set(table) == {n for n, _ in model.named_parameters()}
+    assert sum(len(g['params']) for g in groups) == len(list(model.parameters()))
+    for name, p in model.named_parameters():
+        g = table[name]
+        assert any(q is p for q in g['params'])
+        assert g['layer_id'] == expected_layer(name)
+        assert g['lr_scale'] == pytest.approx(0.65 ** (DEPTH + 1 - expected_layer(name)), rel=1e-12)
+        assert g['weight_decay'] == (0.0 if expected_no_decay(name, p) else 0.05), name
+    assert table['head.weight']['lr_scale'] == 1.0 and table['head.weight']['weight_decay'] == 0.05
+    assert table['encoder.pos_embed']['weight_decay'] == 0.0
+    assert table['encoder.patch_embed.proj.weight']['lr_scale'] == pytest.approx(0.65 ** 4)
+
+
+def test_set_lr_gives_each_group_its_scaled_rate():
+    model = ViTClassifier(CFG, num_classes=7)
+    groups = layer_decay_groups(model, weight_decay=0.05, layer_decay=0.65, depth=DEPTH)
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != 'names'} for g in groups], lr=1.0)
+    set_lr(opt, 2e-3)
+    for g in opt.param_groups:
+        assert g['lr'] == pytest.approx(2e-3 * 0.65 ** (DEPTH + 1 - g['layer_id']))
+
+
+def test_matches_timm_layer_decay_reference():
+    """timm's param_groups_layer_decay on a timm ViT with the same names (ours are timm's, under encoder.)."""
+    from timm.models.vision_transformer import VisionTransformer
+    from timm.optim._param_groups import param_groups_layer_decay
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=DEPTH, num_heads=4, num_classes=7,
+                            global_pool='avg', fc_norm=True, class_token=True)
+    ref = param_groups_layer_decay(vit, weight_decay=0.05, no_weight_decay_list=vit.no_weight_decay(),
+                                   layer_decay=0.65)
+    names = {id(p): n for n, p in vit.named_parameters()}
+    ref_table = {names[id(p)]: (g['lr_scale'], g['weight_decay']) for g in ref for p in g['params']}
+    ours = by_name(layer_decay_groups(ViTClassifier(CFG, num_classes=7), weight_decay=0.05, layer_decay=0.65,
+                                      depth=DEPTH))
+    for name, g in ours.items():
+        timm_name = name[len('encoder.'):] if name.startswith('encoder.') else name
+        scale, wd = ref_table[timm_name]
+        assert (g['lr_scale'], g['weight_decay']) == (pytest.approx(scale), wd), name
+
+
+def test_layer_id_of_a_bare_encoder_name():
+    assert layer_id('blocks.11.attn.qkv.weight', 12) == 12
+    assert layer_id('cls_token', 12) == 0
+    assert layer_id('norm.weight', 12) == 13
