@@ -266,12 +266,16 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    knn: 'KnnConfig' = field(default_factory=lambda: KnnConfig())
+    """kNN monitor during pretraining: on when knn.every_steps > 0, on the labeled knn_train / knn_val sets."""
+    knn_train: DataConfig = field(default_factory=DataConfig)
+    knn_val: DataConfig = field(default_factory=DataConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {'model': ModelConfig, 'data': DataConfig, 'train': TrainConfig}
+_SECTIONS = {'model': ModelConfig, 'data': DataConfig, 'train': TrainConfig}  # knn sections added below KnnConfig
 
 
 def _parse_value(text: str) -> Any:
@@ -571,3 +575,6 @@ def load_task_config(task: str, path: Optional[str] = None, overrides: Optional[
 
 def load_finetune_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> TaskConfig:
     return load_task_config('finetune', path, overrides)
+
+
+_SECTIONS.update(knn=KnnConfig, knn_train=DataConfig, knn_val=DataConfig)

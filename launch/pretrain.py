@@ -30,20 +30,33 @@ def default_ds_config() -> str:
     return str(ROOT / 'ds_configs' / 'cpu_debug.json')
 
 
+def knn_monitor(cfg):
+    """kNN accuracy of the online encoder every knn.every_steps steps (knn_train / knn_val: labeled sets)."""
+    if cfg.knn.every_steps <= 0:
+        return None
+    from cmae_ds.engine.knn import KnnMonitor
+    return KnnMonitor(cfg.knn, cfg.knn_train, cfg.knn_val, cfg.model.img_size, run_dir=Path(cfg.train.output_dir))
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     from cmae_ds.config import load_config
     from cmae_ds.engine.pretrain import NonFiniteLoss, train
     from cmae_ds.errors import USER_ERRORS
+    observer = None
     try:
         cfg = load_config(args.config, args.overrides)
-        result = train(cfg, args.ds_config or default_ds_config(), resume=args.resume)
+        observer = knn_monitor(cfg)
+        result = train(cfg, args.ds_config or default_ds_config(), resume=args.resume, observer=observer)
     except USER_ERRORS as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     except NonFiniteLoss as e:
         print(f'training stopped: {e}', file=sys.stderr)
         return 3
+    finally:
+        if observer is not None:
+            observer.close()
     import torch.distributed as dist
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f'done: {result.steps} steps, loss {result.first_loss:.4f} -> {result.last_loss:.4f}'

@@ -74,3 +74,17 @@ def test_random_erasing_rate_and_fill():
     assert abs(erased - 0.25) < 4 * math.sqrt(0.25 * 0.75 / 2000)
     noise = x[x != 0]
     assert abs(noise.mean().item()) < 0.05 and abs(noise.std().item() - 1) < 0.05
+
+
+def test_torch_rand_augment_survives_the_largest_magnitudes():
+    """timm's magnitude noise reaches 10, where posterize asks Pillow 13 for 0 bits; thousands of draws must run."""
+    import random
+
+    from PIL import Image as PILImage
+
+    from cmae_ds.data.views_torch import _rand_augment
+    random.seed(0)
+    augment = _rand_augment(16)
+    img = PILImage.new('RGB', (16, 16), (120, 60, 200))
+    for _ in range(4000):
+        augment(img)

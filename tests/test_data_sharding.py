@@ -1,7 +1,7 @@
 """Sharding, epochs and resume: the contract the engine relies on, for both pipelines."""
 from __future__ import annotations
 
-import numpy as np
+
 import pytest
 import torch
 

@@ -71,3 +71,7 @@ def test_two_nodes_with_hostfile_no_ssh(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     assert 'global batch 8' in outputs[0]  # 2 nodes x 1 rank x micro 4
     assert (tmp_path / 'run' / 'checkpoints' / 'latest').read_text() == 'step_00000002'
+    # each rank keeps its own random streams (DeepSpeed's client state is rank 0's alone)
+    states = [torch.load(tmp_path / 'run' / 'checkpoints' / 'step_00000002' / f'rank_state_{r:05d}.pt',
+                         weights_only=False) for r in (0, 1)]
+    assert not torch.equal(states[0]['mask_rng'], states[1]['mask_rng'])

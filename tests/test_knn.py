@@ -88,14 +88,17 @@ def test_monitor_logs_every_n_steps_and_restores_training_mode(folders, tmp_path
 
 
 def test_monitor_inside_real_pretraining(folders, tmp_path):
+    """Wired the way users turn it on: knn.* and knn_train/knn_val overrides of launch/pretrain.py."""
     train_root, val_root = folders
     ds = write_ds(tmp_path)
     run = tmp_path / 'run'
-    proc = run_python(['tests/dist_scripts/knn_monitor.py', ds, str(train_root), str(val_root), *TINY,
+    knn = ['knn.every_steps=2', 'knn.batch_size=8']
+    for split, root in (('knn_train', train_root), ('knn_val', val_root)):
+        knn += [f'{split}.source=folder', f'{split}.root={root}', f'{split}.pipeline=torch', f'{split}.num_workers=0']
+    proc = run_python(['launch/pretrain.py', '--deepspeed_config', ds, *TINY, *knn,
                        'data.source=folder', f'data.root={train_root}', 'data.pipeline=torch', 'data.num_workers=0',
                        'train.epochs=1', 'train.warmup_epochs=0', f'train.output_dir={run}'])
     assert proc.returncode == 0, tail(proc)
-    history = json.loads(proc.stdout.split('MONITOR ', 1)[1].splitlines()[0])
-    assert [step for step, _ in history] == [2, 4, 6, 8, 10]  # 40 images / batch 4 = 10 steps
-    assert all(r['images'] == 24 and r['top1'] > 50 for _, r in history)
-    assert len((run / 'knn.jsonl').read_text().splitlines()) == 5
+    history = [json.loads(x) for x in (run / 'knn.jsonl').read_text().splitlines()]
+    assert [h['step'] for h in history] == [2, 4, 6, 8, 10]  # 40 images / batch 4 = 10 steps
+    assert all(h['images'] == 24 and h['top1'] > 50 for h in history)

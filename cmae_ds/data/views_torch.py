@@ -123,8 +123,10 @@ def eval_view(img: Image.Image, size: int) -> torch.Tensor:
 
 def _rand_augment(size: int):
     from timm.data.auto_augment import rand_augment_transform
+    # magnitude_max 9.99: with std 0.5 the magnitude can reach 10, where posterize keeps 0 bits, which Pillow 13
+    # rejects ("bits must be between or equal to 1 and 8"); 9.99 keeps 1 bit and changes no other op measurably.
     hparams = dict(translate_const=int(size * 0.45), img_mean=tuple(int(round(m)) for m in C.MEAN),
-                   interpolation=Image.BICUBIC)
+                   interpolation=Image.BICUBIC, magnitude_max=9.99)
     return rand_augment_transform('rand-m9-n2-mstd0.5-inc1', hparams)
 
 

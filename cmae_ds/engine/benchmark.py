@@ -21,7 +21,8 @@ from ..ds_config import ResolvedBatch, validate
 from ..flops import flops_per_image, mfu, peak_tflops
 from ..schedules import scaled_lr
 from .dist import DistContext
-from .pretrain import _dtype, mask_generator, momentum_step, train_step
+from .common import dtype_of
+from .pretrain import mask_generator, momentum_step, train_step
 
 
 @dataclass
@@ -145,7 +146,7 @@ def _time_steps(cfg, ds, batch_cfg, ctx, batches, warmup, steps, result) -> tupl
     from .pretrain import build_engine
     engine, model, result.optimizer = build_engine(cfg, ds, batch_cfg, ctx, scaled_lr(cfg.train.base_lr,
                                                                                        batch_cfg.global_batch))
-    dtype, gen = _dtype(batch_cfg), mask_generator(cfg, ctx)
+    dtype, gen = dtype_of(batch_cfg), mask_generator(cfg, ctx)
     timer, wait = StepTimer(ctx.device), 0.0
     for i in range(warmup + steps):
         if i == warmup:

@@ -73,10 +73,21 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, is_main: bool) -> Path:
-    """Save a DeepSpeed checkpoint for `step` (collective: every rank calls it), then mark it and point to it."""
+def rank_file(ckpt_dir: Path, tag: str, rank: int) -> Path:
+    return ckpt_dir / tag / f'rank_state_{rank:05d}.pt'
+
+
+def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, is_main: bool,
+         rank_state: Optional[dict] = None) -> Path:
+    """Save a DeepSpeed checkpoint for `step` (collective: every rank calls it), then mark it and point to it.
+
+    `rank_state` (RNG states and the like) is written by every rank to its own file: DeepSpeed keeps the client
+    state of data-parallel rank 0 only, which would hand every rank the same random stream after a resume.
+    """
     tag = tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    if rank_state is not None:
+        torch.save(rank_state, rank_file(ckpt_dir, tag, engine.global_rank))
     if os.environ.get('CMAE_TEST_KILL_DURING_SAVE') == tag:
         os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume test: files written, no marker
     barrier()  # every rank's shard is on disk before the checkpoint is declared complete
@@ -99,6 +110,12 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
                if p.is_dir() and not (p / MARKER).exists() and 0 <= _step_of(p.name) < newest]
     for tag in doomed:
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+
+
+def load_rank_state(ckpt_dir: Path, tag: str, rank: int) -> Optional[dict]:
+    """This rank's own saved state, or None when the checkpoint was written by a run with fewer ranks."""
+    path = rank_file(ckpt_dir, tag, rank)
+    return torch.load(path, weights_only=False) if path.is_file() else None
 
 
 def load(engine, ckpt_dir: Path, tag: str) -> dict:

@@ -36,8 +36,8 @@ from .logger import RunLogger
 from .lr_decay import layer_decay_groups
 from .optim import build_optimizer
 # Shared with pretraining (same run-folder, resume and logging rules).
-from .pretrain import (Meter, NonFiniteLoss, _check_finite, _dtype, _due, _grad_norm, _resume_tag, _write_run_files,
-                       consolidated_state_dict, set_lr)
+from .common import (Meter, NonFiniteLoss, check_finite, consolidated_state_dict, dtype_of, due, grad_norm,
+                     resume_tag, set_lr, write_run_files)
 
 __all__ = ['train', 'train_step', 'FinetuneResult', 'NonFiniteLoss']
 
@@ -214,7 +214,7 @@ def train(cfg: TaskConfig, ds_path: str, resume: str = 'auto') -> FinetuneResult
     _check_task(cfg, ds, batch_cfg, ds_path)
     run_dir = Path(task.output_dir)
     ckpt_dir = run_dir / 'checkpoints'
-    tag = _resume_tag(resume, ckpt_dir)
+    tag = resume_tag(resume, ckpt_dir)
     loader, val_loader = _loaders(cfg, batch_cfg, ctx)
     schedule = _schedule(cfg, batch_cfg, len(loader), ds_path)
     engine, model, opt_name = build_engine(cfg, ds, batch_cfg, ctx, schedule.peak_lr)
@@ -223,7 +223,7 @@ def train(cfg: TaskConfig, ds_path: str, resume: str = 'auto') -> FinetuneResult
         progress = Progress(**checkpointing.load(engine, ckpt_dir, tag)['progress'])
     _seed_rngs(task.seed, ctx.rank, progress.step)
     if ctx.is_main:
-        _write_run_files(run_dir, cfg, ds, progress.step)
+        write_run_files(run_dir, cfg, ds, progress.step)
     logger = RunLogger(run_dir, schedule.total_steps, progress.step, ctx.is_main, task.progress_bar)
     logger.text(f'cmae_ds {task.section}: {cfg.model.size} at {_img_size(cfg)} px, {task.num_classes} classes, data '
                 f'pipeline {loader.name}, optimizer {opt_name}, {batch_cfg.precision} ZeRO-{batch_cfg.zero_stage}, '
@@ -261,7 +261,7 @@ class Run:
 
 def _loop(run: Run, loader) -> FinetuneResult:
     task, p, bc = run.cfg.task, run.progress, run.batch_cfg
-    dtype = _dtype(bc)
+    dtype = dtype_of(bc)
     last_step = run.schedule.total_steps if task.max_steps <= 0 else min(run.schedule.total_steps,
                                                                          p.step + task.max_steps)
     usable = run.schedule.steps_per_epoch * bc.grad_accum  # a partial accumulation at an epoch's end is dropped
@@ -302,11 +302,11 @@ def _after_step(run: Run, meter: Meter, final: bool) -> None:
     task, step = run.cfg.task, run.progress.step
     set_lr(run.engine.optimizer, run.schedule.lr(task, step))
     run.logger.advance()
-    if _due(step, task.log_every_steps) or final:
-        _check_finite(run.nonfinite, step, run.ckpt_dir)
+    if due(step, task.log_every_steps) or final:
+        check_finite(run.nonfinite, step, run.ckpt_dir)
         values = {'loss': float(run.loss_sum) / max(run.loss_count, 1), 'lr': run.schedule.lr(task, step),
                   'epoch': run.progress.epoch + run.progress.batch_in_epoch / max(1, run.schedule.steps_per_epoch)}
-        norm = _grad_norm(run.engine)
+        norm = grad_norm(run.engine)
         if norm is not None:
             values['grad_norm'] = norm
         values.update(meter.values(run.ctx.world_size))
@@ -316,17 +316,17 @@ def _after_step(run: Run, meter: Meter, final: bool) -> None:
         meter.reset()
     if final:
         _end_of_epoch(run, final=True)
-    elif _due(step, task.save_every_steps):
+    elif due(step, task.save_every_steps):
         _save_checkpoint(run)
 
 
 def _end_of_epoch(run: Run, final: bool) -> None:
     """Evaluate when due (always at the end of the run), write model_last.pt / model_best.pt, then a checkpoint."""
     task, p = run.cfg.task, run.progress
-    _check_finite(run.nonfinite, p.step, run.ckpt_dir)
+    check_finite(run.nonfinite, p.step, run.ckpt_dir)
     result = None
-    if final or _due(p.epoch, task.eval_every_epochs):
-        result = run_evaluation(run.engine, run.val_loader, _dtype(run.batch_cfg))
+    if final or due(p.epoch, task.eval_every_epochs):
+        result = run_evaluation(run.engine, run.val_loader, dtype_of(run.batch_cfg))
         run.evals.append((p.epoch, result))
         _log_eval(run, result)
     improved = result is not None and result.top1 > p.best_top1

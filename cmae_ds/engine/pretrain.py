@@ -5,14 +5,12 @@ accumulation boundary). At each boundary the target branch takes its momentum st
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 
 from ..config import Config, ConfigError
 from ..data import build_pretrain_loader
@@ -20,13 +18,12 @@ from ..ds_config import ResolvedBatch, load_ds_config, validate
 from ..models import CMAE
 from ..schedules import lr_at, momentum_at, scaled_lr
 from . import checkpointing
+from .common import (Meter, NonFiniteLoss, check_finite,  # noqa: F401 (NonFiniteLoss: part of this module's API)
+                     consolidated_state_dict, dtype_of, due, grad_norm,
+                     loss_scale, resume_tag, set_lr, write_run_files)
 from .dist import DistContext, setup_distributed
 from .logger import RunLogger
 from .optim import build_optimizer, param_groups
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or inf; training stopped without saving."""
 
 
 @dataclass
@@ -53,15 +50,6 @@ class Schedule:
                            m_end=cfg.train.momentum_end)
 
 
-def _dtype(batch: ResolvedBatch) -> torch.dtype:
-    return {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(batch.precision, torch.float32)
-
-
-def set_lr(optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group['lr'] = lr * group.get('lr_scale', 1.0)
-
-
 def momentum_step(model: CMAE, m: float, zero_stage: int) -> None:
     """EMA of the target towards the online weights. ZeRO-3 partitions the online parameters, so they are
     gathered (all at once, one collective) for the duration of the update."""
@@ -86,80 +74,25 @@ def train_step(engine, batch: dict, dtype: torch.dtype, mask_gen: Optional[torch
     return out
 
 
-def _resume_tag(resume: str, ckpt_dir: Path) -> Optional[str]:
-    existing = checkpointing.find_resume_tag(ckpt_dir)
-    if resume == 'auto':
-        return existing
-    if resume == 'none':
-        if existing is not None:
-            raise ConfigError(f'{ckpt_dir} already holds checkpoints ({existing}); use --resume auto to continue '
-                              'that run, or set train.output_dir to a new folder (nothing was overwritten)')
-        return None
-    tag = Path(resume).name
-    if not (ckpt_dir / tag / checkpointing.MARKER).is_file():
-        raise ConfigError(f'--resume {resume}: no complete checkpoint {tag} in {ckpt_dir}')
-    return tag
+def _client_state(cfg: Config, progress: Progress) -> dict:
+    return {'progress': asdict(progress), 'config': cfg.to_dict()}
 
 
-def _write_run_files(run_dir: Path, cfg: Config, ds: dict, step: int) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    suffix = '' if step == 0 else f'.resume_{step:08d}'
-    (run_dir / f'config{suffix}.yaml').write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    (run_dir / f'ds_config{suffix}.json').write_text(json.dumps(ds, indent=2))
+def _rank_state(mask_gen: torch.Generator) -> dict:
+    return {'rng': checkpointing.rng_state(), 'mask_rng': mask_gen.get_state()}
 
 
-def _client_state(cfg: Config, progress: Progress, mask_gen: torch.Generator) -> dict:
-    return {'progress': asdict(progress), 'rng': checkpointing.rng_state(), 'mask_rng': mask_gen.get_state(),
-            'config': cfg.to_dict()}
-
-
-def _grad_norm(engine) -> Optional[float]:
-    norm = engine.get_global_grad_norm()
-    return None if norm is None else float(norm)
-
-
-def _loss_scale(engine) -> Optional[float]:
-    scale = getattr(engine.optimizer, 'cur_scale', None) or getattr(engine.optimizer, 'loss_scale', None)
-    return float(scale) if isinstance(scale, (int, float, torch.Tensor)) else None
-
-
-class Meter:
-    """Throughput and data-wait fraction between log steps, host-side only."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.start, self.wait, self.images = time.perf_counter(), 0.0, 0
-
-    def values(self, world_size: int) -> dict:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return {'images_per_s': self.images * world_size / elapsed, 'data_wait_fraction': self.wait / elapsed}
-
-
-def consolidated_state_dict(engine, model: CMAE, zero_stage: int) -> dict:
-    """Full fp32 model state (online from the optimizer's fp32 masters where DeepSpeed has them, target as kept).
-    Collective: every rank must call it."""
-    from deepspeed.utils import safe_get_full_fp32_param
-    state = {}
-    names = {id(p): n for n, p in model.named_parameters()}
-    for p in model.parameters():
-        full = safe_get_full_fp32_param(p) if p.requires_grad else None
-        if full is None:
-            full = _gathered(p, zero_stage)
-        state[names[id(p)]] = full.detach().float().cpu().clone()
-    for name, value in model.state_dict().items():
-        if name not in state:
-            state[name] = value.detach().cpu().clone().float() if value.is_floating_point() else value.cpu()
-    return state
-
-
-def _gathered(p, zero_stage):
-    if zero_stage != 3:
-        return p
-    import deepspeed
-    with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-        return p.detach().clone()
+def _restore_rank_state(cfg: Config, ctx: DistContext, ckpt_dir: Path, tag: str, progress: Progress,
+                        mask_gen: torch.Generator) -> None:
+    """RNG streams of this rank. A resume on more ranks than saved reseeds the new ranks from (seed, rank, step):
+    the run continues correctly, only not bit-for-bit as an uninterrupted one would."""
+    state = checkpointing.load_rank_state(ckpt_dir, tag, ctx.rank)
+    if state is None:
+        torch.manual_seed(cfg.train.seed * 1000 + ctx.rank + 7919 * progress.step)
+        mask_gen.manual_seed(cfg.train.seed * 1000 + ctx.rank + 1 + 7919 * progress.step)
+        return
+    checkpointing.set_rng_state(state['rng'])
+    mask_gen.set_state(state['mask_rng'])
 
 
 @dataclass
@@ -206,7 +139,7 @@ def train(cfg: Config, ds_path: str, resume: str = 'auto', observer=None) -> Run
     batch_cfg = validate(ds, cfg, ctx.world_size, path=ds_path)
     run_dir = Path(cfg.train.output_dir)
     ckpt_dir = run_dir / 'checkpoints'
-    tag = _resume_tag(resume, ckpt_dir)
+    tag = resume_tag(resume, ckpt_dir)
     loader = build_pretrain_loader(cfg.data, img_size=cfg.model.img_size, batch_size=batch_cfg.micro_batch,
                                    rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
                                    device=ctx.device, drop_last=True,
@@ -215,12 +148,10 @@ def train(cfg: Config, ds_path: str, resume: str = 'auto', observer=None) -> Run
     engine, model, opt_name = build_engine(cfg, ds, batch_cfg, ctx, schedule.peak_lr)
     progress, mask_gen = Progress(), mask_generator(cfg, ctx)
     if tag is not None:
-        client = checkpointing.load(engine, ckpt_dir, tag)
-        progress = Progress(**client['progress'])
-        checkpointing.set_rng_state(client['rng'])
-        mask_gen.set_state(client['mask_rng'])
+        progress = Progress(**checkpointing.load(engine, ckpt_dir, tag)['progress'])
+        _restore_rank_state(cfg, ctx, ckpt_dir, tag, progress, mask_gen)
     if ctx.is_main:
-        _write_run_files(run_dir, cfg, ds, progress.step)
+        write_run_files(run_dir, cfg, ds, progress.step)
     logger = RunLogger(run_dir, schedule.total_steps, progress.step, ctx.is_main, cfg.train.progress_bar)
     logger.text(f'cmae_ds: {cfg.model.mode} {cfg.model.size}, data pipeline {loader.name}, optimizer {opt_name}, '
                 f'{batch_cfg.precision} ZeRO-{batch_cfg.zero_stage}, global batch {batch_cfg.global_batch}, '
@@ -248,7 +179,7 @@ def _schedule(cfg: Config, batch_cfg: ResolvedBatch, batches_per_epoch: int, ds_
 
 def _loop(cfg, ctx: DistContext, engine, model, loader, schedule, batch_cfg, progress, logger, ckpt_dir,
           observer, mask_gen):
-    dtype = _dtype(batch_cfg)
+    dtype = dtype_of(batch_cfg)
     last_step = schedule.total_steps if cfg.train.max_steps <= 0 else min(schedule.total_steps,
                                                                           progress.step + cfg.train.max_steps)
     usable = schedule.steps_per_epoch * batch_cfg.grad_accum  # a partial accumulation at an epoch's end is dropped
@@ -318,36 +249,25 @@ def _after_step(cfg, ctx, engine, model, schedule, batch_cfg, progress, logger, 
     momentum_step(model, schedule.momentum(cfg, step), batch_cfg.zero_stage)
     set_lr(engine.optimizer, schedule.lr(cfg, step))
     logger.advance()
-    if _due(step, cfg.train.log_every_steps) or final:
-        _check_finite(watch.nonfinite, step, ckpt_dir)
+    if due(step, cfg.train.log_every_steps) or final:
+        check_finite(watch.nonfinite, step, ckpt_dir)
         watch.last_loss = _log(cfg, engine, schedule, progress, watch.means(), watch.meter, logger, ctx.world_size)
         watch.first_loss = watch.last_loss if watch.first_loss is None else watch.first_loss
         watch.meter.reset()
-    if _due(step, cfg.train.image_every_steps) or final:
+    if due(step, cfg.train.image_every_steps) or final:
         logger.reconstruction(step, batch['img'], batch.get('img_target'), out['pred_pixel'], out['mask'],
                               cfg.model.patch_size)
-    if _due(step, cfg.train.save_every_steps) or final:
-        _check_finite(watch.nonfinite, step, ckpt_dir)
-        watch.saved = checkpointing.save(engine, ckpt_dir, step, _client_state(cfg, progress, watch.mask_gen),
-                                         cfg.train.keep_last, ctx.is_main)
-
-
-def _due(step: int, every: int) -> bool:
-    return every > 0 and step % every == 0
-
-
-def _check_finite(flag: torch.Tensor, step: int, ckpt_dir: Path) -> None:
-    if bool(flag):
-        last = checkpointing.find_resume_tag(ckpt_dir)
-        raise NonFiniteLoss(f'the loss became NaN or inf at or before step {step}; stopped without saving. '
-                            f'Last good checkpoint: {ckpt_dir / last if last else "none"}')
+    if due(step, cfg.train.save_every_steps) or final:
+        check_finite(watch.nonfinite, step, ckpt_dir)
+        watch.saved = checkpointing.save(engine, ckpt_dir, step, _client_state(cfg, progress),
+                                         cfg.train.keep_last, ctx.is_main, rank_state=_rank_state(watch.mask_gen))
 
 
 def _log(cfg, engine, schedule, progress, losses: dict, meter, logger, world_size) -> float:
     """Logs mean losses since the last log step, lr, momentum, grad norm, loss scale, images/s, data wait."""
     values = dict(losses, lr=schedule.lr(cfg, progress.step), momentum=schedule.momentum(cfg, progress.step),
                   epoch=progress.epoch + progress.batch_in_epoch / max(1, schedule.steps_per_epoch))
-    for name, value in (('grad_norm', _grad_norm(engine)), ('loss_scale', _loss_scale(engine))):
+    for name, value in (('grad_norm', grad_norm(engine)), ('loss_scale', loss_scale(engine))):
         if value is not None:
             values[name] = value
     values.update(meter.values(world_size))

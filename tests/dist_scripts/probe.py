@@ -11,7 +11,7 @@ import torch.distributed as dist
 from cmae_ds.config import load_config
 from cmae_ds.ds_config import load_ds_config, validate
 from cmae_ds.engine.dist import setup_distributed
-from cmae_ds.engine.pretrain import build_engine, train_step, train
+from cmae_ds.engine.pretrain import build_engine, train
 
 
 def full_state(model, zero_stage):

@@ -1,0 +1,110 @@
+"""Pieces every engine loop shares (pretraining, fine-tuning, benchmark): run folder, resume rules, precision,
+learning-rate setting, the non-finite guard, throughput metering and the consolidated fp32 model state."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import yaml
+
+from ..config import ConfigError
+from ..ds_config import ResolvedBatch
+from . import checkpointing
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf; training stopped without saving."""
+
+
+def dtype_of(batch: ResolvedBatch) -> torch.dtype:
+    return {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(batch.precision, torch.float32)
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group['lr'] = lr * group.get('lr_scale', 1.0)
+
+
+def resume_tag(resume: str, ckpt_dir: Path) -> Optional[str]:
+    existing = checkpointing.find_resume_tag(ckpt_dir)
+    if resume == 'auto':
+        return existing
+    if resume == 'none':
+        if existing is not None:
+            raise ConfigError(f'{ckpt_dir} already holds checkpoints ({existing}); use --resume auto to continue '
+                              'that run, or set train.output_dir to a new folder (nothing was overwritten)')
+        return None
+    tag = Path(resume).name
+    if not (ckpt_dir / tag / checkpointing.MARKER).is_file():
+        raise ConfigError(f'--resume {resume}: no complete checkpoint {tag} in {ckpt_dir}')
+    return tag
+
+
+def write_run_files(run_dir: Path, cfg, ds: dict, step: int) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    suffix = '' if step == 0 else f'.resume_{step:08d}'
+    (run_dir / f'config{suffix}.yaml').write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (run_dir / f'ds_config{suffix}.json').write_text(json.dumps(ds, indent=2))
+
+
+def grad_norm(engine) -> Optional[float]:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def loss_scale(engine) -> Optional[float]:
+    scale = getattr(engine.optimizer, 'cur_scale', None) or getattr(engine.optimizer, 'loss_scale', None)
+    return float(scale) if isinstance(scale, (int, float, torch.Tensor)) else None
+
+
+class Meter:
+    """Throughput and data-wait fraction between log steps, host-side only."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.start, self.wait, self.images = time.perf_counter(), 0.0, 0
+
+    def values(self, world_size: int) -> dict:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return {'images_per_s': self.images * world_size / elapsed, 'data_wait_fraction': self.wait / elapsed}
+
+
+def consolidated_state_dict(engine, model: torch.nn.Module, zero_stage: int) -> dict:
+    """Full fp32 model state (online from the optimizer's fp32 masters where DeepSpeed has them, target as kept).
+    Collective: every rank must call it."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    state = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p in model.parameters():
+        full = safe_get_full_fp32_param(p) if p.requires_grad else None
+        if full is None:
+            full = _gathered(p, zero_stage)
+        state[names[id(p)]] = full.detach().float().cpu().clone()
+    for name, value in model.state_dict().items():
+        if name not in state:
+            state[name] = value.detach().cpu().clone().float() if value.is_floating_point() else value.cpu()
+    return state
+
+
+def _gathered(p, zero_stage):
+    if zero_stage != 3:
+        return p
+    import deepspeed
+    with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+        return p.detach().clone()
+
+
+def due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def check_finite(flag: torch.Tensor, step: int, ckpt_dir: Path) -> None:
+    if bool(flag):
+        last = checkpointing.find_resume_tag(ckpt_dir)
+        raise NonFiniteLoss(f'the loss became NaN or inf at or before step {step}; stopped without saving. '
+                            f'Last good checkpoint: {ckpt_dir / last if last else "none"}')
