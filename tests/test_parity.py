@@ -1,8 +1,13 @@
 """The model against outputs of the official CMAE code (../shared/fixtures/official_cmae_parity_a.pt)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from cmae_ds.checkpoint import load_official_cmae, load_official_classifier
+from conftest import FIXTURE_A, ROOT
 from helpers import fixture_config, rel
 
 
@@ -67,8 +72,40 @@ def test_classifier_logits_match_official(fixture_a):
 
 @pytest.mark.parametrize('backend', ['math', 'sdpa'])
 def test_parity_with_each_attention_backend(fixture_a, backend, monkeypatch):
-    pytest.importorskip('cmae_ds.kernels.attention')
+    from cmae_ds.kernels import last_impl
     monkeypatch.setenv('CMAE_ATTN_BACKEND', backend)
     _, out = _run(fixture_a)
+    assert last_impl('attention') == backend
     assert rel(out['pred_pixel'], fixture_a['out']['pred_pixel']) < 1e-4
     assert rel(out['loss_con'], fixture_a['out']['loss_con']) < 1e-5
+
+
+PARITY_TOOL = FIXTURE_A.parents[1] / 'tools' / 'parity.py'
+WHICH_RAN = """
+import torch, sys
+sys.path.insert(0, 'tests')
+from helpers import fixture_config
+from cmae_ds.checkpoint import load_official_cmae
+from cmae_ds.kernels import last_impl
+fx = torch.load(sys.argv[1], weights_only=True)
+m = load_official_cmae(fx['state_dict'], fixture_config(fx)).train()
+m(fx['img'], fx['img_target'], mask=fx['mask'])['loss'].backward()
+m.enable_flat_ema(); m.momentum_update(0.99)
+print(','.join(str(last_impl(k)) for k in ('recon_loss', 'visible_embed', 'ema', 'attention')))
+"""
+
+
+@pytest.mark.parametrize('env,expected', [({'TRITON_INTERPRET': '1'}, 'triton,triton,triton,sdpa'),
+                                          ({'CMAE_FUSED': '0'}, 'reference,reference,loop,math')])
+def test_official_parity_tool_with_fusion_on_and_off(env, expected):
+    """The shared parity tool, run as CI would, with the Triton kernels (interpreted on the CPU) and with every
+    fusion switched off; a second process reports which implementation actually ran."""
+    run_env = {**os.environ, **env}
+    tool = subprocess.run([sys.executable, str(PARITY_TOOL), str(FIXTURE_A)], capture_output=True, text=True,
+                          env=run_env, cwd=ROOT)
+    assert tool.returncode == 0, tool.stdout + tool.stderr
+    assert 'parity holds' in tool.stdout
+    which = subprocess.run([sys.executable, '-c', WHICH_RAN, str(FIXTURE_A)], capture_output=True, text=True,
+                           env=run_env, cwd=ROOT)
+    assert which.returncode == 0, which.stderr
+    assert which.stdout.strip().splitlines()[-1] == expected

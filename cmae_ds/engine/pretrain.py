@@ -119,6 +119,8 @@ def build_engine(cfg: Config, ds: dict, batch_cfg: ResolvedBatch, ctx: DistConte
                                           offload=batch_cfg.offload_optimizer)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     model.to(engine.device)
+    if batch_cfg.zero_stage != 3:  # ZeRO-3 partitions the online weights: momentum_step gathers them instead
+        model.enable_flat_ema()
     return engine, model, opt_name
 
 

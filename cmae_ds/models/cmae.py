@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..kernels import FlatEMA, fused_enabled
+from ..kernels._switch import record
 from ..losses import contrastive_loss, reconstruction_loss
 from .decoder import MAEDecoder
 from .heads import ProjectionMLP
@@ -69,6 +71,7 @@ class CMAE(nn.Module):
             self.predictor = ProjectionMLP(cfg.proj_dim, cfg.proj_hidden_dim, cfg.proj_dim)
             target = TargetBranch(cfg)
         object.__setattr__(self, 'target', target)
+        object.__setattr__(self, '_flat_ema', None)  # see enable_flat_ema
         self.set_activation_checkpointing(cfg.activation_checkpointing)
         self._register_state_dict_hook(_add_target_state)
         self._register_load_state_dict_pre_hook(_load_target_state, with_module=True)
@@ -132,15 +135,32 @@ class CMAE(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self, m: float, online: Optional[list[torch.Tensor]] = None) -> None:
-        """target = m * target + (1 - m) * online, in one fused foreach call over every target tensor.
+        """target = m * target + (1 - m) * online.
 
-        `online` replaces the module's online parameters (in ema_pairs order), e.g. full fp32 values gathered
-        from ZeRO-3 partitions or the optimizer's master weights.
+        One launch over flat buffers when `enable_flat_ema()` laid them out, else one foreach call over every
+        target tensor; CMAE_FUSED_EMA=0 gives the plain per-tensor loop. `online` replaces the module's online
+        parameters (in ema_pairs order), e.g. full values gathered from ZeRO-3 partitions.
         """
+        if online is None and self._flat_ema is not None and fused_enabled('ema'):
+            self._flat_ema.update(m)
+            return
         targets, sources = self.ema_pairs()
         sources = online if online is not None else sources
         sources = [s.detach().to(t.dtype) for s, t in zip(sources, targets)]
-        torch._foreach_lerp_(targets, sources, 1.0 - m)
+        if fused_enabled('ema'):
+            record('ema', 'foreach')
+            torch._foreach_lerp_(targets, sources, 1.0 - m)
+        else:
+            record('ema', 'loop')
+            for t, s in zip(targets, sources):
+                t.lerp_(s, 1.0 - m)
+
+    def enable_flat_ema(self) -> None:
+        """Lay target and online weights out in flat buffers for a one-launch EMA (cmae_ds.kernels.FlatEMA).
+        Call it once the module is on its device and wrapped: moving or re-wrapping afterwards breaks the layout
+        (FlatEMA then raises). Where DeepSpeed owns the online buffers it falls back to a foreach update."""
+        if self.target is not None:
+            object.__setattr__(self, '_flat_ema', FlatEMA(*self.ema_pairs()))
 
     @torch.no_grad()
     def copy_online_to_target(self) -> None:

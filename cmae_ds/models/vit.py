@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..kernels import attention, gather_visible
+
 
 LN_EPS = 1e-6
 
@@ -69,7 +71,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, length, dim = x.shape
         qkv = self.qkv(x).reshape(n, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (N, H, L, Dh)
+        out = attention(qkv[0], qkv[1], qkv[2])  # (N, H, L, Dh); FA3 / FA2 / SDPA / math by cmae_ds.kernels
         return self.proj(out.transpose(1, 2).reshape(n, length, dim))
 
 
@@ -175,7 +177,7 @@ class ViTEncoder(nn.Module):
     def forward_visible(self, img: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """Encode only the visible patches. img (N, C, H, W), ids_keep (N, K) -> (N, 1 + K, D), cls first."""
         x = self.patch_embed(img)  # (N, L, D)
-        x = gather_visible(x, self.pos_embed[:, 1:], ids_keep)  # (N, K, D)
+        x = gather_visible(x, self.pos_embed[:, 1:].to(x.dtype), ids_keep)  # (N, K, D) incl. position
         return self.norm(self.blocks(self._with_cls(x)))
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
@@ -183,8 +185,3 @@ class ViTEncoder(nn.Module):
         x = self.patch_embed(img) + self.pos_embed[:, 1:].to(img.dtype)
         return self.norm(self.blocks(self._with_cls(x)))
 
-
-def gather_visible(x: torch.Tensor, pos: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
-    """x (N, L, D) + pos (1, L, D), taken at ids_keep (N, K) -> (N, K, D)."""
-    index = ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-    return torch.gather(x + pos.to(x.dtype), 1, index)

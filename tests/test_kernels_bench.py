@@ -1,0 +1,26 @@
+"""The benchmark's CPU mode: a correctness pass of every Triton kernel against its reference."""
+import math
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before the first kernel is decorated: kernels are imported lazily
+
+import pytest
+
+from cmae_ds.kernels import bench
+from cmae_ds.kernels._triton import has_triton
+
+
+def test_cpu_correctness_pass():
+    if not has_triton():
+        pytest.skip("triton is not installed")
+    results = bench.check_cpu(list(bench.CASES))
+    assert set(results) == {"recon_loss", "ema", "visible_embed"}
+    for op, (impl, err) in results.items():
+        assert impl == "triton", op
+        assert err < 1e-4, (op, err)
+
+
+def test_vit_b_ema_shapes():
+    """The EMA benchmark's tensor set is ViT-B/16's encoder and projector: ~150 tensors, ~87M parameters."""
+    shapes = bench._vit_b_shapes()
+    assert len(shapes) == 152 and 86e6 < sum(math.prod(s) for s in shapes) < 88e6
