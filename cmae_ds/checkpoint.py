@@ -10,12 +10,12 @@ import re
 from pathlib import Path
 from typing import Optional, Union
 
-import torch
 from torch import nn
 
 from .config import ModelConfig
 from .models import CMAE, ViTClassifier, ViTEncoder, interpolate_pos_embed
 from .models.cmae import build_encoder
+from .safe_load import load_checkpoint_file
 
 StateSource = Union[str, Path, dict]
 ENCODER_FORMAT = 'cmae_ds.encoder'
@@ -94,7 +94,7 @@ def read_state(source: StateSource, what: str = 'checkpoint') -> dict:
         if not path.is_file():
             raise CheckpointError(f'{what} {path}: no such file')
         try:
-            source = torch.load(path, map_location='cpu', weights_only=True)
+            source = load_checkpoint_file(path)
         except Exception as e:  # pickle, zip and torch errors all mean "not a readable checkpoint"
             raise CheckpointError(f'{what} {path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})')
     if not isinstance(source, dict):
@@ -175,7 +175,7 @@ def _peek_format(path: Union[str, Path]) -> Optional[dict]:
     if not path.is_file():
         raise CheckpointError(f'pretrained checkpoint {path}: no such file')
     try:
-        obj = torch.load(path, map_location='cpu', weights_only=True)
+        obj = load_checkpoint_file(path)
     except Exception as e:
         raise CheckpointError(f'pretrained checkpoint {path}: cannot be read ({type(e).__name__}: {e})')
     return obj if isinstance(obj, dict) and 'format' in obj else None

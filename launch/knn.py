@@ -27,10 +27,10 @@ def parse(argv=None):
 
 def _model_config(checkpoint: Path, fallback):
     """Our model.pt carries its ModelConfig; anything else uses the config's model section."""
-    import torch
     from cmae_ds.config import ModelConfig
+    from cmae_ds.safe_load import load_checkpoint_file
     try:
-        obj = torch.load(checkpoint, map_location='cpu', weights_only=True)
+        obj = load_checkpoint_file(checkpoint)
     except Exception:  # unreadable files are reported by load_encoder with the reason
         return fallback
     return ModelConfig(**obj['model_config']) if isinstance(obj, dict) and 'model_config' in obj else fallback

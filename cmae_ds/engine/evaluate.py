@@ -17,6 +17,7 @@ from torch import nn
 from ..checkpoint import CheckpointError, load_official_classifier, load_strict, read_state
 from ..config import ConfigError, ModelConfig
 from ..models import ViTClassifier, interpolate_pos_embed
+from ..safe_load import load_checkpoint_file
 
 CLASSIFIER_FORMAT = 'cmae_ds.classifier'
 BEST, LAST = 'model_best.pt', 'model_last.pt'
@@ -130,7 +131,7 @@ def load_classifier(source: Union[str, Path], model_cfg: Optional[ModelConfig] =
     from the file and checked against num_classes when given."""
     path = resolve_checkpoint(source)
     try:
-        obj = torch.load(path, map_location='cpu', weights_only=True)
+        obj = load_checkpoint_file(path)
     except Exception as e:  # pickle, zip and torch errors all mean "not a readable checkpoint"
         raise CheckpointError(f'checkpoint {path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})')
     if isinstance(obj, dict) and obj.get('format') == CLASSIFIER_FORMAT:
