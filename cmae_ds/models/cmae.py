@@ -158,9 +158,13 @@ class CMAE(nn.Module):
     def enable_flat_ema(self) -> None:
         """Lay target and online weights out in flat buffers for a one-launch EMA (cmae_ds.kernels.FlatEMA).
         Call it once the module is on its device and wrapped: moving or re-wrapping afterwards breaks the layout
-        (FlatEMA then raises). Where DeepSpeed owns the online buffers it falls back to a foreach update."""
-        if self.target is not None:
-            object.__setattr__(self, '_flat_ema', FlatEMA(*self.ema_pairs()))
+        (FlatEMA then raises)."""
+        if self.target is None:
+            return
+        flat = FlatEMA(*self.ema_pairs())
+        # Under ZeRO-1/2 or DeepSpeed's bf16 optimizer the online weights are views of DeepSpeed's own flat
+        # buffers and cannot be laid out again; the foreach update below is then the fast path.
+        object.__setattr__(self, '_flat_ema', flat if flat.flat else None)
 
     @torch.no_grad()
     def copy_online_to_target(self) -> None:
