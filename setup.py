@@ -1,8 +1,9 @@
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 
 # kernels/ is installed as cmae_ds.kernels: a bare top-level `kernels` would collide with an unrelated PyPI package.
-PACKAGES = find_packages(include=['cmae_ds', 'cmae_ds.*']) + ['cmae_ds.kernels'] + [
-    'cmae_ds.kernels.' + name for name in find_packages('kernels')]
+# Namespace discovery so that the data-only folders (presets, embedded photos) are packages too.
+PACKAGES = (find_namespace_packages(include=['cmae_ds', 'cmae_ds.*'], exclude=['*.__pycache__'])
+            + ['cmae_ds.kernels'] + ['cmae_ds.kernels.' + name for name in find_packages('kernels')])
 
 setup(
     name='cmae_ds',
@@ -12,7 +13,7 @@ setup(
     packages=PACKAGES,
     package_dir={'cmae_ds.kernels': 'kernels'},
     include_package_data=True,
-    package_data={'cmae_ds': ['presets/*.yaml', 'data/embedded/*', 'data/embedded/**/*']},
+    package_data={'cmae_ds.presets': ['*.yaml'], 'cmae_ds.data.embedded': ['*.jpg', '*.md']},
     install_requires=[
         'torch>=2.4',
         'torchvision',
