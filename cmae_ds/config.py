@@ -282,26 +282,28 @@ def _parse_value(text: str) -> Any:
     return yaml.safe_load(text)
 
 
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+def apply_overrides(raw: dict, overrides: list[str], sections: Optional[dict] = None) -> dict:
     """Apply `section.key=value` strings (values parsed as YAML) to a raw config dict."""
-    raw = {k: dict(v or {}) for k, v in raw.items()}
+    sections = _SECTIONS if sections is None else sections
+    raw = {k: dict(v or {}) if isinstance(v, dict) or v is None else v for k, v in raw.items()}
     for item in overrides:
         if '=' not in item or '.' not in item.split('=', 1)[0]:
             raise ConfigError(f'override {item!r} must look like section.key=value, e.g. train.epochs=800')
         key, value = item.split('=', 1)
         section, name = key.split('.', 1)
-        if section not in _SECTIONS:
-            raise ConfigError(f'override {item!r}: unknown section {section!r}; sections: {list(_SECTIONS)}')
+        if section not in sections:
+            raise ConfigError(f'override {item!r}: unknown section {section!r}; sections: {list(sections)}')
         raw.setdefault(section, {})[name] = _parse_value(value)
     return raw
 
 
-def build_config(raw: dict, where: str = 'config') -> Config:
-    unknown = sorted(set(raw) - set(_SECTIONS))
+def build_sections(raw: dict, sections: dict, where: str) -> dict:
+    """Each section's dataclass from the raw dict; unknown sections and keys and wrong types name themselves."""
+    unknown = sorted(set(raw) - set(sections))
     if unknown:
-        raise ConfigError(f'{where}: unknown section(s) {unknown}; sections: {list(_SECTIONS)}')
+        raise ConfigError(f'{where}: unknown section(s) {unknown}; sections: {list(sections)}')
     parts = {}
-    for name, cls in _SECTIONS.items():
+    for name, cls in sections.items():
         section = raw.get(name) or {}
         if not isinstance(section, dict):
             raise ConfigError(f'{where}: section {name!r} must be a mapping')
@@ -310,32 +312,37 @@ def build_config(raw: dict, where: str = 'config') -> Config:
             parts[name] = cls(**_coerce(cls, section, name))
         except TypeError as e:
             raise ConfigError(f'{where}: {name}: {e}') from None
-    return Config(**parts)
+    return parts
+
+
+def build_config(raw: dict, where: str = 'config') -> Config:
+    return Config(**build_sections(raw, _SECTIONS, where))
 
 
 PRESET_DIR = Path(__file__).parent / 'presets'
 
 
+def read_yaml(path: str) -> tuple[dict, str]:
+    """A YAML file, or a preset name from cmae_ds/presets -> (raw sections, where it came from)."""
+    p = Path(path)
+    if not p.exists() and (PRESET_DIR / f'{path}.yaml').exists():
+        p = PRESET_DIR / f'{path}.yaml'
+    if not p.exists():
+        presets = sorted(q.stem for q in PRESET_DIR.glob('*.yaml'))
+        raise ConfigError(f'config file {path} not found (presets: {presets})')
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f'{p}: not valid YAML: {e}') from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f'{p}: top level must be a mapping of sections')
+    return raw, str(p)
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
     """Load a YAML file (or a preset name from cmae_ds/presets) and apply command-line overrides."""
-    raw: dict = {}
-    where = 'defaults'
-    if path:
-        p = Path(path)
-        if not p.exists() and (PRESET_DIR / f'{path}.yaml').exists():
-            p = PRESET_DIR / f'{path}.yaml'
-        if not p.exists():
-            presets = sorted(q.stem for q in PRESET_DIR.glob('*.yaml'))
-            raise ConfigError(f'config file {path} not found (presets: {presets})')
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f'{p}: not valid YAML: {e}') from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f'{p}: top level must be a mapping of sections')
-        where = str(p)
-    raw = apply_overrides(raw, overrides or [])
-    return build_config(raw, where)
+    raw, where = read_yaml(path) if path else ({}, 'defaults')
+    return build_config(apply_overrides(raw, overrides or []), where)
 
 
 # --- Fine-tuning, linear probing and kNN (spec section 9) ------------------------------------------------------
@@ -520,56 +527,14 @@ def _task_sections(task: str) -> dict:
     return {'model': ModelConfig, 'data': DataConfig, 'val_data': DataConfig, task: TASKS[task]}
 
 
-def _read_yaml(path: str) -> tuple[dict, str]:
-    p = Path(path)
-    if not p.exists() and (PRESET_DIR / f'{path}.yaml').exists():
-        p = PRESET_DIR / f'{path}.yaml'
-    if not p.exists():
-        presets = sorted(q.stem for q in PRESET_DIR.glob('*.yaml'))
-        raise ConfigError(f'config file {path} not found (presets: {presets})')
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f'{p}: not valid YAML: {e}') from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f'{p}: top level must be a mapping of sections')
-    return raw, str(p)
-
-
-def _apply_task_overrides(raw: dict, overrides: list[str], sections: dict) -> dict:
-    raw = {k: dict(v or {}) if isinstance(v, dict) or v is None else v for k, v in raw.items()}
-    for item in overrides:
-        if '=' not in item or '.' not in item.split('=', 1)[0]:
-            raise ConfigError(f'override {item!r} must look like section.key=value, e.g. finetune.epochs=50')
-        key, value = item.split('=', 1)
-        section, name = key.split('.', 1)
-        if section not in sections:
-            raise ConfigError(f'override {item!r}: unknown section {section!r}; sections: {list(sections)}')
-        raw.setdefault(section, {})[name] = _parse_value(value)
-    return raw
-
-
 def load_task_config(task: str, path: Optional[str] = None, overrides: Optional[list[str]] = None) -> TaskConfig:
     """Load a fine-tuning ('finetune'), linear-probing ('linprobe') or kNN ('knn') YAML file or preset, then apply
     `section.key=value` overrides. Sections: model, data, val_data and the task's own."""
     if task not in TASKS:
         raise ConfigError(f'unknown task {task!r}; tasks: {list(TASKS)}')
     sections = _task_sections(task)
-    raw, where = _read_yaml(path) if path else ({}, 'defaults')
-    raw = _apply_task_overrides(raw, overrides or [], sections)
-    unknown = sorted(set(raw) - set(sections))
-    if unknown:
-        raise ConfigError(f'{where}: unknown section(s) {unknown}; sections for {task}: {list(sections)}')
-    parts = {}
-    for name, cls in sections.items():
-        section = raw.get(name) or {}
-        if not isinstance(section, dict):
-            raise ConfigError(f'{where}: section {name!r} must be a mapping')
-        _check_fields(cls, section, f'{where}: {name}')
-        try:
-            parts[name] = cls(**_coerce(cls, section, name))
-        except TypeError as e:
-            raise ConfigError(f'{where}: {name}: {e}') from None
+    raw, where = read_yaml(path) if path else ({}, 'defaults')
+    parts = build_sections(apply_overrides(raw, overrides or [], sections), sections, where)
     return TaskConfig(parts['model'], parts['data'], parts['val_data'], parts[task])
 
 

@@ -35,13 +35,13 @@ def parse(argv=None):
 
 def _config(args):
     """The run folder's own config.yaml when no --config is given (its task section says which task it was)."""
-    from cmae_ds.config import _read_yaml, load_task_config
+    from cmae_ds.config import load_task_config, read_yaml
     path = args.config
     ckpt = Path(args.checkpoint)
     run_cfg = (ckpt if ckpt.is_dir() else ckpt.parent) / 'config.yaml'
     if path is None:
         path = str(run_cfg) if run_cfg.is_file() else 'finetune_vit_base'
-    raw, _ = _read_yaml(path)
+    raw, _ = read_yaml(path)
     return load_task_config('linprobe' if 'linprobe' in raw else 'finetune', path, args.overrides)
 
 

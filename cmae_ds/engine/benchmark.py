@@ -19,6 +19,7 @@ from ..config import Config
 from ..data import build_pretrain_loader
 from ..ds_config import ResolvedBatch, validate
 from ..flops import flops_per_image, mfu, peak_tflops
+from ..kernels import last_impl
 from ..schedules import scaled_lr
 from .dist import DistContext
 from .common import dtype_of
@@ -162,18 +163,10 @@ def _time_steps(cfg, ds, batch_cfg, ctx, batches, warmup, steps, result) -> tupl
         if i >= warmup:
             timer.mark()
     times = timer.durations_ms()
-    result.attention = _attention_backend()
+    result.attention = last_impl('attention')
     del engine, model
     gc.collect()
     return times, wait * 1000 / max(sum(times), 1e-9)
-
-
-def _attention_backend() -> Optional[str]:
-    try:
-        from ..kernels import last_impl
-    except ImportError:
-        return 'sdpa'
-    return last_impl('attention')
 
 
 def _fill(result: BenchResult, cfg, batch_cfg, ctx, times, wait, peak_override) -> None:

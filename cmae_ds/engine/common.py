@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -12,6 +13,7 @@ import yaml
 
 from ..config import ConfigError
 from ..ds_config import ResolvedBatch
+from ..schedules import lr_at, scaled_lr
 from . import checkpointing
 
 
@@ -108,3 +110,30 @@ def check_finite(flag: torch.Tensor, step: int, ckpt_dir: Path) -> None:
         last = checkpointing.find_resume_tag(ckpt_dir)
         raise NonFiniteLoss(f'the loss became NaN or inf at or before step {step}; stopped without saving. '
                             f'Last good checkpoint: {ckpt_dir / last if last else "none"}')
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate of a run as a pure function of the optimizer step."""
+    peak_lr: float
+    total_steps: int
+    warmup_steps: int
+    steps_per_epoch: int
+    warmup_start_factor: float
+    min_lr: float
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, base_lr=self.peak_lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                     warmup_start_factor=self.warmup_start_factor, min_lr=self.min_lr)
+
+
+def make_schedule(opt, batch_cfg: ResolvedBatch, batches_per_epoch: int, ds_path: str) -> Schedule:
+    """`opt`: a section with base_lr (per 256 images), epochs, warmup_epochs, warmup_start_factor and min_lr."""
+    steps_per_epoch = batches_per_epoch // batch_cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise ConfigError(f'{ds_path}: {batches_per_epoch} micro-batches per rank per epoch are fewer than '
+                          f'gradient_accumulation_steps {batch_cfg.grad_accum}: the dataset is too small for a '
+                          f'global batch of {batch_cfg.global_batch}')
+    return Schedule(peak_lr=scaled_lr(opt.base_lr, batch_cfg.global_batch), total_steps=opt.epochs * steps_per_epoch,
+                    warmup_steps=opt.warmup_epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch,
+                    warmup_start_factor=opt.warmup_start_factor, min_lr=opt.min_lr)

@@ -27,7 +27,6 @@ from ..config import ConfigError, FinetuneConfig, LinearProbeConfig, TaskConfig
 from ..data import build_classification_loader, list_samples
 from ..ds_config import ResolvedBatch, load_ds_config, validate
 from ..models import ViTClassifier
-from ..schedules import lr_at, scaled_lr
 from . import checkpointing
 from .dist import DistContext, setup_distributed
 from .evaluate import BEST, LAST, EvalResult, check_labels, evaluate, save_classifier_file
@@ -37,7 +36,7 @@ from .lr_decay import layer_decay_groups
 from .optim import build_optimizer
 # Shared with pretraining (same run-folder, resume and logging rules).
 from .common import (Meter, NonFiniteLoss, check_finite, consolidated_state_dict, dtype_of, due, grad_norm,
-                     resume_tag, set_lr, write_run_files)
+                     Schedule, make_schedule, resume_tag, set_lr, write_run_files)
 
 __all__ = ['train', 'train_step', 'FinetuneResult', 'NonFiniteLoss']
 
@@ -50,18 +49,6 @@ class Progress:
     step: int = 0  # optimizer steps taken
     best_top1: float = -1.0
     best_epoch: int = -1
-
-
-@dataclass(frozen=True)
-class Schedule:
-    peak_lr: float
-    total_steps: int
-    warmup_steps: int
-    steps_per_epoch: int
-
-    def lr(self, task, step: int) -> float:
-        return lr_at(step, base_lr=self.peak_lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
-                     warmup_start_factor=task.warmup_start_factor, min_lr=task.min_lr)
 
 
 @dataclass
@@ -192,17 +179,6 @@ def _loaders(cfg: TaskConfig, batch_cfg: ResolvedBatch, ctx: DistContext):
     return train_loader, val_loader
 
 
-def _schedule(cfg: TaskConfig, batch_cfg: ResolvedBatch, batches_per_epoch: int, ds_path: str) -> Schedule:
-    steps_per_epoch = batches_per_epoch // batch_cfg.grad_accum
-    if steps_per_epoch == 0:
-        raise ConfigError(f'{ds_path}: {batches_per_epoch} micro-batches per rank per epoch are fewer than '
-                          f'gradient_accumulation_steps {batch_cfg.grad_accum}: the training set is too small for a '
-                          f'global batch of {batch_cfg.global_batch}')
-    task = cfg.task
-    return Schedule(peak_lr=scaled_lr(task.base_lr, batch_cfg.global_batch), total_steps=task.epochs * steps_per_epoch,
-                    warmup_steps=task.warmup_epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
-
-
 def train(cfg: TaskConfig, ds_path: str, resume: str = 'auto') -> FinetuneResult:
     """Fine-tune (cfg.task a FinetuneConfig) or linearly probe (a LinearProbeConfig) with the DeepSpeed JSON at
     `ds_path`. `resume`: 'auto' (newest complete checkpoint of the run folder), 'none', or a tag."""
@@ -216,7 +192,7 @@ def train(cfg: TaskConfig, ds_path: str, resume: str = 'auto') -> FinetuneResult
     ckpt_dir = run_dir / 'checkpoints'
     tag = resume_tag(resume, ckpt_dir)
     loader, val_loader = _loaders(cfg, batch_cfg, ctx)
-    schedule = _schedule(cfg, batch_cfg, len(loader), ds_path)
+    schedule = make_schedule(cfg.task, batch_cfg, len(loader), ds_path)
     engine, model, opt_name = build_engine(cfg, ds, batch_cfg, ctx, schedule.peak_lr)
     progress = Progress()
     if tag is not None:
@@ -267,7 +243,7 @@ def _loop(run: Run, loader) -> FinetuneResult:
     usable = run.schedule.steps_per_epoch * bc.grad_accum  # a partial accumulation at an epoch's end is dropped
     run.nonfinite, run.evals, meter = torch.zeros((), dtype=torch.bool, device=run.engine.device), [], Meter()
     run.loss_sum = torch.zeros((), device=run.engine.device)
-    set_lr(run.engine.optimizer, run.schedule.lr(task, p.step))
+    set_lr(run.engine.optimizer, run.schedule.lr(p.step))
     while p.step < last_step:
         loader.set_epoch(p.epoch)
         if p.batch_in_epoch:
@@ -300,11 +276,11 @@ def _after_step(run: Run, meter: Meter, final: bool) -> None:
     """Once per optimizer step: next lr, logging, optional mid-epoch checkpoint; `final` when the run stops
     mid-epoch (max_steps), which then ends like an epoch: evaluation, model files, checkpoint."""
     task, step = run.cfg.task, run.progress.step
-    set_lr(run.engine.optimizer, run.schedule.lr(task, step))
+    set_lr(run.engine.optimizer, run.schedule.lr(step))
     run.logger.advance()
     if due(step, task.log_every_steps) or final:
         check_finite(run.nonfinite, step, run.ckpt_dir)
-        values = {'loss': float(run.loss_sum) / max(run.loss_count, 1), 'lr': run.schedule.lr(task, step),
+        values = {'loss': float(run.loss_sum) / max(run.loss_count, 1), 'lr': run.schedule.lr(step),
                   'epoch': run.progress.epoch + run.progress.batch_in_epoch / max(1, run.schedule.steps_per_epoch)}
         norm = grad_norm(run.engine)
         if norm is not None:

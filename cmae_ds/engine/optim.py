@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..kernels.optim import build_adamw
+
 # Official CMAE/MAE: no weight decay on norms, biases, position embeddings, the mask token and the cls token.
 NO_DECAY_NAMES = ('pos_embed', 'cls_token', 'mask_token')
 
@@ -27,12 +29,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(groups: list[dict], *, lr: float, betas, backend: str, device, offload: bool):
-    """(optimizer, name). Uses the fused-kernel dispatcher when it is installed, torch AdamW otherwise."""
+    """(optimizer, name) from the fused-AdamW dispatcher (cmae_ds.kernels.optim); group options pass through."""
     clean = [{k: v for k, v in g.items() if k != 'names'} for g in groups]
-    try:
-        from ..kernels.optim import build_adamw
-    except ImportError:
-        import torch
-        foreach = device.type != 'cuda'
-        return torch.optim.AdamW(clean, lr=lr, betas=tuple(betas), foreach=foreach), 'torch_foreach'
     return build_adamw(clean, lr=lr, betas=tuple(betas), backend=backend, device=device, offload=offload)

@@ -12,15 +12,15 @@ from typing import Optional
 
 import torch
 
-from ..config import Config, ConfigError
+from ..config import Config
 from ..data import build_pretrain_loader
 from ..ds_config import ResolvedBatch, load_ds_config, validate
 from ..models import CMAE
-from ..schedules import lr_at, momentum_at, scaled_lr
+from ..schedules import momentum_at
 from . import checkpointing
 from .common import (Meter, NonFiniteLoss, check_finite,  # noqa: F401 (NonFiniteLoss: part of this module's API)
                      consolidated_state_dict, dtype_of, due, grad_norm,
-                     loss_scale, resume_tag, set_lr, write_run_files)
+                     loss_scale, make_schedule, resume_tag, set_lr, write_run_files)
 from .dist import DistContext, setup_distributed
 from .logger import RunLogger
 from .optim import build_optimizer, param_groups
@@ -34,20 +34,9 @@ class Progress:
     step: int = 0  # optimizer steps taken
 
 
-@dataclass(frozen=True)
-class Schedule:
-    peak_lr: float
-    total_steps: int
-    warmup_steps: int
-    steps_per_epoch: int
-
-    def lr(self, cfg, step: int) -> float:
-        return lr_at(step, base_lr=self.peak_lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
-                     warmup_start_factor=cfg.train.warmup_start_factor, min_lr=cfg.train.min_lr)
-
-    def momentum(self, cfg, step: int) -> float:
-        return momentum_at(step, total_steps=self.total_steps, m_base=cfg.train.momentum_base,
-                           m_end=cfg.train.momentum_end)
+def momentum_at_step(cfg: Config, schedule, step: int) -> float:
+    return momentum_at(step, total_steps=schedule.total_steps, m_base=cfg.train.momentum_base,
+                       m_end=cfg.train.momentum_end)
 
 
 def momentum_step(model: CMAE, m: float, zero_stage: int) -> None:
@@ -146,7 +135,7 @@ def train(cfg: Config, ds_path: str, resume: str = 'auto', observer=None) -> Run
                                    rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
                                    device=ctx.device, drop_last=True,
                                    hw_decoder_load=cfg.data.hw_decoder_load)
-    schedule = _schedule(cfg, batch_cfg, len(loader), ds_path)
+    schedule = make_schedule(cfg.train, batch_cfg, len(loader), ds_path)
     engine, model, opt_name = build_engine(cfg, ds, batch_cfg, ctx, schedule.peak_lr)
     progress, mask_gen = Progress(), mask_generator(cfg, ctx)
     if tag is not None:
@@ -168,17 +157,6 @@ def train(cfg: Config, ds_path: str, resume: str = 'auto', observer=None) -> Run
         logger.close()
 
 
-def _schedule(cfg: Config, batch_cfg: ResolvedBatch, batches_per_epoch: int, ds_path: str) -> Schedule:
-    steps_per_epoch = batches_per_epoch // batch_cfg.grad_accum
-    if steps_per_epoch == 0:
-        raise ConfigError(f'{ds_path}: {batches_per_epoch} micro-batches per rank per epoch are fewer than '
-                          f'gradient_accumulation_steps {batch_cfg.grad_accum}: the dataset is too small for a '
-                          f'global batch of {batch_cfg.global_batch}')
-    return Schedule(peak_lr=scaled_lr(cfg.train.base_lr, batch_cfg.global_batch),
-                    total_steps=cfg.train.epochs * steps_per_epoch,
-                    warmup_steps=cfg.train.warmup_epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch)
-
-
 def _loop(cfg, ctx: DistContext, engine, model, loader, schedule, batch_cfg, progress, logger, ckpt_dir,
           observer, mask_gen):
     dtype = dtype_of(batch_cfg)
@@ -186,7 +164,7 @@ def _loop(cfg, ctx: DistContext, engine, model, loader, schedule, batch_cfg, pro
                                                                           progress.step + cfg.train.max_steps)
     usable = schedule.steps_per_epoch * batch_cfg.grad_accum  # a partial accumulation at an epoch's end is dropped
     watch = Watch(torch.zeros((), dtype=torch.bool, device=engine.device), Meter(), mask_gen)
-    set_lr(engine.optimizer, schedule.lr(cfg, progress.step))
+    set_lr(engine.optimizer, schedule.lr(progress.step))
     while progress.step < last_step:
         loader.set_epoch(progress.epoch)
         if progress.batch_in_epoch:
@@ -248,8 +226,8 @@ class Watch:
 def _after_step(cfg, ctx, engine, model, schedule, batch_cfg, progress, logger, ckpt_dir, batch, out, watch, final):
     """Everything that happens once per optimizer step: EMA, next lr, logging, images, checkpoints."""
     step = progress.step
-    momentum_step(model, schedule.momentum(cfg, step), batch_cfg.zero_stage)
-    set_lr(engine.optimizer, schedule.lr(cfg, step))
+    momentum_step(model, momentum_at_step(cfg, schedule, step), batch_cfg.zero_stage)
+    set_lr(engine.optimizer, schedule.lr(step))
     logger.advance()
     if due(step, cfg.train.log_every_steps) or final:
         check_finite(watch.nonfinite, step, ckpt_dir)
@@ -267,7 +245,7 @@ def _after_step(cfg, ctx, engine, model, schedule, batch_cfg, progress, logger, 
 
 def _log(cfg, engine, schedule, progress, losses: dict, meter, logger, world_size) -> float:
     """Logs mean losses since the last log step, lr, momentum, grad norm, loss scale, images/s, data wait."""
-    values = dict(losses, lr=schedule.lr(cfg, progress.step), momentum=schedule.momentum(cfg, progress.step),
+    values = dict(losses, lr=schedule.lr(progress.step), momentum=momentum_at_step(cfg, schedule, progress.step),
                   epoch=progress.epoch + progress.batch_in_epoch / max(1, schedule.steps_per_epoch))
     for name, value in (('grad_norm', grad_norm(engine)), ('loss_scale', loss_scale(engine))):
         if value is not None:
