@@ -100,9 +100,10 @@ def load_ds_config(path: str) -> dict:
     return data
 
 
-def validate(ds: dict, cfg: Config, world_size: int, *, path: str) -> ResolvedBatch:
+def validate(ds: dict, cfg: Optional[Config], world_size: int, *, path: str) -> ResolvedBatch:
     """Check a DeepSpeed config dict against the project config and the world size; return the resolved numbers.
 
+    `cfg` is the pretraining config (None for fine-tuning and probing, whose model has no batch constraint).
     Raises ConfigError with the offending key and `path` in the message. `ds` is only read.
     """
     if world_size < 1:
@@ -114,7 +115,8 @@ def validate(ds: dict, cfg: Config, world_size: int, *, path: str) -> ResolvedBa
     precision = _resolve_precision(ds, path)
     stage, offload = _resolve_zero(ds, path)
     _check_clipping(ds, path)
-    _check_against_model(cfg, micro, world_size, path)
+    if cfg is not None:
+        _check_against_model(cfg, micro, world_size, path)
     return ResolvedBatch(micro_batch=micro, grad_accum=accum, global_batch=global_batch, precision=precision,
                          zero_stage=stage, offload_optimizer=offload)
 

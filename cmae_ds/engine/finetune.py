@@ -15,7 +15,6 @@ import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -185,8 +184,7 @@ def train(cfg: TaskConfig, ds_path: str, resume: str = 'auto') -> FinetuneResult
     task = cfg.task
     ds = load_ds_config(ds_path)
     ctx = setup_distributed()
-    # validate() reads only cfg.model.mode, for CMAE's projector BatchNorm: not a concern of this model.
-    batch_cfg = validate(ds, SimpleNamespace(model=SimpleNamespace(mode=task.section)), ctx.world_size, path=ds_path)
+    batch_cfg = validate(ds, None, ctx.world_size, path=ds_path)
     _check_task(cfg, ds, batch_cfg, ds_path)
     run_dir = Path(task.output_dir)
     ckpt_dir = run_dir / 'checkpoints'
