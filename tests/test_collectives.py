@@ -38,6 +38,8 @@ def _worker(rank, world, port, state, batch, result_path):
         torch.save({'loss': loss / world, 'grads': grads,
                     'running_var': model.projector.bn0.running_var.clone(),
                     'target_running_mean': model.target.projector.bn0.running_mean.clone()}, result_path)
+    # Both ranks leave together: a rank tearing gloo down while its peer still works aborts the peer's process.
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -72,7 +72,7 @@ def test_forward_backward_debug(mode):
         assert not hasattr(model, 'feature_decoder')
         assert cfg.mask_ratio == 0.75
     else:
-        assert float(out['loss']) == pytest.approx(float(out['loss_rec'] + out['loss_con']), rel=1e-6)
+        assert float(out['loss'].detach()) == pytest.approx(float((out['loss_rec'] + out['loss_con']).detach()), rel=1e-6)
 
 
 def encoder_params_by_hand(s) -> int:
