@@ -88,3 +88,24 @@ def test_torch_rand_augment_survives_the_largest_magnitudes():
     img = PILImage.new('RGB', (16, 16), (120, 60, 200))
     for _ in range(4000):
         augment(img)
+
+
+@pytest.mark.parametrize('pipeline', PIPELINES)
+def test_probe_augmentation_is_crop_and_flip_only(tmp_path, pipeline):
+    """MAE's linear probe: RandomResizedCrop + flip and nothing else, so a single-colour photo stays that colour
+    (RandAugment's colour ops or random erasing would change it)."""
+    colours = [(200, 40, 90), (10, 220, 120), (90, 90, 250), (250, 250, 20)]
+    for i, colour in enumerate(colours * 2):
+        d = tmp_path / f'class_{i % 2}'
+        d.mkdir(exist_ok=True)
+        Image.new('RGB', (60, 44), colour).save(d / f'{i}.png')
+    loader = build_classification_loader(cfg(tmp_path, pipeline), train=True, img_size=32, batch_size=4, seed=0,
+                                         augment='probe')
+    loader.set_epoch(0)
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    from cmae_ds.data import list_samples
+    paths = [p for p, _ in list_samples(cfg(tmp_path, pipeline))]
+    for batch in loader:
+        for img, index in zip(batch['img'], batch['index'].tolist()):
+            colour = torch.tensor(Image.open(paths[index]).getpixel((0, 0)), dtype=torch.float32).view(3, 1, 1)
+            assert (img * std + mean - colour).abs().max() < 1.0

@@ -83,8 +83,10 @@ def build_pretrain_loader(data_cfg, img_size: int = 224, batch_size: int = 64, r
 def build_classification_loader(data_cfg, train: bool, img_size: int = 224, batch_size: int = 64, rank: int = 0,
                                 world_size: int = 1, seed: int = 0, device: torch.device | str = 'cpu',
                                 drop_last: Optional[bool] = None, *, hw_decoder_load: float = 0.65,
-                                samples: Optional[list[Sample]] = None) -> EpochLoader:
-    """Fine-tuning (train=True: RandomResizedCrop + flip + RandAugment + random erasing) or evaluation batches.
+                                samples: Optional[list[Sample]] = None, augment: str = 'finetune') -> EpochLoader:
+    """Training batches (train=True) or evaluation batches. Training augmentation: augment='finetune'
+    (RandomResizedCrop + flip + RandAugment + random erasing) or 'probe' (RandomResizedCrop + flip: MAE's linear
+    probe).
 
     Yields dicts: 'img' float32 (N, 3, S, S) normalized, 'label' (N,) int64, 'index' (N,) int64, 'valid' (N,) bool
     (False for the DistributedSampler-style padding that evaluation adds when len % world_size != 0), on `device`.
@@ -92,7 +94,9 @@ def build_classification_loader(data_cfg, train: bool, img_size: int = 224, batc
     """
     device = torch.device(device)
     drop_last = train if drop_last is None else drop_last
-    mode = 'cls_train' if train else 'cls_eval'
+    if augment not in ('finetune', 'probe'):
+        raise ValueError(f"augment {augment!r} must be 'finetune' or 'probe'")
+    mode = ('cls_train' if augment == 'finetune' else 'cls_probe') if train else 'cls_eval'
     if data_cfg.source == 'synthetic':
         from .synthetic import SYNTHETIC_SIZE, SyntheticLoader
         plan = _plan(SYNTHETIC_SIZE if train else 50_000, batch_size, rank, world_size, seed, train, drop_last,

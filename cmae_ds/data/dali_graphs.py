@@ -100,6 +100,15 @@ def cls_train_view(files, indices, size: int, device: str, hw_decoder_load: floa
     return _normalize(img), index
 
 
+def cls_probe_view(files, indices, size: int, device: str, hw_decoder_load: float):
+    """Linear probing (MAE's recipe): RandomResizedCrop (0.08, 1) bicubic + flip -> (img float (3, S, S), index)."""
+    jpegs, index = read_files(files, indices)
+    img = fn.decoders.image_random_crop(jpegs, random_area=list(C.CLS_SCALE), random_aspect_ratio=list(C.RATIO),
+                                        num_attempts=10, **_decoder_kwargs(device, hw_decoder_load))
+    img = fn.resize(img, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
+    return _normalize(img, mirror=fn.random.coin_flip(probability=0.5)), index
+
+
 def cls_eval_view(files, indices, size: int, device: str, hw_decoder_load: float):
     """Resize the short side to 256/224 * S (bicubic), center crop S -> (img float (3, S, S), index)."""
     jpegs, index = read_files(files, indices)

@@ -31,6 +31,8 @@ def _graph_for(mode: str, size: int, extra: int, device: str, hw: float, debug: 
         return partial(G.cmae_views, size=size, extra=extra, device=device, hw_decoder_load=hw, debug=debug)
     if mode == 'cls_train':
         return partial(G.cls_train_view, size=size, device=device, hw_decoder_load=hw)
+    if mode == 'cls_probe':
+        return partial(G.cls_probe_view, size=size, device=device, hw_decoder_load=hw)
     return partial(G.cls_eval_view, size=size, device=device, hw_decoder_load=hw)
 
 

@@ -24,7 +24,8 @@ MAX_SUBSTITUTES = 64
 class ViewDataset(Dataset):
     """Map-style dataset indexed by (index, epoch) tuples from the loader's batch sampler.
 
-    mode: 'pretrain' -> img, img_target uint8 (3, S, S); 'cls_train' / 'cls_eval' -> img uint8 (3, S, S), label.
+    mode: 'pretrain' -> img, img_target uint8 (3, S, S); 'cls_train' / 'cls_probe' / 'cls_eval' -> img uint8 (3, S, S),
+    label.
     """
 
     def __init__(self, samples, mode: str, img_size: int, master_extra: int, seed: int, debug: bool = False):
@@ -59,6 +60,8 @@ class ViewDataset(Dataset):
             return out
         if self.mode == 'cls_train':
             return dict(img=V.train_view(img, rng, self.size))
+        if self.mode == 'cls_probe':
+            return dict(img=V.probe_view(img, rng, self.size))
         return dict(img=V.eval_view(img, self.size))
 
 

@@ -133,6 +133,14 @@ def _rand_augment(size: int):
 _RA_CACHE: dict[int, object] = {}
 
 
+def probe_view(img: Image.Image, rng: np.random.Generator, size: int) -> torch.Tensor:
+    """Linear probing (MAE's recipe): RandomResizedCrop (0.08, 1) bicubic + flip only -> uint8 (3, S, S)."""
+    img = resized_crop(img, rrc_box(rng, img.width, img.height, C.CLS_SCALE, C.RATIO), size)
+    if rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return to_uint8_chw(img)
+
+
 def train_view(img: Image.Image, rng: np.random.Generator, size: int) -> torch.Tensor:
     """RandomResizedCrop (0.08, 1) bicubic + flip + RandAugment(2, 9, std 0.5, increasing) -> uint8 (3, S, S).
     Random erasing happens on the normalized batch (common.random_erasing)."""

@@ -170,8 +170,10 @@ def _loaders(cfg: TaskConfig, batch_cfg: ResolvedBatch, ctx: DistContext):
     check_labels(val_samples, task.num_classes, 'val_data')
     common = dict(img_size=size, rank=ctx.rank, world_size=ctx.world_size, seed=task.seed, device=ctx.device,
                   hw_decoder_load=cfg.data.hw_decoder_load)
+    # MAE's linear probe trains on crop + flip alone; fine-tuning adds RandAugment and random erasing.
+    augment = 'probe' if isinstance(task, LinearProbeConfig) else 'finetune'
     train_loader = build_classification_loader(cfg.data, train=True, batch_size=batch_cfg.micro_batch,
-                                               samples=train_samples, **common)
+                                               samples=train_samples, augment=augment, **common)
     val_loader = build_classification_loader(cfg.val_data, train=False,
                                              batch_size=task.eval_batch_size or batch_cfg.micro_batch,
                                              samples=val_samples, **common)
