@@ -29,12 +29,17 @@ def env() -> dict:
     return e
 
 
-def run_deepspeed(script_args: list, *, num_gpus: int = 2, timeout: int = 300, extra: list = ()) -> subprocess.CompletedProcess:
+# Generous: on a fresh machine the first DeepSpeed start JIT-compiles its CPU communication op (minutes).
+TIMEOUT = 900
+
+
+def run_deepspeed(script_args: list, *, num_gpus: int = 2, timeout: int = TIMEOUT,
+                  extra: list = ()) -> subprocess.CompletedProcess:
     cmd = [DEEPSPEED, '--num_gpus', str(num_gpus), '--master_port', str(free_port()), *extra, *script_args]
     return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
 
 
-def run_python(args: list, timeout: int = 300, extra_env=None) -> subprocess.CompletedProcess:
+def run_python(args: list, timeout: int = TIMEOUT, extra_env=None) -> subprocess.CompletedProcess:
     e = env()
     e.update(extra_env or {})
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
