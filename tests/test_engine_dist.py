@@ -12,17 +12,20 @@ EMA_ARGS = TINY + ['train.max_steps=3', 'train.momentum_base=0.9', 'train.moment
 
 
 def independent_ema(result, m=0.9):
-    names = list(result['target'])
+    """The recurrence from the target's start (the fp32 online weights before DeepSpeed's cast) over the online
+    weights seen after each optimizer step."""
     steps = result['online']
-    ema = {n: steps[0][1][n] for n in names}
+    ema = dict(result['target_start'])
     for _, online in steps[1:]:
-        ema = {n: m * ema[n] + (1 - m) * online[n] for n in names}
+        ema = {n: m * ema[n] + (1 - m) * online[n] for n in ema}
     return ema
 
 
-@pytest.mark.parametrize('stage,accum', [(1, 1), (2, 2), (3, 2)])
-def test_target_is_ema_of_online_weights_under_zero(tmp_path, stage, accum):
-    ds = write_ds(tmp_path, zero_optimization={'stage': stage}, gradient_accumulation_steps=accum)
+@pytest.mark.parametrize('stage,accum,bf16', [(1, 1, False), (2, 2, False), (3, 2, False), (2, 1, True)])
+def test_target_is_ema_of_online_weights_under_zero(tmp_path, stage, accum, bf16):
+    """With bf16 the online weights are bf16 while the target stays fp32 and moves by the fp32 amount."""
+    ds = write_ds(tmp_path, zero_optimization={'stage': stage}, gradient_accumulation_steps=accum,
+                  bf16={'enabled': bf16})
     out = tmp_path / 'ema.pt'
     proc = run_deepspeed(['tests/dist_scripts/probe.py', '--mode', 'ema', '--deepspeed_config', ds, '--out',
                           str(out), *EMA_ARGS, f'train.output_dir={tmp_path / "run"}'])
@@ -30,10 +33,16 @@ def test_target_is_ema_of_online_weights_under_zero(tmp_path, stage, accum):
     result = torch.load(out, weights_only=True)
     assert [s for s, _ in result['online']] == [0, 1, 2, 3]  # one EMA per optimizer step, not per micro-step
     ema = independent_ema(result)
+    for name, start in result['target_start'].items():  # the target starts as the online weights
+        assert torch.allclose(start, result['online'][0][1][name], rtol=2 ** -8 if bf16 else 0, atol=0), name
     moved = max(rel(result['online'][-1][1][n], result['online'][0][1][n]) for n in ema)
     assert moved > 1e-3  # the online weights really trained
     for name, value in ema.items():
+        assert result['target'][name].dtype == torch.float32
         assert torch.allclose(result['target'][name], value, rtol=1e-5, atol=1e-6), name
+    if bf16:  # a bf16 target could not even hold the first update: 0.1 x a bf16 step is below its resolution
+        first = {n: result['online'][0][1][n] for n in ema}
+        assert any(not torch.equal(result['target'][n], first[n].bfloat16().float()) for n in ema)
 
 
 def test_two_ranks_match_one_rank_on_the_same_global_batch(tmp_path):

@@ -26,15 +26,17 @@ def full_state(model, zero_stage):
 
 def run_ema(cfg, ds_path, out):
     stage = load_ds_config(ds_path).get('zero_optimization', {}).get('stage', 0)
-    seen, target = [], {}
+    seen, target, start = [], {}, {}
 
     def observer(step, engine, model):
         seen.append((step, full_state(model, stage)))
         target.update({n: p.detach().clone() for n, p in model.target.named_parameters()})
+        if not start:
+            start.update(target)
 
     train(cfg, ds_path, resume='none', observer=observer)
     if dist.get_rank() == 0:
-        torch.save({'online': seen, 'target': target}, out)
+        torch.save({'online': seen, 'target': target, 'target_start': start}, out)
 
 
 def run_loss(cfg, ds_path, out):
