@@ -97,8 +97,8 @@ def main(argv=None) -> int:
     except USER_ERRORS as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    import torch.distributed as dist
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    from cmae_ds.engine.dist import is_main_process
+    if is_main_process():
         from cmae_ds.engine.evaluate import resolve_checkpoint
         ckpt = resolve_checkpoint(args.checkpoint)
         report(out, Path(args.out) if args.out else ckpt.with_name(ckpt.stem + '.eval.json'))

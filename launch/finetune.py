@@ -54,8 +54,8 @@ def main(argv=None, linear_probe: bool = False) -> int:
     except NonFiniteLoss as e:
         print(f'training stopped: {e}', file=sys.stderr)
         return 3
-    import torch.distributed as dist
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    from cmae_ds.engine.dist import is_main_process
+    if is_main_process():
         print(f'done: {result.steps} steps' + (f', last loss {result.last_loss:.4f}' if result.last_loss else ''))
         if result.best_top1 >= 0:
             print(f'best top-1:  {result.best_top1:.2f}')

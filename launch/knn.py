@@ -63,8 +63,8 @@ def main(argv=None) -> int:
     except USER_ERRORS as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    import torch.distributed as dist
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    from cmae_ds.engine.dist import is_main_process
+    if is_main_process():
         rows = [('checkpoint', out['checkpoint']), ('k / T', f"{out['k']} / {out['temperature']}"),
                 ('train images', out['train_images']), ('val images', out['images']),
                 ('top-1', f"{out['top1']:.2f}"), ('top-5', f"{out['top5']:.2f}")]

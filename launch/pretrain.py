@@ -57,8 +57,8 @@ def main(argv=None) -> int:
     finally:
         if observer is not None:
             observer.close()
-    import torch.distributed as dist
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    from cmae_ds.engine.dist import is_main_process
+    if is_main_process():
         print(f'done: {result.steps} steps, loss {result.first_loss:.4f} -> {result.last_loss:.4f}'
               if result.first_loss is not None else f'done: {result.steps} steps')
         print(f'checkpoint:  {result.checkpoint}')

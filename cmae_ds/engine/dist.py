@@ -54,3 +54,8 @@ def setup_distributed() -> DistContext:
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def is_main_process() -> bool:
+    """Rank 0, or a process without a process group: where launch scripts print their summary."""
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
