@@ -46,16 +46,79 @@ def time_pipeline(root: Path, pipeline: str, batch: int, threads: int, img_size:
         it = iter(loader)
         first = b = next(it)
         _sync(first)
-        t = time.perf_counter()
+        t = last = time.perf_counter()
         for b in it:
             images += len(b['img'])
-        _sync(b)
-        seconds += time.perf_counter() - t
+            _sync(b)
+            last = time.perf_counter()
+        # Up to the last batch: the end-of-epoch teardown (DALI joins the batches it prefetched past the end,
+        # DataLoader joins its workers) is a one-off per epoch, not a rate; it still counts in the CPU time.
+        seconds += last - t
         firsts += len(first['img'])
         del it  # joins the DataLoader workers, so their CPU time is counted below
     cpu = _cpu_seconds() - cpu0
     return dict(name=loader.name, images=images, seconds=seconds, rate=images / max(seconds, 1e-9),
                 cpu_ms=1e3 * cpu / max(images + firsts, 1))
+
+
+def dali_stage_costs(root: Path, batch: int, threads: int, img_size: int, iters: int = 24) -> list[tuple]:
+    """CPU ms per image of growing prefixes of the DALI CPU pretraining graph (the real operators and arguments of
+    dali_graphs.cmae_views), so the cost of each stage is the difference between two rows."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from . import dali_graphs as G
+    files = sorted(str(p) for p in root.rglob('*.jpg'))
+    indices = list(range(len(files)))
+    m = img_size + 32
+
+    def prefix(stage: int):
+        jpegs, _ = G.read_files(files, indices)
+        x = fn.decoders.image_random_crop(jpegs, random_area=[0.2, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
+                                          num_attempts=10, device='cpu', output_type=types.RGB)
+        if stage >= 1:
+            x = fn.resize(x, size=[m, m], interp_type=types.INTERP_CUBIC, antialias=True)
+        if stage < 2:
+            return x
+        online = G._normalize(x, crop=[img_size, img_size], crop_pos_x=0.0, crop_pos_y=0.0)
+        if stage == 2:
+            return online
+        x = fn.crop(x, crop=[img_size, img_size], crop_pos_x=0.5, crop_pos_y=0.5)
+        if stage >= 4:
+            x = fn.color_twist(x, brightness=1.2, contrast=0.8, saturation=0.7, hue=10.0)
+        if stage >= 5:
+            x = fn.gaussian_blur(x, sigma=fn.random.uniform(range=list(G.C.BLUR_SIGMA)))
+        return online, G._normalize(x)
+
+    names = ['ROI decode + crop', '+ cubic resize to master', '+ online view (crop, normalize)',
+             '+ target window + normalize (no color ops)', '+ color_twist (every sample)',
+             '+ gaussian_blur (every sample, sigma U[0.1, 2])']
+    rows = []
+    for stage, name in enumerate(names):
+        pipe = pipeline_def(lambda: prefix(stage))(batch_size=batch, num_threads=threads, device_id=None, seed=1)
+        pipe.build()
+        pipe.run()
+        cpu0, t = _cpu_seconds(), time.perf_counter()
+        for _ in range(iters):
+            pipe.run()
+        rows.append((name, 1e3 * (_cpu_seconds() - cpu0) / (iters * batch), iters * batch / (time.perf_counter() - t)))
+        del pipe
+    rows.append(('full graph (cmae_views)',) + _full_graph_cost(files, indices, batch, threads, img_size, iters))
+    return rows
+
+
+def _full_graph_cost(files, indices, batch, threads, img_size, iters) -> tuple[float, float]:
+    from nvidia.dali import pipeline_def
+
+    from . import dali_graphs as G
+    graph = pipeline_def(enable_conditionals=True)(
+        lambda: G.cmae_views(files, indices, img_size, 32, 'cpu', 0.65, False))
+    pipe = graph(batch_size=batch, num_threads=threads, device_id=None, seed=1)
+    pipe.build()
+    pipe.run()
+    cpu0, t = _cpu_seconds(), time.perf_counter()
+    for _ in range(iters):
+        pipe.run()
+    return 1e3 * (_cpu_seconds() - cpu0) / (iters * batch), iters * batch / (time.perf_counter() - t)
 
 
 def _cpu_seconds() -> float:
@@ -70,7 +133,7 @@ def _sync(batch: dict) -> None:
         torch.cuda.synchronize(batch['img'].device)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--images', type=int, default=512)
     ap.add_argument('--batch', type=int, default=64)
@@ -80,7 +143,8 @@ def main() -> None:
     ap.add_argument('--device', default='cpu', help="'cuda' adds nothing for torch but runs DALI's GPU graph")
     ap.add_argument('--root', type=Path, default=None, help='an existing ImageNet-style folder instead')
     ap.add_argument('--pipelines', default='dali,torch')
-    args = ap.parse_args()
+    ap.add_argument('--stages', action='store_true', help='CPU cost of each stage of the DALI CPU graph instead')
+    args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root
         if root is None:
@@ -90,6 +154,11 @@ def main() -> None:
         n = len(list(root.rglob('*.jpg')))
         print(f'{n} JPEGs ({mb / n * 1000:.0f} KB each) in {root}; batch {args.batch}, {args.threads} threads/'
               f'workers, views {args.img_size}+32, device {args.device}, torch threads {torch.get_num_threads()}')
+        if args.stages:
+            print(f"{'DALI CPU graph, cumulative':<48} {'CPU ms/image':>12} {'images/s':>9}")
+            for name, ms, rate in dali_stage_costs(root, args.batch, args.threads, args.img_size):
+                print(f'{name:<48} {ms:>12.2f} {rate:>9.1f}')
+            return
         results = [time_pipeline(root, p, args.batch, args.threads, args.img_size, args.device, args.epochs)
                    for p in args.pipelines.split(',')]
     print(f"{'pipeline':<10} {'images':>7} {'seconds':>8} {'images/s':>9} {'CPU ms/image':>13}")

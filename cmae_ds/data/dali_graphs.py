@@ -53,7 +53,8 @@ def target_color_ops(view):
     s = _apply(jitter, fn.random.uniform(range=[1 - C.SATURATION, 1 + C.SATURATION]), 1.0)
     h = _apply(jitter, fn.random.uniform(range=[-C.HUE * 360, C.HUE * 360]), 0.0)  # degrees
     s = s * (1.0 - fn.cast(gray, dtype=types.FLOAT))
-    view = fn.color_twist(view, brightness=b, contrast=c, saturation=s, hue=h)
+    if jitter | gray:  # the 16% of samples with neither skip the pass
+        view = fn.color_twist(view, brightness=b, contrast=c, saturation=s, hue=h)
     sigma = fn.random.uniform(range=list(C.BLUR_SIGMA))
     if blur:  # a conditional: only the blurred part of the batch pays for the convolution
         view = fn.gaussian_blur(view, sigma=sigma)
