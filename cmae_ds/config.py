@@ -238,7 +238,8 @@ class TrainConfig:
     optimizer: str = 'auto'
     """'auto' picks a fused AdamW for the device; see cmae_ds.optim."""
     max_steps: int = 0
-    """Stop after this many optimizer steps (0: run all epochs). Schedules still span all epochs."""
+    """Stop after this many optimizer steps of this invocation (a resumed run takes that many more; 0: run all
+    epochs). Schedules still span all epochs."""
     seed: int = 0
     output_dir: str = 'runs/cmae'
     save_every_steps: int = 1000
@@ -371,7 +372,8 @@ class ClassifierTrainConfig:
     eval_batch_size: int = 0
     """Images per rank per evaluation forward; 0: the JSON's train_micro_batch_size_per_gpu."""
     max_steps: int = 0
-    """Stop after this many optimizer steps (0: run all epochs). Schedules still span all epochs."""
+    """Stop after this many optimizer steps of this invocation (a resumed run takes that many more; 0: run all
+    epochs). Schedules still span all epochs."""
     seed: int = 0
     output_dir: str = 'runs/finetune'
     save_every_steps: int = 0

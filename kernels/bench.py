@@ -63,7 +63,7 @@ def _recon_case(device, small, dtype=torch.bfloat16):
     es = torch.finfo(dtype).bits // 8
     # minimum: image and pred of the hidden patches read once, the full gradient written once
     nbytes = elems * es * (2 * (1 - keep_frac) + 1)
-    return _copies(make, elems * es * 3), nbytes
+    return ([make()] if small else _copies(make, elems * es * 3)), nbytes
 
 
 def _recon_step(fn):
@@ -103,7 +103,7 @@ def _visible_case(device, small, dtype=torch.bfloat16):
     es = torch.finfo(dtype).bits // 8
     # forward reads K rows and writes K rows; backward reads K rows and writes all L rows of grad_x
     nbytes = n * d * es * (3 * keep + num)
-    return _copies(make, n * num * d * es * 2), nbytes
+    return ([make()] if small else _copies(make, n * num * d * es * 2)), nbytes
 
 
 def _visible_step(fn):
@@ -147,12 +147,13 @@ def bench_gpu(ops, iters):
     return bw, rows
 
 
-def check_cpu(ops):
-    """Correctness only: fused vs reference on small inputs. Returns {op: (impl that ran, max abs error)}."""
+def check(ops, device="cpu"):
+    """Correctness: fused vs reference on small inputs. Returns {op: (impl that ran, max abs error)}. On a GPU this
+    is the compiled kernel's check (the test suite runs Triton only under its CPU interpreter)."""
     results = {}
     for op in ops:
         build, fused, ref, _ = CASES[op]
-        inputs, _ = build("cpu", small=True)
+        inputs, _ = build(device, small=True)
         if op == "ema":
             ema = inputs[0][0]
             want = ema.target_flat.clone().lerp_(ema.online_flat.float(), 0.004)
@@ -186,9 +187,11 @@ def main(argv=None):
     if not torch.cuda.is_available():
         if os.environ.get("TRITON_INTERPRET") != "1":
             print("no GPU: Triton kernels run only with TRITON_INTERPRET=1; checking the references alone")
-        for op, (impl, err) in check_cpu(args.ops).items():
+        for op, (impl, err) in check(args.ops).items():
             print(f"{op}: ran {impl}, max abs error vs reference {err:.3g}")
         return
+    for op, (impl, err) in check(args.ops, "cuda").items():
+        print(f"{op}: ran {impl} on {torch.cuda.get_device_name()}, max abs error vs reference {err:.3g}")
     bw, rows = bench_gpu(args.ops, args.iters)
     table = _markdown(bw, rows, "python -m cmae_ds.kernels.bench " + " ".join(argv or sys.argv[1:]))
     print(table)

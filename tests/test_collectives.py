@@ -1,11 +1,13 @@
 """Two gloo ranks must compute what one rank computes on the joined batch (spec section 5)."""
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cmae_ds.models import CMAE
+from cmae_ds.models.collectives import SyncBatchNorm1d
 from helpers import debug_cfg, free_port
 
 
@@ -57,3 +59,31 @@ def test_two_ranks_equal_one_rank_on_joined_batch(tmp_path):
     assert torch.allclose(got['target_running_mean'], model.target.projector.bn0.running_mean, rtol=1e-5, atol=1e-7)
     for name, p in model.named_parameters():
         assert torch.allclose(got['grads'][name], p.grad, rtol=1e-4, atol=1e-6), name
+
+
+def _reference_bn(bn, momentum):
+    ref = torch.nn.BatchNorm1d(bn.num_features, momentum=momentum)
+    ref.load_state_dict({k: v.float() for k, v in bn.state_dict().items()})
+    return ref
+
+
+@pytest.mark.parametrize('momentum', [0.1, None])
+def test_one_process_batchnorm_runs_in_fp32_with_bf16_weights(momentum):
+    """The single-rank path next to bf16 weights (a bf16 model, or DeepSpeed's bf16 engine, which leaves buffers
+    fp32): statistics kept in fp32, the output what fp32 BatchNorm gives, rounded to the input's dtype."""
+    torch.manual_seed(0)
+    bn = SyncBatchNorm1d(16, momentum=momentum)
+    torch.nn.init.normal_(bn.weight)
+    bn = bn.bfloat16()
+    assert bn.weight.dtype == torch.bfloat16 and bn.running_mean.dtype == bn.running_var.dtype == torch.float32
+    ref = _reference_bn(bn, momentum)
+    for _ in range(3):
+        x = (torch.randn(8, 16) * 3 + 1).bfloat16()
+        y = bn(x)
+        assert y.dtype == torch.bfloat16
+        assert torch.equal(y, ref(x.float()).bfloat16())
+    assert torch.allclose(bn.running_mean, ref.running_mean) and torch.allclose(bn.running_var, ref.running_var)
+    assert int(bn.num_batches_tracked) == 3
+    bn.eval(), ref.eval()
+    x = torch.randn(4, 16).bfloat16()
+    assert torch.equal(bn(x), ref(x.float()).bfloat16())

@@ -101,3 +101,21 @@ def test_run_folder_holds_configs_logs_and_images(tmp_path, image_folder):
     assert list((run / 'tensorboard').glob('events.out.tfevents.*'))
     assert (run / 'images' / 'step_00000002.png').is_file()
     assert 'checkpoint:' in proc.stdout and 'tensorboard' in proc.stdout
+
+
+@pytest.mark.parametrize('stage', [1, 2])
+def test_bf16_on_one_process_trains_and_resumes(tmp_path, image_folder, stage):
+    """One rank is the single-GPU case: the projector BatchNorm takes the local path next to DeepSpeed's bf16
+    weights and fp32 buffers (this once failed with "expected scalar type BFloat16 but found Float")."""
+    ds = write_ds(tmp_path, bf16={'enabled': True}, zero_optimization={'stage': stage})
+    args = ['launch/pretrain.py', '--deepspeed_config', ds, *TINY, 'data.source=folder', f'data.root={image_folder}',
+            'data.pipeline=torch', 'data.num_workers=0', 'train.epochs=10', 'train.warmup_epochs=1',
+            'train.save_every_steps=2', f'train.output_dir={tmp_path / "run"}']
+    first = run_python(args + ['train.max_steps=2'])
+    assert first.returncode == 0, tail(first)
+    again = run_python(args + ['train.max_steps=2', '--resume', 'auto'])
+    assert again.returncode == 0, tail(again)
+    assert (tmp_path / 'run' / 'checkpoints' / 'latest').read_text() == 'step_00000004'
+    state = final_state(tmp_path, 'run')
+    assert state['projector.bn0.running_mean'].dtype == torch.float32
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())

@@ -13,7 +13,7 @@ from cmae_ds.kernels._triton import has_triton
 def test_cpu_correctness_pass():
     if not has_triton():
         pytest.skip("triton is not installed")
-    results = bench.check_cpu(list(bench.CASES))
+    results = bench.check(list(bench.CASES))
     assert set(results) == {"recon_loss", "ema", "visible_embed"}
     for op, (impl, err) in results.items():
         assert impl == "triton", op

@@ -10,6 +10,7 @@ from ..config import ModelConfig
 from ..kernels import FlatEMA, fused_enabled
 from ..kernels._switch import record
 from ..losses import contrastive_loss, reconstruction_loss
+from .collectives import keep_dtype
 from .decoder import MAEDecoder
 from .heads import ProjectionMLP
 from .masking import block_mask, patch_mask, visible_ids
@@ -181,7 +182,7 @@ class CMAE(nn.Module):
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         if self.target is not None:
-            self.target._apply(lambda t: _same_dtype(fn, t), recurse)
+            self.target._apply(lambda t: keep_dtype(fn, t), recurse)  # the target stays fp32
         return self
 
     def train(self, mode: bool = True):
@@ -189,12 +190,6 @@ class CMAE(nn.Module):
         if self.target is not None:
             self.target.train(mode)
         return self
-
-
-def _same_dtype(fn, t: torch.Tensor) -> torch.Tensor:
-    """Apply a .to()/.cuda()/.half() conversion for its device only: the target keeps its dtype."""
-    moved = fn(t)
-    return moved if moved.dtype == t.dtype else t.to(device=moved.device)
 
 
 def _add_target_state(module: CMAE, state_dict: dict, prefix: str, local_metadata) -> None:
