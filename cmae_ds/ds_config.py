@@ -121,6 +121,23 @@ def validate(ds: dict, cfg: Optional[Config], world_size: int, *, path: str) -> 
                          zero_stage=stage, offload_optimizer=offload)
 
 
+def check_precision_supported(resolved: ResolvedBatch, path: str, accelerator=None) -> None:
+    """Fail before the engine is built when this machine's DeepSpeed accelerator cannot run the JSON's precision
+    (DeepSpeed's own error is a bare ValueError from deep inside initialize(), with no file or key)."""
+    if resolved.precision == 'fp32':
+        return
+    if accelerator is None:
+        from deepspeed.accelerator import get_accelerator
+        accelerator = get_accelerator()
+    supported = (accelerator.is_fp16_supported() if resolved.precision == 'fp16'
+                 else accelerator.is_bf16_supported())
+    if not supported:
+        other = 'a bf16 config (ds_configs/zero2_bf16.json)' if resolved.precision == 'fp16' else 'fp32'
+        raise ConfigError(f'{path}: {resolved.precision}.enabled is true, but DeepSpeed\'s '
+                          f'{accelerator.device_name()} accelerator on this machine does not support '
+                          f'{resolved.precision}; use {other}')
+
+
 # Places where DeepSpeed itself gives "auto" a meaning; everywhere else it is rejected.
 _AUTO_OK = ('data_types.keep_in_fp32_modules', 'pipeline.stages', 'autotuning.')
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cmae_ds.config import Config, ConfigError, load_config
-from cmae_ds.ds_config import ResolvedBatch, load_ds_config, validate
+from cmae_ds.ds_config import ResolvedBatch, check_precision_supported, load_ds_config, validate
 
 REPO = Path(__file__).resolve().parents[1]
 PATH = 'ds_configs/test.json'
@@ -233,3 +233,43 @@ def test_cpu_debug_builds_a_real_engine():
     r = out['resolved']
     assert (out['micro'], out['accum'], out['global_batch']) == (r['micro_batch'], r['grad_accum'], r['global_batch'])
     assert r['precision'] == 'fp32'
+
+
+class _Accel:
+    def __init__(self, fp16: bool, bf16: bool):
+        self.fp16, self.bf16 = fp16, bf16
+
+    def is_fp16_supported(self):
+        return self.fp16
+
+    def is_bf16_supported(self):
+        return self.bf16
+
+    def device_name(self):
+        return 'cpu'
+
+
+@pytest.mark.parametrize('precision,accel,ok', [
+    ('fp16', _Accel(fp16=False, bf16=True), False), ('fp16', _Accel(fp16=True, bf16=True), True),
+    ('bf16', _Accel(fp16=True, bf16=False), False), ('bf16', _Accel(fp16=False, bf16=True), True),
+    ('fp32', _Accel(fp16=False, bf16=False), True)])
+def test_precision_the_accelerator_cannot_run_is_a_config_error(precision, accel, ok):
+    resolved = validate({'train_micro_batch_size_per_gpu': 4, precision: {'enabled': True}} if precision != 'fp32'
+                        else {'train_micro_batch_size_per_gpu': 4}, None, 1, path='x.json')
+    assert resolved.precision == precision
+    if ok:
+        check_precision_supported(resolved, 'x.json', accel)
+    else:
+        with pytest.raises(ConfigError, match=rf'x\.json: {precision}\.enabled is true.*does not support'):
+            check_precision_supported(resolved, 'x.json', accel)
+
+
+def test_fp16_on_this_cpu_stops_with_the_file_named(tmp_path):
+    from deepspeed.accelerator import get_accelerator
+    if get_accelerator().is_fp16_supported():
+        pytest.skip('this machine runs fp16')
+    from engine_helpers import TINY, run_python, write_ds
+    ds = write_ds(tmp_path, fp16={'enabled': True})
+    proc = run_python(['launch/pretrain.py', '--deepspeed_config', ds, *TINY, f'train.output_dir={tmp_path / "r"}'])
+    assert proc.returncode == 2 and 'ds.json: fp16.enabled is true' in proc.stderr, proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr

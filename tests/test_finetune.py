@@ -107,3 +107,26 @@ def test_user_errors_exit_2_without_traceback(setup):
     proc = finetune(s, None, f'finetune.pretrained={missing}', f'finetune.output_dir={s["root"] / "m"}')
     assert proc.returncode == 2 and 'missing.pt: no such file' in proc.stderr and 'Traceback' not in proc.stderr, \
         tail(proc)
+
+
+@pytest.mark.parametrize('stage', [0, 2])
+def test_bf16_finetune_and_linear_probe_on_one_process(setup, stage):
+    """The single-GPU bf16 case (linprobe_bf16.json is ZeRO-0 bf16): the probe's BatchNorm and the classifier run
+    next to DeepSpeed's bf16 weights and fp32 buffers."""
+    s = setup
+    ds = write_ds(s['root'], f'bf16_{stage}.json', bf16={'enabled': True}, zero_optimization={'stage': stage})
+    ft = finetune(s, None, f'finetune.pretrained={s["pre"]}', f'finetune.output_dir={s["root"] / f"ft16_{stage}"}',
+                  'finetune.max_steps=2', ds=ds)
+    assert ft.returncode == 0, tail(ft)
+    run = s['root'] / f'lp16_{stage}'
+    lp = run_python(['launch/linear_probe.py', '--config', 'linprobe_vit_base', '--deepspeed_config', ds,
+                     'model.size=debug', 'model.img_size=32', 'model.patch_size=8', 'linprobe.num_classes=2',
+                     f'linprobe.pretrained={s["pre"] / "model.pt"}', 'linprobe.epochs=1', 'linprobe.warmup_epochs=0',
+                     'linprobe.max_steps=2', 'linprobe.progress_bar=false', f'linprobe.output_dir={run}',
+                     f'data.root={s["train"]}', f'val_data.root={s["val"]}', 'data.num_workers=0',
+                     'val_data.num_workers=0', 'data.pipeline=torch', 'val_data.pipeline=torch'])
+    if stage != 0:  # LARS is not a DeepSpeed-tested ZeRO optimizer: a user error before any engine is built
+        assert lp.returncode == 2 and 'zero_allow_untested_optimizer' in lp.stderr and 'Traceback' not in lp.stderr
+        return
+    assert lp.returncode == 0, tail(lp)
+    assert all(m['images'] == 7 for m in metrics(run))

@@ -17,7 +17,7 @@ import torch
 
 from ..config import Config
 from ..data import build_pretrain_loader
-from ..ds_config import ResolvedBatch, validate
+from ..ds_config import ResolvedBatch, check_precision_supported, validate
 from ..flops import flops_per_image, mfu, peak_tflops
 from ..kernels import last_impl
 from ..schedules import scaled_lr
@@ -118,6 +118,7 @@ def run_cell(mode: str, cfg: Config, ds: dict, ds_name: str, ctx: DistContext, w
              peak_override: Optional[float] = None) -> BenchResult:
     """Benchmark one (model size, DeepSpeed config, micro-batch) cell. Collective under a launcher."""
     batch_cfg = validate(ds, cfg, ctx.world_size, path=ds_name)
+    check_precision_supported(batch_cfg, ds_name)
     result = BenchResult(mode, cfg.model.size, cfg.model.mode, ds_name, batch_cfg.micro_batch, ctx.world_size,
                          batch_cfg.precision, batch_cfg.zero_stage, str(ctx.device))
     if ctx.device.type == 'cuda':

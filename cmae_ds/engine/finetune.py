@@ -24,7 +24,7 @@ from torch import nn
 from ..checkpoint import classifier_from_pretrained
 from ..config import ConfigError, FinetuneConfig, LinearProbeConfig, TaskConfig
 from ..data import build_classification_loader, list_samples
-from ..ds_config import ResolvedBatch, load_ds_config, validate
+from ..ds_config import ResolvedBatch, check_precision_supported, load_ds_config, validate
 from ..models import ViTClassifier
 from . import checkpointing
 from .dist import DistContext, setup_distributed
@@ -187,6 +187,7 @@ def train(cfg: TaskConfig, ds_path: str, resume: str = 'auto') -> FinetuneResult
     ds = load_ds_config(ds_path)
     ctx = setup_distributed()
     batch_cfg = validate(ds, None, ctx.world_size, path=ds_path)
+    check_precision_supported(batch_cfg, ds_path)
     _check_task(cfg, ds, batch_cfg, ds_path)
     run_dir = Path(task.output_dir)
     ckpt_dir = run_dir / 'checkpoints'

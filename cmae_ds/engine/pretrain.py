@@ -14,7 +14,7 @@ import torch
 
 from ..config import Config
 from ..data import build_pretrain_loader
-from ..ds_config import ResolvedBatch, load_ds_config, validate
+from ..ds_config import ResolvedBatch, check_precision_supported, load_ds_config, validate
 from ..models import CMAE
 from ..schedules import momentum_at
 from . import checkpointing
@@ -128,6 +128,7 @@ def train(cfg: Config, ds_path: str, resume: str = 'auto', observer=None) -> Run
     ds = load_ds_config(ds_path)
     ctx = setup_distributed()
     batch_cfg = validate(ds, cfg, ctx.world_size, path=ds_path)
+    check_precision_supported(batch_cfg, ds_path)
     run_dir = Path(cfg.train.output_dir)
     ckpt_dir = run_dir / 'checkpoints'
     tag = resume_tag(resume, ckpt_dir)
