@@ -149,3 +149,59 @@ def test_other_formats_decode_to_rgb(tmp_path, pipeline):
     for i, idx in enumerate(batch['index'].tolist()):
         want = torch.full((3,), gray) if names[idx] == 'gray.jpg' else torch.tensor(rgb, dtype=torch.float32)
         assert (px[i] - want).abs().max() < 8, (names[idx], px[i], want)
+
+
+def test_both_pipelines_make_the_same_views_of_a_sample(tmp_path):
+    """The draws are shared (draws.py): every decision and crop box is equal, and the pixels differ only by the two
+    libraries' resampling (and, on the target, their color ops, so that is compared where none was drawn). A
+    panorama exercises the central-crop fallback when no candidate box fits."""
+    write_folder(tmp_path, {'wide': [coord_image(160, 120)] * 8, 'tall': [coord_image(120, 160)] * 8,
+                            'pano': [coord_image(400, 60)] * 8})
+    runs = {}
+    for pipeline in PIPELINES:
+        loader = build_pretrain_loader(cfg(tmp_path, pipeline, extra=EXTRA), img_size=S, batch_size=8, debug=True)
+        runs[pipeline] = []
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            runs[pipeline] += list(loader)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    fallback = 0
+    for a, b in zip(*runs.values()):
+        assert torch.equal(a['index'], b['index'])
+        for k in a['debug']:
+            assert torch.equal(a['debug'][k], b['debug'][k]), k
+        assert ((a['img'] - b['img']) * std).abs().max() < 3  # 0-255 levels
+        d = a['debug']
+        clean = ~(d['jitter'] | d['gray'] | d['blur'])
+        if clean.any():
+            assert ((a['img_target'] - b['img_target'])[clean] * std).abs().max() < 3
+        fallback += int(((d['box'][:, 2] == 60) & (d['box'][:, 3] == 80)).sum())
+    assert fallback > 0
+
+
+def test_crop_boxes_follow_torchvision_rules():
+    """Area fraction in (0.2, 1) and aspect in (3/4, 4/3) up to pixel rounding, inside the image, distributed as
+    torchvision's sampler's, positions spread over the free range; an image no candidate fits takes the central crop
+    at the nearest allowed ratio."""
+    from cmae_ds.data.draws import draw_views, rrc_box
+    boxes = torch.tensor([rrc_box(draw_views(0, 0, i, 32), 500, 375) for i in range(2000)]).double()
+    top, left, h, w = boxes.unbind(1)
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 375).all() and (left + w <= 500).all()
+    area = h * w / (500 * 375)
+    assert area.min() > 0.19 and area.max() <= 1
+    # Rejection favours small boxes (large ones overflow more often): compare with torchvision's own sampler.
+    from PIL import Image
+    from torchvision.transforms import RandomResizedCrop
+    torch.manual_seed(0)
+    img = Image.new('RGB', (500, 375))
+    tv = torch.tensor([RandomResizedCrop.get_params(img, [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(2000)]).double()
+    tv_area = tv[:, 2] * tv[:, 3] / (500 * 375)
+    assert abs(area.mean().item() - tv_area.mean().item()) < 0.02
+    assert abs((w / h).mean().item() - (tv[:, 3] / tv[:, 2]).mean().item()) < 0.02
+    aspect = w / h
+    assert aspect.min() > 0.74 and aspect.max() < 1.35
+    free = (500 - w)
+    u = (left / free.clamp_min(1))[free > 50]
+    assert abs(u.mean().item() - 0.5) < 0.05
+    pano = rrc_box(draw_views(0, 0, 1, 32), 400, 60)
+    assert pano == (0, 160, 60, 80)

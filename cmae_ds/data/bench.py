@@ -102,7 +102,8 @@ def dali_stage_costs(root: Path, batch: int, threads: int, img_size: int, iters:
             pipe.run()
         rows.append((name, 1e3 * (_cpu_seconds() - cpu0) / (iters * batch), iters * batch / (time.perf_counter() - t)))
         del pipe
-    rows.append(('full graph (cmae_views)',) + _full_graph_cost(files, indices, batch, threads, img_size, iters))
+    full = _full_graph_cost(files, indices, batch, threads, img_size, iters)
+    rows.append(('full graph (cmae_views, shared draws)',) + full)
     return rows
 
 
@@ -110,8 +111,10 @@ def _full_graph_cost(files, indices, batch, threads, img_size, iters) -> tuple[f
     from nvidia.dali import pipeline_def
 
     from . import dali_graphs as G
+    from .dali_pipeline import DrawFeed
+    feed = DrawFeed(indices, batch, seed=0, epoch=0, extra=32)
     graph = pipeline_def(enable_conditionals=True)(
-        lambda: G.cmae_views(files, indices, img_size, 32, 'cpu', 0.65, False))
+        lambda: G.cmae_views(files, indices, feed, img_size, 32, 'cpu', 0.65, False))
     pipe = graph(batch_size=batch, num_threads=threads, device_id=None, seed=1)
     pipe.build()
     pipe.run()

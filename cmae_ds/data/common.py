@@ -22,10 +22,11 @@ CLS_SCALE = (0.08, 1.0)
 EVAL_RESIZE_RATIO = 256 / 224
 ERASE_P = 0.25
 
-DEBUG_KEYS = ('flip', 'dy', 'dx', 'jitter', 'gray', 'blur', 'sigma')
-"""Per-sample random decisions a pipeline returns under debug=True (tests check their rates)."""
+DEBUG_KEYS = ('flip', 'dy', 'dx', 'jitter', 'gray', 'blur', 'sigma', 'box')
+"""Per-sample random decisions a pipeline returns under debug=True (tests check their rates); box is the master's
+crop (top, left, h, w) in source pixels, (N, 4)."""
 DEBUG_DTYPES = dict(flip=torch.bool, dy=torch.int64, dx=torch.int64, jitter=torch.bool, gray=torch.bool,
-                    blur=torch.bool, sigma=torch.float32)
+                    blur=torch.bool, sigma=torch.float32, box=torch.int64)
 
 
 def eval_resize_size(img_size: int) -> int:

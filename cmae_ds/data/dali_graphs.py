@@ -1,5 +1,9 @@
 """DALI graphs: spec section 7 (pretraining views) and section 9 (classification), for GPU or CPU operators.
 
+The pretraining graph draws nothing itself: its random decisions come from draws.py through an external source,
+keyed by (seed, epoch, index) like the torch pipeline's, so a resumed epoch repeats its views exactly and both
+pipelines make the same views of a sample. The classification graphs use DALI's own generators.
+
 The reader gets this rank's files already in epoch order (sampling.ShardPlan) and each file's dataset index as its
 "label", so DALI and torch read identical batches and the loader looks labels up by index.
 """
@@ -7,8 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 from nvidia.dali import fn, types
+from nvidia.dali import math as dmath
 
 from . import common as C
+from .draws import ATTEMPTS, DALI_COLUMNS
 
 READER = 'reader'
 
@@ -26,64 +32,77 @@ def _decoder_kwargs(device: str, hw_decoder_load: float) -> dict:
     return kw
 
 
-def _coin(p: float):
-    return fn.random.coin_flip(probability=p, dtype=types.BOOL)
-
-
-def _apply(flag, value, identity: float):
-    """value where flag else identity, per sample, without a conditional split."""
-    return identity + fn.cast(flag, dtype=types.FLOAT) * (value - identity)
-
-
 def _normalize(img, **crop_mirror):
     """uint8 HWC -> float CHW normalized on 0-255 values (spec 7.5), with optional crop/mirror fused in."""
     return fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout='CHW', mean=list(C.MEAN), std=list(C.STD),
                                     **crop_mirror)
 
 
-def target_color_ops(view):
-    """Color jitter (p 0.8), grayscale (p 0.2, 3 channels), Gaussian blur (p 0.5, sigma U[0.1, 2]) on uint8 HWC.
+def rrc_box(jpegs, scale, aspect, u_top, u_left):
+    """draws.rrc_box in graph operators, same float32 operations in the same order -> (top, left, h, w) floats.
+    The image size comes from the JPEG header; the first fitting candidate is picked without a loop."""
+    shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT)
+    H, W = shape[0], shape[1]
+    ta = H * W * scale
+    w = dmath.floor(dmath.sqrt(ta * aspect) + 0.5)
+    h = dmath.floor(dmath.sqrt(ta / aspect) + 0.5)
+    ok = (w <= W) & (h <= H) & (w > 0.0) & (h > 0.0)
+    rank = types.Constant(np.arange(ATTEMPTS, 0, -1, dtype=np.float32), device='cpu')  # 10 for the first
+    best = fn.reductions.max(fn.cast(ok, dtype=types.FLOAT) * rank)  # 0: none fits
+    pick = fn.cast(rank == best, dtype=types.FLOAT)
+    found = fn.cast(best > 0.0, dtype=types.FLOAT)
+    in_ratio = W / H
+    lt = fn.cast(in_ratio < float(np.float32(C.RATIO[0])), dtype=types.FLOAT)
+    gt = fn.cast(in_ratio > float(np.float32(C.RATIO[1])), dtype=types.FLOAT)
+    mid = 1.0 - lt - gt
+    wf = lt * W + gt * dmath.floor(H * float(np.float32(C.RATIO[1])) + 0.5) + mid * W
+    hf = lt * dmath.floor(W / float(np.float32(C.RATIO[0])) + 0.5) + gt * H + mid * H
+    w = found * fn.reductions.sum(w * pick) + (1.0 - found) * wf
+    h = found * fn.reductions.sum(h * pick) + (1.0 - found) * hf
+    top = found * dmath.min(dmath.floor(u_top * (H - h + 1.0)), H - h) + (1.0 - found) * dmath.floor((H - h) / 2.0)
+    left = found * dmath.min(dmath.floor(u_left * (W - w + 1.0)), W - w) + (1.0 - found) * dmath.floor((W - w) / 2.0)
+    return top, left, h, w
 
-    color_twist is one affine color transform, so jitter and grayscale (saturation 0, luma kept in all three
-    channels) fuse into one pass. Returns (view, debug dict of DataNodes).
-    """
-    jitter, gray, blur = _coin(C.JITTER_P), _coin(C.GRAY_P), _coin(C.BLUR_P)
-    b = _apply(jitter, fn.random.uniform(range=[1 - C.BRIGHTNESS, 1 + C.BRIGHTNESS]), 1.0)
-    c = _apply(jitter, fn.random.uniform(range=[1 - C.CONTRAST, 1 + C.CONTRAST]), 1.0)
-    s = _apply(jitter, fn.random.uniform(range=[1 - C.SATURATION, 1 + C.SATURATION]), 1.0)
-    h = _apply(jitter, fn.random.uniform(range=[-C.HUE * 360, C.HUE * 360]), 0.0)  # degrees
-    s = s * (1.0 - fn.cast(gray, dtype=types.FLOAT))
-    if jitter | gray:  # the 16% of samples with neither skip the pass
-        view = fn.color_twist(view, brightness=b, contrast=c, saturation=s, hue=h)
-    sigma = fn.random.uniform(range=list(C.BLUR_SIGMA))
-    if blur:  # a conditional: only the blurred part of the batch pays for the convolution
-        view = fn.gaussian_blur(view, sigma=sigma)
-    return view, dict(jitter=jitter, gray=gray, blur=blur, sigma=_apply(blur, sigma, 0.0))
+
+def target_color_ops(view, d: dict):
+    """Color jitter and grayscale as one affine color_twist (saturation 0 is grayscale, luma kept in all three
+    channels), then Gaussian blur; each only on the samples that drew it (DALI conditionals)."""
+    if d['jitter'] | d['gray']:
+        view = fn.color_twist(view, brightness=d['brightness'], contrast=d['contrast'], saturation=d['saturation'],
+                              hue=d['hue'])
+    if d['blur']:
+        view = fn.gaussian_blur(view, sigma=d['sigma'])
+    return view
 
 
-def cmae_views(files, indices, size: int, extra: int, device: str, hw_decoder_load: float, debug: bool):
-    """Spec section 7: -> (img, img_target, index[, debug...]); img and img_target float (3, S, S) normalized."""
+def cmae_views(files, indices, feed, size: int, extra: int, device: str, hw_decoder_load: float, debug: bool):
+    """Spec section 7 with the draws of `feed` (an external-source callback, draws.py) ->
+    (img, img_target, index[, debug...]); img and img_target float (3, S, S) normalized."""
     jpegs, index = read_files(files, indices)
-    master = fn.decoders.image_random_crop(jpegs, random_area=list(C.MASTER_SCALE), random_aspect_ratio=list(C.RATIO),
-                                           num_attempts=10, **_decoder_kwargs(device, hw_decoder_load))
+    cols = fn.external_source(source=feed, num_outputs=len(DALI_COLUMNS), batch=True, batch_info=True)
+    d = dict(zip(DALI_COLUMNS, cols))
+    top, left, h, w = rrc_box(jpegs, d['scale'], d['aspect'], d['u_top'], d['u_left'])
+    master = fn.decoders.image_slice(jpegs, fn.stack(left, top), fn.stack(w, h), axis_names='WH',
+                                     normalized_anchor=False, normalized_shape=False,
+                                     **_decoder_kwargs(device, hw_decoder_load))
     m = size + extra
     master = fn.resize(master, size=[m, m], interp_type=types.INTERP_CUBIC, antialias=True)
     # The flip is folded into the crops: window x of the flipped master is the mirror of window (extra - x) of
     # the master, so no flipped copy of the master is ever written (a full pass saved on CPU operators).
-    flip = _coin(0.5)
-    flip_i = fn.cast(flip, dtype=types.INT32)
-    online = _normalize(master, crop=[size, size], crop_pos_x=fn.cast(flip, dtype=types.FLOAT), crop_pos_y=0.0,
+    flip_i = fn.cast(d['flip'], dtype=types.INT32)
+    online = _normalize(master, crop=[size, size], crop_pos_x=fn.cast(d['flip'], dtype=types.FLOAT), crop_pos_y=0.0,
                         mirror=flip_i)
-    # (dy, dx) integer in [0, extra - 1]; an integer anchor is absolute, so the window lands on exact pixels.
-    dy = fn.random.uniform(values=list(range(extra)), dtype=types.INT32)
-    dx = fn.random.uniform(values=list(range(extra)), dtype=types.INT32)
+    # An integer anchor is absolute, so the window lands on exact pixels.
+    dy, dx = d['dy'], d['dx']
     x0 = dx + flip_i * (extra - 2 * dx)
     anchor = fn.cat(fn.reshape(dy, shape=[1]), fn.reshape(x0, shape=[1]))
     target = fn.slice(master, anchor, types.Constant(np.array([size, size], dtype=np.int32), device='cpu'), axes=[0, 1])
-    target, dbg = target_color_ops(target)
+    target = target_color_ops(target, d)
     outs = [online, _normalize(target, mirror=flip_i), index]
     if debug:
-        outs += [flip, dy, dx, dbg['jitter'], dbg['gray'], dbg['blur'], dbg['sigma']]
+        box = fn.cast(fn.stack(top, left, h, w), dtype=types.INT64)
+        sigma = d['sigma'] * fn.cast(d['blur'], dtype=types.FLOAT)
+        outs += [d['flip'], dy, dx, d['jitter'], d['gray'], d['blur'], sigma, box]
     return tuple(outs)
 
 

@@ -1,9 +1,10 @@
 """DALI loaders: one pipeline per (epoch, start batch) over this rank's files in ShardPlan order.
 
 Building a pipeline per epoch is what makes `set_epoch` and `skip_batches` exact: the file order is fixed in Python,
-and DALI's own shuffling and shard rotation are not used. Augmentation draws come from DALI's generators, seeded
-from (seed, epoch, rank, start batch): the same seed and epoch give the same batches; after a mid-epoch resume the
-images are the same but their random crops differ from the uninterrupted run (the torch pipeline repeats those too).
+and DALI's own shuffling and shard rotation are not used. The pretraining graph's draws come from draws.py, keyed
+by (seed, epoch, index) as in the torch pipeline, so a mid-epoch resume repeats the uninterrupted run's views
+exactly. The classification graphs draw from DALI's generators, seeded from (seed, epoch, rank, start batch): the
+same seed and epoch give the same batches, but after a mid-epoch resume their random crops differ.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 
 from . import common as C
 from .base import EpochLoader
+from .draws import dali_columns, draw_batch
 from .sampling import ShardPlan
 from .sources import DataFileError
 
@@ -27,7 +29,7 @@ def _pipeline_seed(seed: int, epoch: int, rank: int, start: int) -> int:
 
 def _graph_for(mode: str, size: int, extra: int, device: str, hw: float, debug: bool):
     from . import dali_graphs as G  # imports nvidia.dali: only when a DALI loader is built
-    if mode == 'pretrain':
+    if mode == 'pretrain':  # the loader adds the external source of each epoch's draws (feed=)
         return partial(G.cmae_views, size=size, extra=extra, device=device, hw_decoder_load=hw, debug=debug)
     if mode == 'cls_train':
         return partial(G.cls_train_view, size=size, device=device, hw_decoder_load=hw)
@@ -36,13 +38,30 @@ def _graph_for(mode: str, size: int, extra: int, device: str, hw: float, debug: 
     return partial(G.cls_eval_view, size=size, device=device, hw_decoder_load=hw)
 
 
+class DrawFeed:
+    """External-source callback of the pretraining graph: iteration i -> the draws (draws.py) of batch i's samples,
+    as one array per entry of draws.DALI_COLUMNS. Keyed by (seed, epoch, index) like the torch pipeline's, so where a
+    pipeline starts in the epoch changes nothing. The last batch is padded as the reader pads it (repeating the
+    last sample), and the iterations DALI prefetches past the end repeat the last batch (their output is dropped)."""
+
+    def __init__(self, indices: list[int], batch_size: int, seed: int, epoch: int, extra: int):
+        self.indices, self.batch_size, self.seed, self.epoch, self.extra = indices, batch_size, seed, epoch, extra
+
+    def __call__(self, info) -> tuple:
+        b = self.batch_size
+        i = min(info.iteration, (len(self.indices) - 1) // b)
+        idx = self.indices[i * b:(i + 1) * b]
+        idx = idx + [idx[-1]] * (b - len(idx))
+        return dali_columns(draw_batch(self.seed, self.epoch, idx, self.extra))
+
+
 class DaliLoader(EpochLoader):
     """Contract of build_pretrain_loader / build_classification_loader on a DALI pipeline."""
 
     def __init__(self, samples, mode: str, plan: ShardPlan, device, img_size: int, master_extra: int,
                  num_threads: int, hw_decoder_load: float = 0.65, debug: bool = False, erase: bool = False):
         super().__init__(plan, device)
-        self.samples, self.mode, self.debug, self.erase = samples, mode, debug, erase
+        self.samples, self.mode, self.debug, self.erase, self.extra = samples, mode, debug, erase, master_extra
         self.paths = [p for p, _ in samples]
         self.labels = torch.tensor([lab for _, lab in samples], dtype=torch.int64)
         self.dali_device = 'gpu' if self.device.type == 'cuda' else 'cpu'
@@ -52,12 +71,12 @@ class DaliLoader(EpochLoader):
         self.output_map = (['img', 'img_target', 'index'] + (list(C.DEBUG_KEYS) if debug else [])
                            if mode == 'pretrain' else ['img', 'index'])
 
-    def _build(self, files: list[str], indices: list[int], seed: int):
+    def _build(self, files: list[str], indices: list[int], seed: int, feed=None):
         from nvidia.dali import pipeline_def
 
         @pipeline_def(enable_conditionals=True)
         def graph():
-            return self._graph(files, indices)
+            return self._graph(files, indices, feed) if feed is not None else self._graph(files, indices)
 
         device_id = (self.device.index or 0) if self.dali_device == 'gpu' else None
         with warnings.catch_warnings():  # DALI 2.x's own auto_aug module still calls deprecated aliases
@@ -78,7 +97,9 @@ class DaliLoader(EpochLoader):
             return
         indices = [int(i) for idx, _ in batches for i in idx]
         files = [self.paths[i] for i in indices]
-        pipe = self._build(files, indices, _pipeline_seed(self.plan.seed, epoch, self.plan.rank, start_batch))
+        feed = (DrawFeed(indices, self.plan.batch_size, self.plan.seed, epoch, self.extra)
+                if self.mode == 'pretrain' else None)
+        pipe = self._build(files, indices, _pipeline_seed(self.plan.seed, epoch, self.plan.rank, start_batch), feed)
         it = DALIGenericIterator(pipe, self.output_map, reader_name=READER, auto_reset=False,
                                  last_batch_policy=LastBatchPolicy.PARTIAL, prepare_first_batch=False)
         try:
@@ -105,7 +126,8 @@ class DaliLoader(EpochLoader):
             out['label'] = self.labels[index.cpu()].to(self.device)
             out['valid'] = torch.from_numpy(valid.copy()).to(self.device)
         if self.debug and self.mode == 'pretrain':
-            out['debug'] = {k: raw[k].reshape(-1).cpu().to(C.DEBUG_DTYPES[k]) for k in C.DEBUG_KEYS}
+            out['debug'] = {k: raw[k].reshape(len(index), -1).squeeze(1).cpu().to(C.DEBUG_DTYPES[k])
+                            for k in C.DEBUG_KEYS}
         return out
 
     def _file_error(self, err: Exception, near) -> DataFileError:

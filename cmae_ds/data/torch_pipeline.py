@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import common as C
 from . import views_torch as V
 from .base import EpochLoader
+from .draws import draw_views, rrc_box
 from .sampling import ShardPlan, sample_rng
 
 MAX_SUBSTITUTES = 64
@@ -45,19 +46,20 @@ class ViewDataset(Dataset):
             except Exception as e:  # noqa: BLE001 - any decoder failure means "unreadable file"
                 bad.append(f'{self.samples[i][0]} ({type(e).__name__}: {e})')
                 continue
-            out = self._transform(img, sample_rng(self.seed, epoch, index))
+            out = self._transform(img, epoch, index)
             out.update(index=index, label=self.samples[index][1], bad=bad)
             return out
         raise RuntimeError(f'{MAX_SUBSTITUTES} unreadable files in a row from {self.samples[index][0]}: {bad[:3]}')
 
-    def _transform(self, img, rng) -> dict:
+    def _transform(self, img, epoch: int, index: int) -> dict:
         if self.mode == 'pretrain':
-            p = V.draw_view_params(rng, img.width, img.height, self.extra)
-            online, target = V.cmae_views(img, p, self.size, self.extra)
+            d = draw_views(self.seed, epoch, index, self.extra)
+            online, target = V.cmae_views(img, d, self.size, self.extra)
             out = dict(img=online, img_target=target)
             if self.debug:
-                out['debug'] = p.debug()
+                out['debug'] = dict(d.debug(), box=rrc_box(d, img.width, img.height))
             return out
+        rng = sample_rng(self.seed, epoch, index)
         if self.mode == 'cls_train':
             return dict(img=V.train_view(img, rng, self.size))
         if self.mode == 'cls_probe':

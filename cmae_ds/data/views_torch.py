@@ -1,13 +1,13 @@
 """Spec section 7 (and the section 9 classification transforms) on PIL images, one sample at a time.
 
 Every random decision is drawn from a numpy Generator keyed by (seed, epoch, index), so a sample's views do not
-depend on the worker that made them or on where a run resumed.
+depend on the worker that made them or on where a run resumed; the pretraining draws (draws.py) are the DALI
+pipeline's too.
 """
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,6 +15,8 @@ import torchvision.transforms.functional as tvF
 from PIL import Image, ImageFilter
 
 from . import common as C
+from .draws import ViewDraws
+from .draws import rrc_box as rrc_box_of
 
 
 def decode_rgb(path: str) -> Image.Image:
@@ -53,40 +55,6 @@ def resized_crop(img: Image.Image, box, size: int) -> Image.Image:
     return img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
 
 
-@dataclass
-class ViewParams:
-    """The random decisions for one sample's two views (spec section 7)."""
-
-    box: tuple[int, int, int, int]
-    flip: bool
-    dy: int
-    dx: int
-    jitter: bool
-    jitter_factors: tuple[float, float, float, float]  # brightness, contrast, saturation, hue
-    jitter_order: tuple[int, ...]
-    gray: bool
-    blur: bool
-    sigma: float
-
-    def debug(self) -> dict:
-        return dict(flip=self.flip, dy=self.dy, dx=self.dx, jitter=self.jitter, gray=self.gray, blur=self.blur,
-                    sigma=self.sigma if self.blur else 0.0)
-
-
-def draw_view_params(rng: np.random.Generator, width: int, height: int, extra: int) -> ViewParams:
-    box = rrc_box(rng, width, height, C.MASTER_SCALE, C.RATIO)
-    flip = bool(rng.random() < 0.5)
-    dy, dx = (int(v) for v in rng.integers(0, extra, size=2))
-    jitter = bool(rng.random() < C.JITTER_P)
-    factors = (rng.uniform(1 - C.BRIGHTNESS, 1 + C.BRIGHTNESS), rng.uniform(1 - C.CONTRAST, 1 + C.CONTRAST),
-               rng.uniform(1 - C.SATURATION, 1 + C.SATURATION), rng.uniform(-C.HUE, C.HUE))
-    order = tuple(int(i) for i in rng.permutation(4))  # torchvision ColorJitter applies them in random order
-    gray = bool(rng.random() < C.GRAY_P)
-    blur = bool(rng.random() < C.BLUR_P)
-    sigma = float(rng.uniform(*C.BLUR_SIGMA))
-    return ViewParams(box, flip, dy, dx, jitter, factors, order, gray, blur, sigma)
-
-
 def _jitter(img: Image.Image, factors, order) -> Image.Image:
     ops = (tvF.adjust_brightness, tvF.adjust_contrast, tvF.adjust_saturation, tvF.adjust_hue)
     for i in order:
@@ -98,20 +66,20 @@ def to_uint8_chw(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
-def cmae_views(img: Image.Image, p: ViewParams, size: int, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cmae_views(img: Image.Image, d: ViewDraws, size: int, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
     """RGB PIL -> (online, target), each uint8 (3, size, size), not normalized."""
-    master = resized_crop(img, p.box, size + extra)
-    if p.flip:
+    master = resized_crop(img, rrc_box_of(d, img.width, img.height), size + extra)
+    if d.flip:
         master = master.transpose(Image.FLIP_LEFT_RIGHT)
     online = master.crop((0, 0, size, size))
-    target = master.crop((p.dx, p.dy, p.dx + size, p.dy + size))
-    if p.jitter:
-        target = _jitter(target, p.jitter_factors, p.jitter_order)
-    if p.gray:
+    target = master.crop((d.dx, d.dy, d.dx + size, d.dy + size))
+    if d.jitter:
+        target = _jitter(target, d.factors, d.order)
+    if d.gray:
         target = tvF.rgb_to_grayscale(target, num_output_channels=3)
-    if p.blur:
+    if d.blur:
         # The official pipeline (mmselfsup GaussianBlur) blurs with PIL's radius = sigma.
-        target = target.filter(ImageFilter.GaussianBlur(radius=p.sigma))
+        target = target.filter(ImageFilter.GaussianBlur(radius=d.sigma))
     return to_uint8_chw(online), to_uint8_chw(target)
 
 
