@@ -109,3 +109,23 @@ def test_probe_augmentation_is_crop_and_flip_only(tmp_path, pipeline):
         for img, index in zip(batch['img'], batch['index'].tolist()):
             colour = torch.tensor(Image.open(paths[index]).getpixel((0, 0)), dtype=torch.float32).view(3, 1, 1)
             assert (img * std + mean - colour).abs().max() < 1.0
+
+
+def test_probe_views_are_the_same_crop_in_both_pipelines_and_resume_exactly(tmp_path):
+    """Crop and flip come from the shared draws (drawn with the classification scale), so the two pipelines' probe
+    views of coordinate-encoded images differ only by resampling; a DALI run started at batch 2 repeats them."""
+    write_folder(tmp_path, {'wide': [coord_image(160, 120)] * 8, 'tall': [coord_image(120, 160)] * 8})
+    runs = {}
+    for pipeline in PIPELINES:
+        loader = build_classification_loader(cfg(tmp_path, pipeline), train=True, img_size=32, batch_size=4, seed=3,
+                                             augment='probe')
+        loader.set_epoch(1)
+        runs[pipeline] = list(loader)
+        if pipeline == 'dali':
+            loader.skip_batches(2)
+            resumed = list(loader)
+            assert len(resumed) == len(runs['dali']) - 2 > 0
+            assert all(torch.equal(a['img'], b['img']) for a, b in zip(runs['dali'][2:], resumed))
+    for a, b in zip(runs['torch'], runs['dali']):
+        assert torch.equal(a['index'], b['index'])
+        assert (_pixels(a['img']) - _pixels(b['img'])).abs().max() < 3

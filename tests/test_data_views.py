@@ -205,3 +205,24 @@ def test_crop_boxes_follow_torchvision_rules():
     assert abs(u.mean().item() - 0.5) < 0.05
     pano = rrc_box(draw_views(0, 0, 1, 32), 400, 60)
     assert pano == (0, 160, 60, 80)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='the DALI GPU graph needs a GPU (and DALI installed)')
+def test_dali_gpu_graph_makes_the_cpu_graphs_views(tmp_path):
+    """Same draws, so the same decisions and boxes; pixels within nvJPEG-vs-libjpeg and kernel rounding. The hardware
+    decoder is on by default (hw_decoder_load 0.65), so both decoders are exercised on a batch of 32."""
+    pytest.importorskip('nvidia.dali')
+    write_folder(tmp_path, {'wide': [coord_image(160, 120)] * 16, 'tall': [coord_image(120, 160)] * 16}, ext='.jpg',
+                 quality=95)
+    got = {}
+    for device in ('cpu', 'cuda'):
+        loader = build_pretrain_loader(cfg(tmp_path, 'dali', extra=EXTRA), img_size=S, batch_size=32, device=device,
+                                       debug=True)
+        loader.set_epoch(0)
+        got[device] = next(iter(loader))
+    cpu, gpu = got['cpu'], got['cuda']
+    assert gpu['img'].is_cuda and gpu['img_target'].is_cuda
+    for k in cpu['debug']:
+        assert torch.equal(cpu['debug'][k], gpu['debug'][k].cpu()), k
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    assert ((cpu['img'] - gpu['img'].cpu()) * std).abs().max() < 8

@@ -2,7 +2,8 @@
 
 The pretraining graph draws nothing itself: its random decisions come from draws.py through an external source,
 keyed by (seed, epoch, index) like the torch pipeline's, so a resumed epoch repeats its views exactly and both
-pipelines make the same views of a sample. The classification graphs use DALI's own generators.
+pipelines make the same views of a sample. The classification training graphs take their crop and flip the same
+way; only DALI's RandAugment draws from DALI's own generator.
 
 The reader gets this rank's files already in epoch order (sampling.ShardPlan) and each file's dataset index as its
 "label", so DALI and torch read identical batches and the loader looks labels up by index.
@@ -14,7 +15,7 @@ from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 
 from . import common as C
-from .draws import ATTEMPTS, DALI_COLUMNS
+from .draws import ATTEMPTS, CLS_COLUMNS, DALI_COLUMNS
 
 READER = 'reader'
 
@@ -106,27 +107,38 @@ def cmae_views(files, indices, feed, size: int, extra: int, device: str, hw_deco
     return tuple(outs)
 
 
-def cls_train_view(files, indices, size: int, device: str, hw_decoder_load: float):
-    """RandomResizedCrop (0.08, 1) bicubic + flip + RandAugment(n 2, m 9) -> (img float (3, S, S), index).
-    DALI's RandAugment has no magnitude noise (timm's mstd 0.5); random erasing runs on the batch in torch."""
+def _crop_from_draws(jpegs, feed, device: str, hw_decoder_load: float):
+    """Decode only the draws' crop box -> (uint8 HWC crop, flip) for the classification graphs."""
+    d = dict(zip(CLS_COLUMNS, fn.external_source(source=feed, num_outputs=len(CLS_COLUMNS), batch=True,
+                                                 batch_info=True)))
+    top, left, h, w = rrc_box(jpegs, d['scale'], d['aspect'], d['u_top'], d['u_left'])
+    img = fn.decoders.image_slice(jpegs, fn.stack(left, top), fn.stack(w, h), axis_names='WH',
+                                  normalized_anchor=False, normalized_shape=False,
+                                  **_decoder_kwargs(device, hw_decoder_load))
+    return img, d['flip']
+
+
+def cls_train_view(files, indices, feed, size: int, device: str, hw_decoder_load: float):
+    """RandomResizedCrop (0.08, 1) bicubic + flip (from the shared draws) + RandAugment(n 2, m 9, DALI's own
+    generator) -> (img float (3, S, S), index). DALI's RandAugment has no magnitude noise (timm's mstd 0.5);
+    random erasing runs on the batch in torch."""
     from nvidia.dali.auto_aug import rand_augment
     jpegs, index = read_files(files, indices)
-    img = fn.decoders.image_random_crop(jpegs, random_area=list(C.CLS_SCALE), random_aspect_ratio=list(C.RATIO),
-                                        num_attempts=10, **_decoder_kwargs(device, hw_decoder_load))
+    img, flip = _crop_from_draws(jpegs, feed, device, hw_decoder_load)
     img = fn.resize(img, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
-    img = fn.flip(img, horizontal=fn.random.coin_flip(probability=0.5))
+    img = fn.flip(img, horizontal=fn.cast(flip, dtype=types.INT32))
     img = rand_augment.rand_augment(img, n=2, m=9, shape=[size, size], fill_value=int(round(C.MEAN[0])),
                                     monotonic_mag=True)
     return _normalize(img), index
 
 
-def cls_probe_view(files, indices, size: int, device: str, hw_decoder_load: float):
-    """Linear probing (MAE's recipe): RandomResizedCrop (0.08, 1) bicubic + flip -> (img float (3, S, S), index)."""
+def cls_probe_view(files, indices, feed, size: int, device: str, hw_decoder_load: float):
+    """Linear probing (MAE's recipe): RandomResizedCrop (0.08, 1) bicubic + flip, all from the shared draws ->
+    (img float (3, S, S), index)."""
     jpegs, index = read_files(files, indices)
-    img = fn.decoders.image_random_crop(jpegs, random_area=list(C.CLS_SCALE), random_aspect_ratio=list(C.RATIO),
-                                        num_attempts=10, **_decoder_kwargs(device, hw_decoder_load))
+    img, flip = _crop_from_draws(jpegs, feed, device, hw_decoder_load)
     img = fn.resize(img, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
-    return _normalize(img, mirror=fn.random.coin_flip(probability=0.5)), index
+    return _normalize(img, mirror=fn.cast(flip, dtype=types.INT32)), index
 
 
 def cls_eval_view(files, indices, size: int, device: str, hw_decoder_load: float):

@@ -3,8 +3,9 @@
 Building a pipeline per epoch is what makes `set_epoch` and `skip_batches` exact: the file order is fixed in Python,
 and DALI's own shuffling and shard rotation are not used. The pretraining graph's draws come from draws.py, keyed
 by (seed, epoch, index) as in the torch pipeline, so a mid-epoch resume repeats the uninterrupted run's views
-exactly. The classification graphs draw from DALI's generators, seeded from (seed, epoch, rank, start batch): the
-same seed and epoch give the same batches, but after a mid-epoch resume their random crops differ.
+exactly; the classification training graphs take their crop and flip the same way. Only DALI's RandAugment
+(fine-tuning) draws from DALI's generator, seeded from (seed, epoch, rank, start batch): the same seed and epoch
+give the same batches, but a mid-epoch resume redraws its operations.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 
 from . import common as C
 from .base import EpochLoader
-from .draws import dali_columns, draw_batch
+from .draws import cls_columns, dali_columns, draw_batch
 from .sampling import ShardPlan
 from .sources import DataFileError
 
@@ -29,7 +30,8 @@ def _pipeline_seed(seed: int, epoch: int, rank: int, start: int) -> int:
 
 def _graph_for(mode: str, size: int, extra: int, device: str, hw: float, debug: bool):
     from . import dali_graphs as G  # imports nvidia.dali: only when a DALI loader is built
-    if mode == 'pretrain':  # the loader adds the external source of each epoch's draws (feed=)
+    # The random graphs take the external source of each epoch's draws (feed=) from the loader.
+    if mode == 'pretrain':
         return partial(G.cmae_views, size=size, extra=extra, device=device, hw_decoder_load=hw, debug=debug)
     if mode == 'cls_train':
         return partial(G.cls_train_view, size=size, device=device, hw_decoder_load=hw)
@@ -44,14 +46,17 @@ class DrawFeed:
     pipeline starts in the epoch changes nothing. The last batch is padded as the reader pads it (repeating the
     last sample), and the iterations DALI prefetches past the end repeat the last batch (their output is dropped)."""
 
-    def __init__(self, indices: list[int], batch_size: int, seed: int, epoch: int, extra: int):
+    def __init__(self, indices: list[int], batch_size: int, seed: int, epoch: int, extra: int, mode: str = 'pretrain'):
         self.indices, self.batch_size, self.seed, self.epoch, self.extra = indices, batch_size, seed, epoch, extra
+        self.cls = mode != 'pretrain'
 
     def __call__(self, info) -> tuple:
         b = self.batch_size
         i = min(info.iteration, (len(self.indices) - 1) // b)
         idx = self.indices[i * b:(i + 1) * b]
         idx = idx + [idx[-1]] * (b - len(idx))
+        if self.cls:
+            return cls_columns(draw_batch(self.seed, self.epoch, idx, self.extra, scale=C.CLS_SCALE))
         return dali_columns(draw_batch(self.seed, self.epoch, idx, self.extra))
 
 
@@ -97,8 +102,8 @@ class DaliLoader(EpochLoader):
             return
         indices = [int(i) for idx, _ in batches for i in idx]
         files = [self.paths[i] for i in indices]
-        feed = (DrawFeed(indices, self.plan.batch_size, self.plan.seed, epoch, self.extra)
-                if self.mode == 'pretrain' else None)
+        feed = (DrawFeed(indices, self.plan.batch_size, self.plan.seed, epoch, self.extra, self.mode)
+                if self.mode != 'cls_eval' else None)
         pipe = self._build(files, indices, _pipeline_seed(self.plan.seed, epoch, self.plan.rank, start_batch), feed)
         it = DALIGenericIterator(pipe, self.output_map, reader_name=READER, auto_reset=False,
                                  last_batch_policy=LastBatchPolicy.PARTIAL, prepare_first_batch=False)

@@ -83,9 +83,9 @@ def draw_batch(seed: int, epoch: int, indices, extra: int, scale=C.MASTER_SCALE,
                 sigma=C.BLUR_SIGMA[0] + (C.BLUR_SIGMA[1] - C.BLUR_SIGMA[0]) * v[:, 16])
 
 
-def draw_views(seed: int, epoch: int, index: int, extra: int) -> ViewDraws:
+def draw_views(seed: int, epoch: int, index: int, extra: int, scale=C.MASTER_SCALE) -> ViewDraws:
     """One sample's draws (row 0 of draw_batch), for the torch pipeline's workers."""
-    d = {key: val[0] for key, val in draw_batch(seed, epoch, [index], extra).items()}
+    d = {key: val[0] for key, val in draw_batch(seed, epoch, [index], extra, scale).items()}
     return ViewDraws(d['scale'], d['aspect'], d['u_top'], d['u_left'], bool(d['flip']), int(d['dy']), int(d['dx']),
                      bool(d['jitter']), tuple(float(f) for f in d['factors']), tuple(int(i) for i in d['order']),
                      bool(d['gray']), bool(d['blur']), float(d['sigma']))
@@ -120,6 +120,9 @@ def rrc_box(d: ViewDraws, width: int, height: int, ratio=C.RATIO) -> tuple[int, 
     return int(np.floor((H - h) / f32(2))), int(np.floor((W - w) / f32(2))), int(h), int(w)
 
 
+CLS_COLUMNS = ('scale', 'aspect', 'u_top', 'u_left', 'flip')
+"""What the DALI classification training graphs take: the crop box draws and the flip."""
+
 DALI_COLUMNS = ('scale', 'aspect', 'u_top', 'u_left', 'flip', 'dy', 'dx', 'jitter', 'gray', 'brightness', 'contrast',
                 'saturation', 'hue', 'blur', 'sigma')
 """What the DALI pretraining graph takes from its external source, one array per entry, in this order."""
@@ -133,3 +136,8 @@ def dali_columns(d: dict) -> tuple:
     return (d['scale'], d['aspect'], d['u_top'], d['u_left'], d['flip'], d['dy'], d['dx'], d['jitter'], d['gray'],
             fac[:, 0].copy(), fac[:, 1].copy(), fac[:, 2] * ~d['gray'], fac[:, 3] * f32(360), d['blur'],
             d['sigma'].astype(f32))
+
+
+def cls_columns(d: dict) -> tuple:
+    """draw_batch's arrays (drawn with the classification scale) -> one array per CLS_COLUMNS entry."""
+    return tuple(d[k] for k in CLS_COLUMNS)

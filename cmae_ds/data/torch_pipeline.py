@@ -59,11 +59,11 @@ class ViewDataset(Dataset):
             if self.debug:
                 out['debug'] = dict(d.debug(), box=rrc_box(d, img.width, img.height))
             return out
-        rng = sample_rng(self.seed, epoch, index)
-        if self.mode == 'cls_train':
-            return dict(img=V.train_view(img, rng, self.size))
-        if self.mode == 'cls_probe':
-            return dict(img=V.probe_view(img, rng, self.size))
+        if self.mode in ('cls_train', 'cls_probe'):
+            d = draw_views(self.seed, epoch, index, self.extra, scale=C.CLS_SCALE)
+            if self.mode == 'cls_probe':
+                return dict(img=V.probe_view(img, d, self.size))
+            return dict(img=V.train_view(img, d, sample_rng(self.seed, epoch, index), self.size))
         return dict(img=V.eval_view(img, self.size))
 
 

@@ -6,7 +6,6 @@ pipeline's too.
 """
 from __future__ import annotations
 
-import math
 import random
 
 import numpy as np
@@ -25,29 +24,6 @@ def decode_rgb(path: str) -> Image.Image:
     with Image.open(path) as im:
         im.load()
         return im.convert('RGB')
-
-
-def rrc_box(rng: np.random.Generator, width: int, height: int, scale, ratio) -> tuple[int, int, int, int]:
-    """torchvision RandomResizedCrop.get_params with an explicit generator -> (top, left, h, w)."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return top, left, h, w
-    in_ratio = width / height  # fallback: central crop at the nearest allowed aspect ratio
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
 
 
 def resized_crop(img: Image.Image, box, size: int) -> Image.Image:
@@ -101,19 +77,20 @@ def _rand_augment(size: int):
 _RA_CACHE: dict[int, object] = {}
 
 
-def probe_view(img: Image.Image, rng: np.random.Generator, size: int) -> torch.Tensor:
-    """Linear probing (MAE's recipe): RandomResizedCrop (0.08, 1) bicubic + flip only -> uint8 (3, S, S)."""
-    img = resized_crop(img, rrc_box(rng, img.width, img.height, C.CLS_SCALE, C.RATIO), size)
-    if rng.random() < 0.5:
+def probe_view(img: Image.Image, d: ViewDraws, size: int) -> torch.Tensor:
+    """Linear probing (MAE's recipe): RandomResizedCrop (0.08, 1) bicubic + flip only -> uint8 (3, S, S); the crop and
+    flip come from the shared draws (drawn with the classification scale)."""
+    img = resized_crop(img, rrc_box_of(d, img.width, img.height), size)
+    if d.flip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return to_uint8_chw(img)
 
 
-def train_view(img: Image.Image, rng: np.random.Generator, size: int) -> torch.Tensor:
-    """RandomResizedCrop (0.08, 1) bicubic + flip + RandAugment(2, 9, std 0.5, increasing) -> uint8 (3, S, S).
-    Random erasing happens on the normalized batch (common.random_erasing)."""
-    img = resized_crop(img, rrc_box(rng, img.width, img.height, C.CLS_SCALE, C.RATIO), size)
-    if rng.random() < 0.5:
+def train_view(img: Image.Image, d: ViewDraws, rng: np.random.Generator, size: int) -> torch.Tensor:
+    """RandomResizedCrop (0.08, 1) bicubic + flip (shared draws) + RandAugment(2, 9, std 0.5, increasing, seeded
+    from `rng`) -> uint8 (3, S, S). Random erasing happens on the normalized batch (common.random_erasing)."""
+    img = resized_crop(img, rrc_box_of(d, img.width, img.height), size)
+    if d.flip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     if size not in _RA_CACHE:
         _RA_CACHE[size] = _rand_augment(size)
