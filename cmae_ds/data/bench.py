@@ -64,7 +64,7 @@ def time_pipeline(root: Path, pipeline: str, batch: int, threads: int, img_size:
 def dali_stage_costs(root: Path, batch: int, threads: int, img_size: int, iters: int = 24) -> list[tuple]:
     """CPU ms per image of growing prefixes of the DALI CPU pretraining graph (the real operators and arguments of
     dali_graphs.cmae_views), so the cost of each stage is the difference between two rows."""
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, types
 
     from . import dali_graphs as G
     files = sorted(str(p) for p in root.rglob('*.jpg'))
@@ -94,28 +94,20 @@ def dali_stage_costs(root: Path, batch: int, threads: int, img_size: int, iters:
              '+ gaussian_blur (every sample, sigma U[0.1, 2])']
     rows = []
     for stage, name in enumerate(names):
-        pipe = pipeline_def(lambda: prefix(stage))(batch_size=batch, num_threads=threads, device_id=None, seed=1)
-        pipe.build()
-        pipe.run()
-        cpu0, t = _cpu_seconds(), time.perf_counter()
-        for _ in range(iters):
-            pipe.run()
-        rows.append((name, 1e3 * (_cpu_seconds() - cpu0) / (iters * batch), iters * batch / (time.perf_counter() - t)))
-        del pipe
-    full = _full_graph_cost(files, indices, batch, threads, img_size, iters)
+        rows.append((name,) + _steady_cost(lambda: prefix(stage), batch, threads, iters))
+    from .dali_pipeline import DrawFeed
+    feed = DrawFeed(indices, batch, seed=0, epoch=0, extra=32)
+    full = _steady_cost(lambda: G.cmae_views(files, indices, feed, img_size, 32, 'cpu', 0.65, False),
+                        batch, threads, iters)
     rows.append(('full graph (cmae_views, shared draws)',) + full)
     return rows
 
 
-def _full_graph_cost(files, indices, batch, threads, img_size, iters) -> tuple[float, float]:
+def _steady_cost(graph, batch: int, threads: int, iters: int) -> tuple[float, float]:
+    """(CPU ms per image, images/s) of a CPU DALI graph after its first batch."""
     from nvidia.dali import pipeline_def
-
-    from . import dali_graphs as G
-    from .dali_pipeline import DrawFeed
-    feed = DrawFeed(indices, batch, seed=0, epoch=0, extra=32)
-    graph = pipeline_def(enable_conditionals=True)(
-        lambda: G.cmae_views(files, indices, feed, img_size, 32, 'cpu', 0.65, False))
-    pipe = graph(batch_size=batch, num_threads=threads, device_id=None, seed=1)
+    pipe = pipeline_def(enable_conditionals=True)(graph)(batch_size=batch, num_threads=threads, device_id=None,
+                                                         seed=1)
     pipe.build()
     pipe.run()
     cpu0, t = _cpu_seconds(), time.perf_counter()

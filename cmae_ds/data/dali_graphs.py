@@ -80,12 +80,8 @@ def cmae_views(files, indices, feed, size: int, extra: int, device: str, hw_deco
     """Spec section 7 with the draws of `feed` (an external-source callback, draws.py) ->
     (img, img_target, index[, debug...]); img and img_target float (3, S, S) normalized."""
     jpegs, index = read_files(files, indices)
-    cols = fn.external_source(source=feed, num_outputs=len(DALI_COLUMNS), batch=True, batch_info=True)
-    d = dict(zip(DALI_COLUMNS, cols))
-    top, left, h, w = rrc_box(jpegs, d['scale'], d['aspect'], d['u_top'], d['u_left'])
-    master = fn.decoders.image_slice(jpegs, fn.stack(left, top), fn.stack(w, h), axis_names='WH',
-                                     normalized_anchor=False, normalized_shape=False,
-                                     **_decoder_kwargs(device, hw_decoder_load))
+    d = _draws(feed, DALI_COLUMNS)
+    master, box = _decode_box(jpegs, d, device, hw_decoder_load)
     m = size + extra
     master = fn.resize(master, size=[m, m], interp_type=types.INTERP_CUBIC, antialias=True)
     # The flip is folded into the crops: window x of the flipped master is the mirror of window (extra - x) of
@@ -101,21 +97,30 @@ def cmae_views(files, indices, feed, size: int, extra: int, device: str, hw_deco
     target = target_color_ops(target, d)
     outs = [online, _normalize(target, mirror=flip_i), index]
     if debug:
-        box = fn.cast(fn.stack(top, left, h, w), dtype=types.INT64)
+        box = fn.cast(fn.stack(*box), dtype=types.INT64)
         sigma = d['sigma'] * fn.cast(d['blur'], dtype=types.FLOAT)
         outs += [d['flip'], dy, dx, d['jitter'], d['gray'], d['blur'], sigma, box]
     return tuple(outs)
 
 
-def _crop_from_draws(jpegs, feed, device: str, hw_decoder_load: float):
-    """Decode only the draws' crop box -> (uint8 HWC crop, flip) for the classification graphs."""
-    d = dict(zip(CLS_COLUMNS, fn.external_source(source=feed, num_outputs=len(CLS_COLUMNS), batch=True,
-                                                 batch_info=True)))
+def _draws(feed, columns: tuple) -> dict:
+    """The per-sample draws of `feed` (an external-source callback returning one array per column)."""
+    return dict(zip(columns, fn.external_source(source=feed, num_outputs=len(columns), batch=True, batch_info=True)))
+
+
+def _decode_box(jpegs, d: dict, device: str, hw_decoder_load: float):
+    """Decode only the draws' random-resized-crop box -> (uint8 HWC crop, (top, left, h, w))."""
     top, left, h, w = rrc_box(jpegs, d['scale'], d['aspect'], d['u_top'], d['u_left'])
     img = fn.decoders.image_slice(jpegs, fn.stack(left, top), fn.stack(w, h), axis_names='WH',
                                   normalized_anchor=False, normalized_shape=False,
                                   **_decoder_kwargs(device, hw_decoder_load))
-    return img, d['flip']
+    return img, (top, left, h, w)
+
+
+def _crop_from_draws(jpegs, feed, device: str, hw_decoder_load: float):
+    """-> (uint8 HWC crop, flip) for the classification training graphs."""
+    d = _draws(feed, CLS_COLUMNS)
+    return _decode_box(jpegs, d, device, hw_decoder_load)[0], d['flip']
 
 
 def cls_train_view(files, indices, feed, size: int, device: str, hw_decoder_load: float):

@@ -41,8 +41,8 @@ def _graph_for(mode: str, size: int, extra: int, device: str, hw: float, debug: 
 
 
 class DrawFeed:
-    """External-source callback of the pretraining graph: iteration i -> the draws (draws.py) of batch i's samples,
-    as one array per entry of draws.DALI_COLUMNS. Keyed by (seed, epoch, index) like the torch pipeline's, so where a
+    """External-source callback of the pretraining and classification training graphs: iteration i -> the draws
+    (draws.py) of batch i's samples, one array per entry of draws.DALI_COLUMNS (or CLS_COLUMNS). Keyed by (seed, epoch, index) like the torch pipeline's, so where a
     pipeline starts in the epoch changes nothing. The last batch is padded as the reader pads it (repeating the
     last sample), and the iterations DALI prefetches past the end repeat the last batch (their output is dropped)."""
 

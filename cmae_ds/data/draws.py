@@ -1,7 +1,7 @@
 """Every random decision of spec section 7, from uniforms keyed by (seed, epoch, dataset index), shared by both
 pipelines: the torch pipeline uses them in its workers, the DALI pipeline feeds them to its graph.
 So a sample's views do not depend on the worker, the batch it landed in or where a run resumed, and the two
-pipelines crop, flip, shift and color the same sample the same way.
+pipelines take the same random decisions for a sample (how each carries out its color ops still differs).
 
 The random-resized-crop box depends on the image size, which the DALI graph only learns inside the graph: the
 draws are size-free (ten candidate (area, aspect) pairs and two position fractions) and `rrc_box` turns them into a

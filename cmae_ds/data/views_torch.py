@@ -1,8 +1,8 @@
 """Spec section 7 (and the section 9 classification transforms) on PIL images, one sample at a time.
 
-Every random decision is drawn from a numpy Generator keyed by (seed, epoch, index), so a sample's views do not
-depend on the worker that made them or on where a run resumed; the pretraining draws (draws.py) are the DALI
-pipeline's too.
+Crops, flips and the pretraining view decisions come from draws.py (the DALI pipeline's draws too); RandAugment is
+seeded from a numpy Generator keyed by (seed, epoch, index). So a sample's views do not depend on the worker that
+made them or on where a run resumed.
 """
 from __future__ import annotations
 
