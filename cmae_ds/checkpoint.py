@@ -13,8 +13,7 @@ from typing import Optional, Union
 from torch import nn
 
 from .config import ModelConfig
-from .models import CMAE, ViTClassifier, ViTEncoder, interpolate_pos_embed
-from .models.cmae import build_encoder
+from .models import CMAE, LinearProbe, ViTClassifier, ViTEncoder, build_encoder, resize_pos_embed
 from .safe_load import load_checkpoint_file
 
 StateSource = Union[str, Path, dict]
@@ -141,14 +140,9 @@ def load_official_classifier(source: StateSource, config: ModelConfig, num_class
     config.img_size when the checkpoint was made at another resolution."""
     state = convert_official_classifier(read_state(source, 'official classifier checkpoint'))
     model = ViTClassifier(config, num_classes)
-    _resize_pos_embed(state, 'encoder.pos_embed', model.encoder.grid)
+    resize_pos_embed(state, 'encoder.pos_embed', model.encoder.grid)
     load_strict(model, state, what='official classifier checkpoint', cfg=config)
     return model
-
-
-def _resize_pos_embed(state: dict, key: str, grid: int) -> None:
-    if key in state and state[key].shape[1] != grid * grid + 1:
-        state[key] = interpolate_pos_embed(state[key], grid)
 
 
 def encoder_state(source: StateSource) -> dict:
@@ -185,7 +179,7 @@ def load_encoder(source: StateSource, config: ModelConfig) -> ViTEncoder:
     """An encoder with its final norm (as pretrained), from any checkpoint encoder_state understands."""
     encoder = build_encoder(config, final_norm=True)
     state = encoder_state(source)
-    _resize_pos_embed(state, 'pos_embed', encoder.grid)
+    resize_pos_embed(state, 'pos_embed', encoder.grid)
     load_strict(encoder, state, what='pretrained encoder', cfg=config)
     return encoder
 
@@ -196,7 +190,7 @@ def classifier_from_pretrained(source: StateSource, config: ModelConfig, num_cla
     resized to the fine-tuning resolution), a fresh fc_norm and head."""
     model = ViTClassifier(config, num_classes, drop_path=drop_path, img_size=img_size)
     state = {k: v for k, v in encoder_state(source).items() if not k.startswith('norm.')}
-    _resize_pos_embed(state, 'pos_embed', model.encoder.grid)
+    resize_pos_embed(state, 'pos_embed', model.encoder.grid)
     load_strict(model.encoder, state, what='pretrained encoder', cfg=config)
     return model
 
@@ -230,3 +224,14 @@ def build_timm_vit(encoder_sd: dict, config: ModelConfig):
     model = VisionTransformer(**timm_kwargs(config))
     load_strict(model, encoder_to_timm(encoder_sd), what='encoder exported to timm', cfg=config)
     return model
+
+
+def probe_from_pretrained(source, cfg: ModelConfig, num_classes: int, *, pool: str = 'cls',
+                          img_size: int | None = None) -> LinearProbe:
+    """A LinearProbe over the pretrained encoder (with its final norm) of any checkpoint that
+    encoder_state reads; the position embedding is resized when img_size differs."""
+    encoder = build_encoder(cfg, final_norm=True, img_size=img_size)
+    state = encoder_state(source)
+    resize_pos_embed(state, 'pos_embed', encoder.grid)
+    load_strict(encoder, state, what='pretrained encoder', cfg=cfg)
+    return LinearProbe(encoder, cfg.embed_dim, num_classes, pool)

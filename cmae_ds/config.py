@@ -37,6 +37,9 @@ ENCODER_SIZES: dict[str, EncoderSize] = {
     'vit_giant': EncoderSize(embed_dim=1408, depth=40, num_heads=16, mlp_ratio=6144 / 1408, patch_size=14),
 }
 
+# Spec section 4: both decoders, whatever the encoder's MLP ratio (ViT-g's is 4.36).
+DECODER_MLP_RATIO = 4.0
+
 # Decoder and projector widths that go with the small debug encoder; every other size uses the official ones.
 _DEBUG_HEADS = dict(decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4, feature_decoder_depth=1,
                     proj_hidden_dim=128, proj_dim=32)

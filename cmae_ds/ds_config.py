@@ -83,6 +83,12 @@ class ResolvedBatch:
     """True when zero_optimization.offload_optimizer.device is 'cpu' or 'nvme'."""
 
 
+def compute_dtype(batch: ResolvedBatch):
+    """The torch dtype inputs are cast to before the engine's forward."""
+    import torch
+    return {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(batch.precision, torch.float32)
+
+
 def load_ds_config(path: str) -> dict:
     """Read a DeepSpeed JSON file; ConfigError naming the file when it is missing, unreadable or not an object."""
     p = Path(path)

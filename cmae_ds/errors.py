@@ -3,4 +3,9 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data.sources import DataFileError, DataSourceError
 
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf; training stopped without saving."""
+
+
 USER_ERRORS = (ConfigError, CheckpointError, DataSourceError, DataFileError)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-# Decoders use MLP ratio 4 whatever the encoder (spec section 4); ModelConfig has no field for it.
-DECODER_MLP_RATIO = 4.0
+from .config import DECODER_MLP_RATIO
+
 
 TRAIN_MULT = 3.0        # forward + input grad + weight grad
 PATCH_EMBED_MULT = 2.0  # forward + weight grad (the image needs no grad)

@@ -6,6 +6,7 @@ returns a float; nothing here holds state, so resuming at step k gives exactly t
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 
 def scaled_lr(base_lr: float, global_batch: int) -> float:
@@ -59,3 +60,32 @@ def _check_steps(step: int, total_steps: int, warmup_steps: int) -> None:
         raise ValueError(f'total_steps must be positive, got {total_steps}')
     if warmup_steps < 0:
         raise ValueError(f'warmup_steps must be >= 0, got {warmup_steps}')
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate of a run as a pure function of the optimizer step, with the run's step arithmetic."""
+    peak_lr: float
+    total_steps: int
+    warmup_steps: int
+    steps_per_epoch: int
+    warmup_start_factor: float
+    min_lr: float
+
+    def lr(self, step: int) -> float:
+        return lr_at(step, base_lr=self.peak_lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                     warmup_start_factor=self.warmup_start_factor, min_lr=self.min_lr)
+
+
+def make_schedule(opt, global_batch: int, grad_accum: int, batches_per_epoch: int, where: str) -> Schedule:
+    """`opt`: a section with base_lr (per 256 images), epochs, warmup_epochs, warmup_start_factor and min_lr;
+    `batches_per_epoch`: micro-batches per rank. `where` names the DeepSpeed JSON in the error."""
+    steps_per_epoch = batches_per_epoch // grad_accum
+    if steps_per_epoch == 0:
+        from .config import ConfigError
+        raise ConfigError(f'{where}: {batches_per_epoch} micro-batches per rank per epoch are fewer than '
+                          f'gradient_accumulation_steps {grad_accum}: the dataset is too small for a '
+                          f'global batch of {global_batch}')
+    return Schedule(peak_lr=scaled_lr(opt.base_lr, global_batch), total_steps=opt.epochs * steps_per_epoch,
+                    warmup_steps=opt.warmup_epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch,
+                    warmup_start_factor=opt.warmup_start_factor, min_lr=opt.min_lr)

@@ -57,8 +57,7 @@ def run(args) -> dict:
     check_labels(samples, loaded.num_classes, 'val_data')
     loader = build_classification_loader(cfg.val_data, train=False, img_size=loaded.img_size,
                                          batch_size=args.batch_size, rank=ctx.rank, world_size=ctx.world_size,
-                                         seed=0, device=ctx.device, samples=samples,
-                                         hw_decoder_load=cfg.val_data.hw_decoder_load)
+                                         seed=0, device=ctx.device, samples=samples)
     model = loaded.model.to(ctx.device).eval()
     bf16 = args.precision == 'bf16' or (args.precision == 'auto' and ctx.device.type == 'cuda')
 

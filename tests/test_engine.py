@@ -21,9 +21,9 @@ def image_folder(tmp_path_factory):
     return root
 
 
-def pretrain(tmp_path, run, folder, *extra, env=None):
+def pretrain(tmp_path, run, folder, *extra, env=None, script=('launch/pretrain.py',)):
     ds = write_ds(tmp_path)
-    args = ['launch/pretrain.py', '--deepspeed_config', ds, *TINY, 'data.source=folder', f'data.root={folder}',
+    args = [*script, '--deepspeed_config', ds, *TINY, 'data.source=folder', f'data.root={folder}',
             'data.pipeline=torch', 'data.num_workers=0', 'train.epochs=10', 'train.warmup_epochs=1',
             'train.save_every_steps=2', 'train.keep_last=2', f'train.output_dir={tmp_path / run}', *extra]
     return run_python(args, extra_env=env)
@@ -47,7 +47,7 @@ def test_resume_continues_exactly_and_survives_a_kill_during_save(tmp_path, imag
     assert straight.returncode == 0, tail(straight)
     # a run killed while writing step 6: files on disk, no completion marker
     killed = pretrain(tmp_path, 'split', image_folder, 'train.max_steps=8',
-                      env={'CMAE_TEST_KILL_DURING_SAVE': 'step_00000006'})
+                      script=('tests/dist_scripts/kill_during_save.py', 'step_00000006'))
     assert killed.returncode != 0
     ckpts = tmp_path / 'split' / 'checkpoints'
     assert (ckpts / 'step_00000006').is_dir() and not (ckpts / 'step_00000006' / 'complete.json').exists()

@@ -2,7 +2,8 @@
 import torch
 
 from cmae_ds.config import ModelConfig
-from cmae_ds.engine.linprobe import LARS, build_probe, probe_param_groups
+from cmae_ds.engine.optim import LARS, probe_param_groups
+from cmae_ds.models import build_probe
 
 
 def test_lars_step_is_maes():

@@ -4,7 +4,7 @@ import torch
 
 from cmae_ds.config import ModelConfig
 from cmae_ds.engine.lr_decay import layer_decay_groups, layer_id
-from cmae_ds.engine.pretrain import set_lr
+from cmae_ds.engine.optim import set_lr
 from cmae_ds.models import ViTClassifier
 
 DEPTH = 3

@@ -43,14 +43,14 @@ def _plan(samples_len: int, batch_size: int, rank: int, world_size: int, seed: i
     return plan
 
 
-def _make(mode: str, data_cfg, samples: list[Sample], plan: ShardPlan, img_size: int, device, debug: bool,
-          hw_decoder_load: float) -> EpochLoader:
+def _make(mode: str, data_cfg, samples: list[Sample], plan: ShardPlan, img_size: int, device,
+          debug: bool) -> EpochLoader:
     pipeline = resolve_pipeline(data_cfg.pipeline)
     erase = mode == 'cls_train'
     if pipeline == 'dali':
         from .dali_pipeline import DaliLoader
         loader = DaliLoader(samples, mode, plan, device, img_size, data_cfg.master_extra, data_cfg.num_workers,
-                            hw_decoder_load, debug, erase)
+                            data_cfg.hw_decoder_load, debug, erase)
     else:
         from .torch_pipeline import TorchLoader, ViewDataset
         ds = ViewDataset(samples, mode, img_size, data_cfg.master_extra, plan.seed, debug)
@@ -61,13 +61,12 @@ def _make(mode: str, data_cfg, samples: list[Sample], plan: ShardPlan, img_size:
 
 def build_pretrain_loader(data_cfg, img_size: int = 224, batch_size: int = 64, rank: int = 0, world_size: int = 1,
                           seed: int = 0, device: torch.device | str = 'cpu', drop_last: bool = True, *,
-                          debug: bool = False, hw_decoder_load: float = 0.65,
+                          debug: bool = False,
                           samples: Optional[list[Sample]] = None) -> EpochLoader:
     """Batches of the two CMAE views (spec section 7) for this rank.
 
     Yields dicts: 'img' (online view) and 'img_target' float32 (N, 3, S, S) normalized, on `device`; 'index' (N,)
     int64 dataset indices; with debug=True also 'debug': {flip, dy, dx, jitter, gray, blur, sigma} (N,) CPU tensors.
-    hw_decoder_load: share of JPEGs for the GPU's hardware decoder (DALI on CUDA only).
     samples: (path, label) list overriding data_cfg's source (benchmarks, tests).
     """
     device = torch.device(device)
@@ -77,12 +76,12 @@ def build_pretrain_loader(data_cfg, img_size: int = 224, batch_size: int = 64, r
         return SyntheticLoader(plan, device, img_size, 'pretrain')
     samples = samples if samples is not None else list_samples(data_cfg)
     plan = _plan(len(samples), batch_size, rank, world_size, seed, True, drop_last, False, f'data.{data_cfg.source}')
-    return _make('pretrain', data_cfg, samples, plan, img_size, device, debug, hw_decoder_load)
+    return _make('pretrain', data_cfg, samples, plan, img_size, device, debug)
 
 
 def build_classification_loader(data_cfg, train: bool, img_size: int = 224, batch_size: int = 64, rank: int = 0,
                                 world_size: int = 1, seed: int = 0, device: torch.device | str = 'cpu',
-                                drop_last: Optional[bool] = None, *, hw_decoder_load: float = 0.65,
+                                drop_last: Optional[bool] = None, *,
                                 samples: Optional[list[Sample]] = None, augment: str = 'finetune') -> EpochLoader:
     """Training batches (train=True) or evaluation batches. Training augmentation: augment='finetune'
     (RandomResizedCrop + flip + RandAugment + random erasing) or 'probe' (RandomResizedCrop + flip: MAE's linear
@@ -105,4 +104,4 @@ def build_classification_loader(data_cfg, train: bool, img_size: int = 224, batc
     samples = samples if samples is not None else list_samples(data_cfg)
     plan = _plan(len(samples), batch_size, rank, world_size, seed, train, drop_last, not drop_last,
                  f'data.{data_cfg.source}')
-    return _make(mode, data_cfg, samples, plan, img_size, device, False, hw_decoder_load)
+    return _make(mode, data_cfg, samples, plan, img_size, device, False)

@@ -17,12 +17,11 @@ import torch
 
 from ..config import Config
 from ..data import build_pretrain_loader
-from ..ds_config import ResolvedBatch, check_precision_supported, validate
+from ..ds_config import ResolvedBatch, check_precision_supported, compute_dtype, validate
 from ..flops import flops_per_image, mfu, peak_tflops
 from ..kernels import last_impl
 from ..schedules import scaled_lr
 from .dist import DistContext
-from .common import dtype_of
 from .pretrain import mask_generator, momentum_step, train_step
 
 
@@ -103,7 +102,7 @@ def _batches(mode: str, cfg: Config, batch_cfg: ResolvedBatch, ctx: DistContext)
         return iter(lambda: batch, None), 'synthetic-on-device'
     loader = build_pretrain_loader(cfg.data, img_size=cfg.model.img_size, batch_size=batch_cfg.micro_batch,
                                    rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
-                                   device=ctx.device, drop_last=True, hw_decoder_load=cfg.data.hw_decoder_load)
+                                   device=ctx.device, drop_last=True)
 
     def endless():
         epoch = 0
@@ -148,7 +147,7 @@ def _time_steps(cfg, ds, batch_cfg, ctx, batches, warmup, steps, result) -> tupl
     from .pretrain import build_engine
     engine, model, result.optimizer = build_engine(cfg, ds, batch_cfg, ctx, scaled_lr(cfg.train.base_lr,
                                                                                        batch_cfg.global_batch))
-    dtype, gen = dtype_of(batch_cfg), mask_generator(cfg, ctx)
+    dtype, gen = compute_dtype(batch_cfg), mask_generator(cfg, ctx)
     timer, wait = StepTimer(ctx.device), 0.0
     for i in range(warmup + steps):
         if i == warmup:

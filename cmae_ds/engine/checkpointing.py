@@ -6,16 +6,17 @@ Layout: <run>/checkpoints/<tag>/ (DeepSpeed's files + complete.json), <run>/chec
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import signal
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from ..atomic_write import atomic_write_text
+from ..config import ConfigError
 from .dist import barrier
 
 MARKER = 'complete.json'
@@ -49,13 +50,21 @@ def find_resume_tag(ckpt_dir: Path) -> Optional[str]:
     return tags[-1] if tags else None
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + '.tmp')
-    with open(tmp, 'w') as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def resume_tag(resume: str, ckpt_dir: Path) -> Optional[str]:
+    """The tag a run starts from: `resume` is 'auto' (the newest complete checkpoint, or none), 'none' (refuse a
+    folder that holds checkpoints) or a tag (which must be complete)."""
+    existing = find_resume_tag(ckpt_dir)
+    if resume == 'auto':
+        return existing
+    if resume == 'none':
+        if existing is not None:
+            raise ConfigError(f'{ckpt_dir} already holds checkpoints ({existing}); use --resume auto to continue '
+                              'that run, or set train.output_dir to a new folder (nothing was overwritten)')
+        return None
+    tag = Path(resume).name
+    if not (ckpt_dir / tag / MARKER).is_file():
+        raise ConfigError(f'--resume {resume}: no complete checkpoint {tag} in {ckpt_dir}')
+    return tag
 
 
 def rng_state() -> dict:
@@ -88,15 +97,18 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, 
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     if rank_state is not None:
         torch.save(rank_state, rank_file(ckpt_dir, tag, engine.global_rank))
-    if os.environ.get('CMAE_TEST_KILL_DURING_SAVE') == tag:
-        os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the resume test: files written, no marker
     barrier()  # every rank's shard is on disk before the checkpoint is declared complete
     if is_main:
-        _atomic_write(ckpt_dir / tag / MARKER, json.dumps({'step': step, 'tag': tag}))
-        _atomic_write(ckpt_dir / POINTER, tag)
+        mark_complete(ckpt_dir, tag, step)
         prune(ckpt_dir, keep_last)
     barrier()
     return ckpt_dir / tag
+
+
+def mark_complete(ckpt_dir: Path, tag: str, step: int) -> None:
+    """The checkpoint counts from here on: its marker, then the pointer to it."""
+    atomic_write_text(ckpt_dir / tag / MARKER, json.dumps({'step': step, 'tag': tag}))
+    atomic_write_text(ckpt_dir / POINTER, tag)
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:
@@ -125,3 +137,27 @@ def load(engine, ckpt_dir: Path, tag: str) -> dict:
     if path is None:
         raise RuntimeError(f'DeepSpeed could not load checkpoint {ckpt_dir / tag}')
     return client_state
+
+
+@dataclass
+class Checkpointer:
+    """Owns when a run saves (every `every` steps, at its last step, and at each epoch's end when
+    `at_epoch_end`) and what goes in: the client state (rank 0's, in DeepSpeed's files) and each rank's own."""
+    engine: object
+    ckpt_dir: Path
+    every: int
+    keep_last: int
+    is_main: bool
+    client_state: Callable[[], dict]
+    rank_state: Optional[Callable[[], dict]] = None
+    at_epoch_end: bool = False
+    last_saved: Optional[Path] = None
+
+    def due(self, step: int, *, final: bool, epoch_end: bool = False) -> bool:
+        return final or (self.every > 0 and step % self.every == 0) or (epoch_end and self.at_epoch_end)
+
+    def save(self, step: int) -> Path:
+        rank_state = self.rank_state() if self.rank_state is not None else None
+        self.last_saved = save(self.engine, self.ckpt_dir, step, self.client_state(), self.keep_last, self.is_main,
+                               rank_state=rank_state)
+        return self.last_saved

@@ -16,7 +16,8 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, load_official_classifier, load_strict, read_state
 from ..config import ConfigError, ModelConfig
-from ..models import ViTClassifier, interpolate_pos_embed
+from ..atomic_write import atomic_torch_save
+from ..models import ViTClassifier, resize_pos_embed
 from ..safe_load import load_checkpoint_file
 
 CLASSIFIER_FORMAT = 'cmae_ds.classifier'
@@ -96,10 +97,7 @@ def save_classifier_file(path: Path, state_dict: dict, *, kind: str, model_cfg: 
     payload = {'format': CLASSIFIER_FORMAT, 'kind': kind, 'state_dict': state_dict,
                'model_config': dataclasses.asdict(model_cfg), 'num_classes': num_classes, 'img_size': img_size,
                **(extra or {})}
-    tmp = path.with_name(path.name + '.tmp')
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return path
+    return atomic_torch_save(payload, path)
 
 
 @dataclass
@@ -152,9 +150,7 @@ def load_classifier(source: Union[str, Path], model_cfg: Optional[ModelConfig] =
                                 f'official classifier {path}')
     model = ViTClassifier(model_cfg, classes)
     state = dict(state)
-    pos = state.get('encoder.pos_embed')
-    if pos is not None and pos.shape[1] != model.encoder.grid ** 2 + 1:
-        state['encoder.pos_embed'] = interpolate_pos_embed(pos, model.encoder.grid)
+    resize_pos_embed(state, 'encoder.pos_embed', model.encoder.grid)
     load_strict(model, state, what=f'classifier checkpoint {path}', cfg=model_cfg)
     return LoadedClassifier(model, model_cfg.img_size, classes, f'classifier state dict {path}')
 
@@ -163,7 +159,7 @@ def _load_ours(obj: dict, path: Path) -> LoadedClassifier:
     cfg = ModelConfig(**obj['model_config'])
     num_classes, img_size, kind = int(obj['num_classes']), int(obj['img_size']), obj.get('kind', 'finetune')
     if kind == 'linprobe':
-        from .linprobe import build_probe
+        from ..models import build_probe
         model = build_probe(cfg, num_classes, pool=obj.get('pool', 'cls'), img_size=img_size)
     else:
         model = ViTClassifier(cfg, num_classes, img_size=img_size)

@@ -32,7 +32,7 @@ def layer_scale(layer: int, depth: int, layer_decay: float) -> float:
 
 def layer_decay_groups(model: nn.Module, *, weight_decay: float, layer_decay: float, depth: int) -> list[dict]:
     """One group per (layer, decay or not) over the trainable parameters, each with 'lr_scale' (which
-    engine.pretrain.set_lr multiplies in), 'weight_decay', 'layer_id' and 'names' (for inspection; build_optimizer
+    engine.optim.set_lr multiplies in), 'weight_decay', 'layer_id' and 'names' (for inspection; build_optimizer
     strips them). No weight decay on 1-D parameters, biases, the cls token and the position embedding."""
     groups: dict[tuple[int, bool], dict] = {}
     for name, param in model.named_parameters():

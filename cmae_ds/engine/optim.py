@@ -1,6 +1,8 @@
-"""AdamW parameter groups (spec section 8) and optimizer construction."""
+"""Optimizers and their parameter groups: AdamW for pretraining and fine-tuning (spec section 8), LARS or SGD for
+linear probing (MAE's util/lars.py: batch 16384, lr 0.1 x 16384 / 256 = 6.4, no weight decay), and the per-step lr."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..kernels.optim import build_adamw
@@ -32,3 +34,54 @@ def build_optimizer(groups: list[dict], *, lr: float, betas, backend: str, devic
     """(optimizer, name) from the fused-AdamW dispatcher (cmae_ds.kernels.optim); group options pass through."""
     clean = [{k: v for k, v in g.items() if k != 'names'} for g in groups]
     return build_adamw(clean, lr=lr, betas=tuple(betas), backend=backend, device=device, offload=offload)
+
+
+def set_lr(optimizer, lr: float) -> None:
+    """The step's learning rate, times each group's 'lr_scale' (layer-wise decay in fine-tuning)."""
+    for group in optimizer.param_groups:
+        group['lr'] = lr * group.get('lr_scale', 1.0)
+
+
+def probe_param_groups(model: LinearProbe, weight_decay: float) -> list[dict]:
+    """The linear layer only; MAE's LARS skips 1-D parameters (the bias) for adaptation and weight decay itself."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{'params': [p for _, p in params], 'names': [n for n, _ in params], 'weight_decay': weight_decay,
+             'lr_scale': 1.0}]
+
+
+class LARS(torch.optim.Optimizer):
+    """MAE's LARS (util/lars.py): SGD with momentum where each matrix's update is rescaled by
+    trust_coefficient x |w| / |g + wd w|; 1-D parameters (biases, norms) get plain momentum SGD, no weight decay."""
+
+    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+                 trust_coefficient: float = 0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim > 1:
+                    update = update.add(p, alpha=group['weight_decay'])
+                    p_norm, u_norm = torch.norm(p), torch.norm(update)
+                    one = torch.ones_like(p_norm)
+                    trust = torch.where(p_norm > 0, torch.where(u_norm > 0,
+                                                                group['trust_coefficient'] * p_norm / u_norm, one), one)
+                    update = update.mul(trust)
+                mu = self.state[p].setdefault('mu', torch.zeros_like(p))
+                mu.mul_(group['momentum']).add_(update)
+                p.add_(mu, alpha=-group['lr'])
+        return loss
+
+
+def build_probe_optimizer(groups: list[dict], *, name: str, lr: float, momentum: float):
+    """(optimizer, name): LARS as MAE, or SGD with momentum."""
+    clean = [{k: v for k, v in g.items() if k != 'names'} for g in groups]
+    if name == 'lars':
+        return LARS(clean, lr=lr, momentum=momentum), 'lars'
+    return torch.optim.SGD(clean, lr=lr, momentum=momentum), 'sgd'

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .cmae import build_encoder
+from .vit import build_encoder
 from .vit import LN_EPS
 
 

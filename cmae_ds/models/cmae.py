@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import DECODER_MLP_RATIO, ModelConfig
 from ..kernels import FlatEMA, fused_enabled
 from ..kernels._switch import record
 from ..losses import contrastive_loss, reconstruction_loss
@@ -14,19 +14,9 @@ from .collectives import keep_dtype
 from .decoder import MAEDecoder
 from .heads import ProjectionMLP
 from .masking import block_mask, patch_mask, visible_ids
-from .vit import ViTEncoder
+from .vit import build_encoder
 
 TARGET_PREFIXES = ('target_encoder.', 'target_projector.')
-
-
-def build_encoder(cfg: ModelConfig, *, final_norm: bool, learned_pos: bool = False, drop_path: float = 0.0,
-                  img_size: Optional[int] = None) -> ViTEncoder:
-    return ViTEncoder(img_size=img_size or cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
-                      dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-                      drop_path=drop_path, final_norm=final_norm, learned_pos=learned_pos)
-
-
-DECODER_MLP_RATIO = 4.0  # spec section 4: both decoders, whatever the encoder's ratio (ViT-g's is 4.36)
 
 
 def build_decoder(cfg: ModelConfig, depth: int, out_dim: int) -> MAEDecoder:

@@ -6,6 +6,7 @@ timm export is a rename-free copy; the official mmselfsup names are mapped in cm
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,15 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, new_grid: int) -> torch.Tenso
     grid_rows = F.interpolate(grid_rows, size=(new_grid, new_grid), mode='bicubic', align_corners=False)
     grid_rows = grid_rows.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, dim).to(pos_embed.dtype)
     return torch.cat([cls_row, grid_rows], dim=1)
+
+
+def resize_pos_embed(state: dict, key: str, grid: int) -> dict:
+    """In place: the state dict's position embedding at `key` resized to `grid` when it was made for another
+    resolution (fine-tuning or probing at 384/448 from a 224 pretraining). Returns the state dict."""
+    pos = state.get(key)
+    if pos is not None and pos.shape[1] != grid * grid + 1:
+        state[key] = interpolate_pos_embed(pos, grid)
+    return state
 
 
 class PatchEmbed(nn.Module):
@@ -185,3 +195,11 @@ class ViTEncoder(nn.Module):
         x = self.patch_embed(img) + self.pos_embed[:, 1:].to(img.dtype)
         return self.norm(self.blocks(self._with_cls(x)))
 
+
+
+def build_encoder(cfg, *, final_norm: bool, learned_pos: bool = False, drop_path: float = 0.0,
+                  img_size: Optional[int] = None) -> ViTEncoder:
+    """The encoder of a ModelConfig `cfg` (at `img_size` when given, else cfg.img_size)."""
+    return ViTEncoder(img_size=img_size or cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+                      dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+                      drop_path=drop_path, final_norm=final_norm, learned_pos=learned_pos)

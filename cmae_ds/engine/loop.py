@@ -1,0 +1,130 @@
+"""The one training loop of pretraining, fine-tuning and linear probing.
+
+The loop owns epochs, accumulation boundaries and the position inside an epoch (so a resume skips exactly the
+micro-batches already trained on). At each optimizer step it asks the components that own the answers: the task
+(its own after-step work: the EMA, images, evaluation), `StepMetrics` (log now?), the `Checkpointer` (save now?).
+A task supplies `train_step(batch) -> dict` (one micro-step, 'loss' on the device), `after_step(loop, batch, out,
+final)`, `log_values(step) -> dict` and `end_of_epoch(loop, final)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Protocol
+
+from ..ds_config import ResolvedBatch, check_precision_supported, load_ds_config, validate
+from ..schedules import Schedule
+from .checkpointing import Checkpointer, resume_tag
+from .dist import DistContext, setup_distributed
+from .logger import RunLogger
+from .metrics import StepMetrics
+from .optim import set_lr
+
+
+@dataclass
+class Progress:
+    """Where the run is; saved in every checkpoint's client state."""
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of the current epoch already trained on
+    step: int = 0  # optimizer steps taken
+
+
+class Task(Protocol):
+    def train_step(self, batch: dict) -> dict: ...
+
+    def after_step(self, loop: 'Loop', batch: dict, out: dict, final: bool) -> None: ...
+
+    def log_values(self, step: int) -> dict: ...
+
+    def end_of_epoch(self, loop: 'Loop', final: bool) -> None: ...
+
+
+@dataclass
+class RunStart:
+    """What every task knows before it builds its data and model: the DeepSpeed JSON checked against the config
+    and the world size, the process group, the run folder and the checkpoint to resume from."""
+    ds: dict
+    ds_path: str
+    ctx: DistContext
+    batch: ResolvedBatch
+    run_dir: Path
+    tag: Optional[str]
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / 'checkpoints'
+
+
+def start_run(ds_path: str, cfg, output_dir: str, resume: str,
+              check: Optional[Callable[[dict, ResolvedBatch], None]] = None) -> RunStart:
+    """`cfg`: the pretraining Config to validate against the JSON, or None (classification tasks); `check(ds,
+    batch)`: the task's own checks of the JSON."""
+    ds = load_ds_config(ds_path)
+    ctx = setup_distributed()
+    batch = validate(ds, cfg, ctx.world_size, path=ds_path)
+    check_precision_supported(batch, ds_path)
+    if check is not None:
+        check(ds, batch)
+    run_dir = Path(output_dir)
+    return RunStart(ds, ds_path, ctx, batch, run_dir, resume_tag(resume, run_dir / 'checkpoints'))
+
+
+@dataclass
+class Loop:
+    engine: object
+    schedule: Schedule
+    progress: Progress
+    grad_accum: int
+    max_steps: int
+    metrics: StepMetrics
+    checkpointer: Checkpointer
+    logger: RunLogger
+    observer: Optional[Callable[[int], None]] = None
+
+    def __post_init__(self):
+        total = self.schedule.total_steps
+        self.last_step = total if self.max_steps <= 0 else min(total, self.progress.step + self.max_steps)
+        # A partial accumulation at an epoch's end is dropped: every optimizer step sees a full global batch.
+        self.usable = self.schedule.steps_per_epoch * self.grad_accum
+
+    def run(self, task: Task, loader) -> None:
+        p, last_step, usable = self.progress, self.last_step, self.usable
+        set_lr(self.engine.optimizer, self.schedule.lr(p.step))
+        while p.step < last_step:
+            loader.set_epoch(p.epoch)
+            if p.batch_in_epoch:
+                loader.skip_batches(p.batch_in_epoch)
+            for batch in self.metrics.timed(loader):
+                boundary = self.engine.is_gradient_accumulation_boundary()
+                out = task.train_step(batch)
+                self.metrics.accumulate(out, batch['img'].shape[0])
+                p.batch_in_epoch += 1
+                epoch_done = p.batch_in_epoch >= usable
+                if epoch_done:
+                    p.epoch, p.batch_in_epoch = p.epoch + 1, 0
+                if boundary:
+                    p.step += 1
+                    self._after_step(task, batch, out, epoch_done, final=p.step >= last_step)
+                if epoch_done or p.step >= last_step:
+                    break
+
+    def _after_step(self, task: Task, batch: dict, out: dict, epoch_done: bool, final: bool) -> None:
+        step = self.progress.step
+        task.after_step(self, batch, out, final)
+        set_lr(self.engine.optimizer, self.schedule.lr(step))
+        self.logger.advance()
+        if self.metrics.due(step, final):
+            self.metrics.check_finite(step)
+            self.logger.scalars(step, self.metrics.collect(self.engine, self._log_values(task, step)))
+        if epoch_done or final:
+            task.end_of_epoch(self, final)
+        if self.checkpointer.due(step, final=final, epoch_end=epoch_done):
+            self.metrics.check_finite(step)
+            self.checkpointer.save(step)
+        if self.observer is not None:
+            self.observer(step)
+
+    def _log_values(self, task: Task, step: int) -> dict:
+        p = self.progress
+        return {'lr': self.schedule.lr(step), **task.log_values(step),
+                'epoch': p.epoch + p.batch_in_epoch / max(1, self.usable)}
