@@ -250,6 +250,13 @@ class TrainConfig:
     log_every_steps: int = 10
     image_every_steps: int = 500
     progress_bar: bool = True
+    collective_timeout_s: float = 1800.0
+    """How long a collective waits for a peer before it fails the run (NCCL/gloo timeout)."""
+    stall_factor: float = 20.0
+    """Step watchdog: a rank with no optimizer step for this many times the recent median step time (and at least
+    stall_min_s) dumps its stacks to the run folder and exits (0: off)."""
+    stall_min_s: float = 600.0
+    """The watchdog's floor: short steps vary a lot in relative terms (data, GC, logging)."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -384,6 +391,13 @@ class ClassifierTrainConfig:
     keep_last: int = 1
     log_every_steps: int = 10
     progress_bar: bool = True
+    collective_timeout_s: float = 1800.0
+    """How long a collective waits for a peer before it fails the run (NCCL/gloo timeout)."""
+    stall_factor: float = 20.0
+    """Step watchdog: a rank with no optimizer step for this many times the recent median step time (and at least
+    stall_min_s) dumps its stacks to the run folder and exits (0: off)."""
+    stall_min_s: float = 600.0
+    """The watchdog's floor: short steps vary a lot in relative terms (data, GC, logging)."""
 
     def __post_init__(self) -> None:
         where = type(self).section

@@ -8,4 +8,9 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or inf; training stopped without saving."""
 
 
+class Preempted(RuntimeError):
+    """A stop was requested (SIGTERM, SIGINT, SIGUSR1, or the launcher died) and a complete checkpoint was
+    written: the run resumes from it when started again."""
+
+
 USER_ERRORS = (ConfigError, CheckpointError, DataSourceError, DataFileError)

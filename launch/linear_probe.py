@@ -1,15 +1,27 @@
 #!/usr/bin/env python
-"""Linear probing (MAE protocol): `launch/finetune.py --linear-probe`; see docs/finetune.md.
+"""Linear probing (MAE protocol) of a pretrained encoder; the same as `launch/finetune.py --linear-probe`.
+See docs/finetune.md.
 
   deepspeed --num_gpus 8 launch/linear_probe.py --config linprobe_vit_base \\
       --deepspeed_config ds_configs/linprobe_bf16.json linprobe.pretrained=runs/cmae_vit_base_300e/model.pt \\
       data.root=/data/imagenet/train val_data.root=/data/imagenet/val
 """
+import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune import main  # noqa: E402
+from cmae_ds.cli import add_classifier_arguments, run_classifier, run_guarded
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_classifier_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    return run_guarded(lambda: run_classifier(args, 'linprobe'))
+
 
 if __name__ == '__main__':
-    sys.exit(main(linear_probe=True))
+    sys.exit(main())

@@ -12,17 +12,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from cmae_ds.cli import add_run_arguments, run_guarded
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--config', default='debug', help='YAML file or preset name in cmae_ds/presets')
-    parser.add_argument('--deepspeed_config', '--ds_config', dest='ds_config', default=None,
-                        help='DeepSpeed JSON (default: ds_configs/cpu_debug.json, fp32, runs on a CPU or one GPU)')
-    parser.add_argument('--resume', default='auto', help="'auto' (newest complete checkpoint), 'none', or a tag")
-    parser.add_argument('--local_rank', type=int, default=None, help='set by the DeepSpeed launcher')
-    parser.add_argument('overrides', nargs='*', help='section.key=value')
+    add_run_arguments(parser, 'DeepSpeed JSON (default: ds_configs/cpu_debug.json, fp32, runs on a CPU or one GPU)')
     return parser.parse_args(argv)
 
 
@@ -40,20 +38,16 @@ def knn_monitor(cfg):
 
 def main(argv=None) -> int:
     args = parse(argv)
+    return run_guarded(lambda: run(args))
+
+
+def run(args) -> int:
     from cmae_ds.config import load_config
-    from cmae_ds.engine.pretrain import NonFiniteLoss, train
-    from cmae_ds.errors import USER_ERRORS
-    observer = None
+    from cmae_ds.engine.pretrain import train
+    cfg = load_config(args.config, args.overrides)
+    observer = knn_monitor(cfg)
     try:
-        cfg = load_config(args.config, args.overrides)
-        observer = knn_monitor(cfg)
         result = train(cfg, args.ds_config or default_ds_config(), resume=args.resume, observer=observer)
-    except USER_ERRORS as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    except NonFiniteLoss as e:
-        print(f'training stopped: {e}', file=sys.stderr)
-        return 3
     finally:
         if observer is not None:
             observer.close()

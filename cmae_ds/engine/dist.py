@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
 
 import torch
 
@@ -26,10 +28,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def setup_distributed() -> DistContext:
+def setup_distributed(timeout_s: Optional[float] = None) -> DistContext:
     """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on the CPU).
 
     A plain `python launch/x.py` gets a one-rank group on a free local port, so the same code path runs everywhere.
+    `timeout_s`: how long a collective may wait for a peer before it fails (None: torch's default).
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -40,7 +43,8 @@ def setup_distributed() -> DistContext:
     accel = get_accelerator()
     backend = accel.communication_backend_name()
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend)
+        kw = {} if timeout_s is None else {'timeout': timedelta(seconds=timeout_s)}
+        deepspeed.init_distributed(dist_backend=backend, **kw)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
     if accel.device_name() == 'cuda':

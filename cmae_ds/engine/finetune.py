@@ -248,11 +248,14 @@ def run_evaluation(engine, val_loader, dtype: torch.dtype) -> EvalResult:
 def train(cfg: TaskConfig, ds_path: str, resume: str = 'auto') -> FinetuneResult:
     """Fine-tune (cfg.task a FinetuneConfig) or linearly probe (a LinearProbeConfig) with the DeepSpeed JSON at
     `ds_path`. `resume`: 'auto' (newest complete checkpoint of the run folder), 'none', or a tag."""
-    task = cfg.task
-    run = start_run(ds_path, None, task.output_dir, resume, check=lambda ds, b: _check_task(cfg, ds, b, ds_path))
-    ctx, batch_cfg = run.ctx, run.batch
+    with start_run(ds_path, None, cfg.task, resume, check=lambda ds, b: _check_task(cfg, ds, b, ds_path)) as run:
+        return _train(cfg, run)
+
+
+def _train(cfg: TaskConfig, run: RunStart) -> FinetuneResult:
+    task, ctx, batch_cfg = cfg.task, run.ctx, run.batch
     loader, val_loader = _loaders(cfg, batch_cfg, ctx)
-    schedule = make_schedule(task, batch_cfg.global_batch, batch_cfg.grad_accum, len(loader), ds_path)
+    schedule = make_schedule(task, batch_cfg.global_batch, batch_cfg.grad_accum, len(loader), run.ds_path)
     engine, model, opt_name = build_engine(cfg, run.ds, batch_cfg, ctx, schedule.peak_lr)
     progress = ClassifierProgress()
     if run.tag is not None:
@@ -269,7 +272,7 @@ def train(cfg: TaskConfig, ds_path: str, resume: str = 'auto') -> FinetuneResult
     checkpointer = Checkpointer(engine, run.ckpt_dir, task.save_every_steps, task.keep_last, ctx.is_main,
                                 client_state=ctask.client_state, at_epoch_end=True)
     metrics = StepMetrics(engine.device, ctask.loss_keys, task.log_every_steps, ctx.world_size, run.ckpt_dir)
-    loop = Loop(engine, schedule, progress, batch_cfg.grad_accum, task.max_steps, metrics, checkpointer, logger)
+    loop = Loop(engine, schedule, progress, batch_cfg.grad_accum, task.max_steps, metrics, checkpointer, logger, run)
     try:
         loop.run(ctask, loader)
     finally:

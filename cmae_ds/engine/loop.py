@@ -8,17 +8,26 @@ final)`, `log_values(step) -> dict` and `end_of_epoch(loop, final)`.
 """
 from __future__ import annotations
 
+import json
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Protocol
+from typing import Callable, Iterator, Optional, Protocol
 
+from ..atomic_write import atomic_write_text
 from ..ds_config import ResolvedBatch, check_precision_supported, load_ds_config, validate
+from ..errors import Preempted
 from ..schedules import Schedule
-from .checkpointing import Checkpointer, resume_tag
+from .checkpointing import Checkpointer, resume_tag, tag_for as checkpoint_tag
 from .dist import DistContext, setup_distributed
 from .logger import RunLogger
 from .metrics import StepMetrics
 from .optim import set_lr
+from .preemption import StopRequests
+from .watchdog import StepWatchdog
+
+PREEMPTED = 'preempted.json'
 
 
 @dataclass
@@ -42,31 +51,48 @@ class Task(Protocol):
 @dataclass
 class RunStart:
     """What every task knows before it builds its data and model: the DeepSpeed JSON checked against the config
-    and the world size, the process group, the run folder and the checkpoint to resume from."""
+    and the world size, the process group, the run folder, the checkpoint to resume from, and the stop requests
+    (signals, launcher death) and step watchdog that guard the run."""
     ds: dict
     ds_path: str
     ctx: DistContext
     batch: ResolvedBatch
     run_dir: Path
     tag: Optional[str]
+    stop: StopRequests
+    watchdog: StepWatchdog
 
     @property
     def ckpt_dir(self) -> Path:
         return self.run_dir / 'checkpoints'
 
 
-def start_run(ds_path: str, cfg, output_dir: str, resume: str,
-              check: Optional[Callable[[dict, ResolvedBatch], None]] = None) -> RunStart:
-    """`cfg`: the pretraining Config to validate against the JSON, or None (classification tasks); `check(ds,
-    batch)`: the task's own checks of the JSON."""
-    ds = load_ds_config(ds_path)
-    ctx = setup_distributed()
-    batch = validate(ds, cfg, ctx.world_size, path=ds_path)
-    check_precision_supported(batch, ds_path)
-    if check is not None:
-        check(ds, batch)
-    run_dir = Path(output_dir)
-    return RunStart(ds, ds_path, ctx, batch, run_dir, resume_tag(resume, run_dir / 'checkpoints'))
+@contextmanager
+def start_run(ds_path: str, cfg, section, resume: str,
+              check: Optional[Callable[[dict, ResolvedBatch], None]] = None) -> Iterator[RunStart]:
+    """`cfg`: the pretraining Config to validate against the JSON, or None (classification tasks); `section`: the
+    task's section (output_dir, collective_timeout_s, stall_factor, stall_min_s); `check(ds, batch)`: the task's
+    own checks of the JSON. Signals are caught from here on, and restored on leaving."""
+    stop = StopRequests().install()
+    watchdog = None
+    try:
+        ds = load_ds_config(ds_path)
+        ctx = setup_distributed(timeout_s=section.collective_timeout_s)
+        stop.attach(ctx.world_size)
+        batch = validate(ds, cfg, ctx.world_size, path=ds_path)
+        check_precision_supported(batch, ds_path)
+        if check is not None:
+            check(ds, batch)
+        run_dir = Path(section.output_dir)
+        tag = resume_tag(resume, run_dir / 'checkpoints')
+        if ctx.is_main:
+            (run_dir / PREEMPTED).unlink(missing_ok=True)
+        watchdog = StepWatchdog(run_dir, ctx.rank, section.stall_factor, section.stall_min_s).start()
+        yield RunStart(ds, ds_path, ctx, batch, run_dir, tag, stop, watchdog)
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+        stop.restore()
 
 
 @dataclass
@@ -79,6 +105,7 @@ class Loop:
     metrics: StepMetrics
     checkpointer: Checkpointer
     logger: RunLogger
+    start: RunStart
     observer: Optional[Callable[[int], None]] = None
 
     def __post_init__(self):
@@ -109,20 +136,41 @@ class Loop:
                     break
 
     def _after_step(self, task: Task, batch: dict, out: dict, epoch_done: bool, final: bool) -> None:
-        step = self.progress.step
+        step, watchdog = self.progress.step, self.start.watchdog
+        watchdog.beat(step)
         task.after_step(self, batch, out, final)
         set_lr(self.engine.optimizer, self.schedule.lr(step))
         self.logger.advance()
         if self.metrics.due(step, final):
             self.metrics.check_finite(step)
             self.logger.scalars(step, self.metrics.collect(self.engine, self._log_values(task, step)))
-        if epoch_done or final:
-            task.end_of_epoch(self, final)
-        if self.checkpointer.due(step, final=final, epoch_end=epoch_done):
-            self.metrics.check_finite(step)
-            self.checkpointer.save(step)
-        if self.observer is not None:
-            self.observer(step)
+        with watchdog.paused():
+            if epoch_done or final:
+                task.end_of_epoch(self, final)
+            if self.checkpointer.due(step, final=final, epoch_end=epoch_done):
+                self._save(step)
+            if self.observer is not None:
+                self.observer(step)
+        if not final and self.start.stop.agreed():
+            self._preempt(step)
+
+    def _save(self, step: int) -> Path:
+        self.metrics.check_finite(step)
+        return self.checkpointer.save(step)
+
+    def _preempt(self, step: int) -> None:
+        """Every rank agreed to stop: a complete checkpoint of this step (unless one was just written), a note in
+        the run folder for requeue scripts, then Preempted."""
+        saved = self.checkpointer.last_saved
+        if saved is None or saved.name != checkpoint_tag(step):
+            with self.start.watchdog.paused():
+                saved = self._save(step)
+        reason = self.start.stop.reason
+        if self.start.ctx.is_main:
+            atomic_write_text(self.start.run_dir / PREEMPTED, json.dumps(
+                {'step': step, 'reason': reason, 'checkpoint': str(saved), 'time': time.time()}))
+        raise Preempted(f'{reason}; stopped at step {step} with a complete checkpoint {saved}; run the same command '
+                        'again to resume from it')
 
     def _log_values(self, task: Task, step: int) -> dict:
         p = self.progress

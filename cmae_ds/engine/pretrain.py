@@ -152,12 +152,16 @@ def train(cfg: Config, ds_path: str, resume: str = 'auto', observer=None) -> Run
     `observer(step, engine, model)`, if given, is called on every rank at start and after each optimizer step's
     momentum update (tests use it to follow the weights; monitors to evaluate).
     """
-    run = start_run(ds_path, cfg, cfg.train.output_dir, resume)
+    with start_run(ds_path, cfg, cfg.train, resume) as run:
+        return _train(cfg, run, observer)
+
+
+def _train(cfg: Config, run: RunStart, observer) -> RunResult:
     ctx, batch_cfg = run.ctx, run.batch
     loader = build_pretrain_loader(cfg.data, img_size=cfg.model.img_size, batch_size=batch_cfg.micro_batch,
                                    rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
                                    device=ctx.device, drop_last=True)
-    schedule = make_schedule(cfg.train, batch_cfg.global_batch, batch_cfg.grad_accum, len(loader), ds_path)
+    schedule = make_schedule(cfg.train, batch_cfg.global_batch, batch_cfg.grad_accum, len(loader), run.ds_path)
     engine, model, opt_name = build_engine(cfg, run.ds, batch_cfg, ctx, schedule.peak_lr)
     progress, mask_gen = Progress(), mask_generator(cfg, ctx)
     if run.tag is not None:
@@ -175,7 +179,7 @@ def train(cfg: Config, ds_path: str, resume: str = 'auto', observer=None) -> Run
     checkpointer = Checkpointer(engine, run.ckpt_dir, t.save_every_steps, t.keep_last, ctx.is_main,
                                 client_state=lambda: task.client_state(progress), rank_state=task.rank_state)
     metrics = StepMetrics(engine.device, task.loss_keys, t.log_every_steps, ctx.world_size, run.ckpt_dir)
-    loop = Loop(engine, schedule, progress, batch_cfg.grad_accum, t.max_steps, metrics, checkpointer, logger,
+    loop = Loop(engine, schedule, progress, batch_cfg.grad_accum, t.max_steps, metrics, checkpointer, logger, run,
                 observer=None if observer is None else lambda step: observer(step, engine, model))
     if observer is not None:
         observer(progress.step, engine, model)

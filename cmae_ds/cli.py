@@ -1,0 +1,73 @@
+"""What every launch script shares: the run options and how an ending maps to an exit code.
+
+Exit codes: 0 done; 2 a user error (bad config, data or checkpoint; one line names it); 3 the loss became NaN or
+inf; 75 preempted after writing a complete checkpoint: requeue the job with the same command and it resumes
+(75 is EX_TEMPFAIL of sysexits.h, "try again later").
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+EXIT_OK, EXIT_USER_ERROR, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 2, 3, 75
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, ds_help: str) -> None:
+    """Options of a training run: the DeepSpeed JSON, resume, the launcher's --local_rank, overrides."""
+    parser.add_argument('--deepspeed_config', '--ds_config', dest='ds_config', default=None, help=ds_help)
+    parser.add_argument('--resume', default='auto', help="'auto' (newest complete checkpoint), 'none', or a tag")
+    parser.add_argument('--local_rank', type=int, default=None, help='set by the DeepSpeed launcher')
+    parser.add_argument('overrides', nargs='*', help='section.key=value')
+
+
+def run_guarded(body: Callable[[], int]) -> int:
+    """`body()`'s exit code, or the documented code of an ending that is not a bug, printed as one line."""
+    from .errors import USER_ERRORS, NonFiniteLoss, Preempted
+    try:
+        return body()
+    except USER_ERRORS as e:
+        print(f'error: {e}', file=sys.stderr)
+        return EXIT_USER_ERROR
+    except NonFiniteLoss as e:
+        print(f'training stopped: {e}', file=sys.stderr)
+        return EXIT_NONFINITE
+    except Preempted as e:
+        print(f'preempted: {e}', file=sys.stderr)
+        return EXIT_PREEMPTED
+
+
+def add_classifier_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of fine-tuning and linear probing."""
+    parser.add_argument('--config', default=None,
+                        help='YAML file or preset name (default: finetune_vit_base, or linprobe_vit_base)')
+    add_run_arguments(parser, 'DeepSpeed JSON (default: ds_configs/zero1_bf16.json on GPUs (linear probe: '
+                              'linprobe_bf16.json), ds_configs/cpu_debug.json without a GPU)')
+
+
+def default_classifier_ds_config(task: str) -> str:
+    import torch
+    root = Path(__file__).resolve().parents[1] / 'ds_configs'
+    if not torch.cuda.is_available():
+        return str(root / 'cpu_debug.json')
+    return str(root / ('linprobe_bf16.json' if task == 'linprobe' else 'zero1_bf16.json'))
+
+
+def run_classifier(args, task: str) -> int:
+    """Fine-tune (`task` 'finetune') or linearly probe ('linprobe') as the parsed `args` say; prints a summary."""
+    from .config import load_task_config
+    from .engine.dist import is_main_process
+    from .engine.finetune import train
+    cfg = load_task_config(task, args.config or f'{task}_vit_base', args.overrides)
+    result = train(cfg, args.ds_config or default_classifier_ds_config(task), resume=args.resume)
+    if is_main_process():
+        print(f'done: {result.steps} steps' + (f', last loss {result.last_loss:.4f}' if result.last_loss else ''))
+        if result.best_top1 >= 0:
+            print(f'best top-1:  {result.best_top1:.2f}')
+        best = result.run_dir / 'model_best.pt'
+        print(f'best model:  {best if best.is_file() else "none (no evaluation yet)"}')
+        print(f'last model:  {result.run_dir / "model_last.pt"}')
+        print(f'metrics:     {result.run_dir / "metrics.jsonl"}')
+        print(f'tensorboard: tensorboard --logdir {result.run_dir / "tensorboard"}')
+    return EXIT_OK
