@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fine-tune a pretrained CMAE encoder (the official recipe of spec section 9), or probe it linearly.
+"""Fine-tune a pretrained CMAE encoder (the official recipe of docs/spec.md section 9), or probe it linearly.
 
   python launch/finetune.py --config finetune_debug finetune.pretrained=runs/debug     # CPU smoke run
   deepspeed --num_gpus 8 launch/finetune.py --config finetune_vit_base --deepspeed_config ds_configs/zero1_bf16.json \\

@@ -1,4 +1,5 @@
-"""Fine-tuning (spec section 9) and linear probing under DeepSpeed: one explicit loop, `train()` -> `train_step()`.
+"""Fine-tuning (docs/spec.md section 9) and linear probing under DeepSpeed: one explicit loop, `train()` ->
+`train_step()`.
 
 Same idioms as engine.pretrain: the lr is set per optimizer step (warmup, then cosine to min_lr) and multiplied by
 each group's 'lr_scale' (layer-wise decay); the non-finite check reads a device flag only at log and save steps;

@@ -1,4 +1,4 @@
-"""AdamW parameter groups (spec section 8) and optimizer construction."""
+"""AdamW parameter groups (docs/spec.md section 8) and optimizer construction."""
 from __future__ import annotations
 
 from torch import nn

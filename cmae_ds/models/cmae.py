@@ -26,7 +26,7 @@ def build_encoder(cfg: ModelConfig, *, final_norm: bool, learned_pos: bool = Fal
                       drop_path=drop_path, final_norm=final_norm, learned_pos=learned_pos)
 
 
-DECODER_MLP_RATIO = 4.0  # spec section 4: both decoders, whatever the encoder's ratio (ViT-g's is 4.36)
+DECODER_MLP_RATIO = 4.0  # docs/spec.md section 4: both decoders, whatever the encoder's ratio (ViT-g's is 4.36)
 
 
 def build_decoder(cfg: ModelConfig, depth: int, out_dim: int) -> MAEDecoder:
@@ -52,11 +52,12 @@ class TargetBranch(nn.Module):
 
 
 class CMAE(nn.Module):
-    """CMAE pretraining model (spec sections 2-6). `cfg.mode == 'mae'` gives the MAE baseline (pixel branch only).
+    """CMAE pretraining model (docs/spec.md sections 2-6). `cfg.mode == 'mae'` gives the MAE baseline (pixel branch
+    only).
 
     The target branch is deliberately not a registered submodule: DeepSpeed casts and partitions every registered
-    parameter, and an EMA with m = 0.996 stalls in bf16 (spec section 6). It follows .to()/.train() and appears in
-    state_dict()/load_state_dict() under `target_encoder.` / `target_projector.`, in fp32.
+    parameter, and an EMA with m = 0.996 stalls in bf16 (docs/spec.md section 6). It follows .to()/.train() and
+    appears in state_dict()/load_state_dict() under `target_encoder.` / `target_projector.`, in fp32.
     """
 
     def __init__(self, cfg: ModelConfig):
