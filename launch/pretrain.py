@@ -23,7 +23,7 @@ def parse(argv=None):
     parser.add_argument('--resume', default='auto', help="'auto' (newest complete checkpoint), 'none', or a tag")
     parser.add_argument('--local_rank', type=int, default=None, help='set by the DeepSpeed launcher')
     parser.add_argument('overrides', nargs='*', help='section.key=value')
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def default_ds_config() -> str:
