@@ -73,7 +73,8 @@ def commands_in(text: str, where: str, line: int, inline: bool = False) -> Itera
     try:
         tokens = shlex.split(text, comments=True)
     except ValueError as e:
-        yield Command(f'{where}:{line}', text.strip(), '', [f'<unparsable shell line: {e}>'])
+        if re.search(r'launch/\w+\.py', text):
+            yield Command(f'{where}:{line}', text.strip(), '', [f'<unparsable shell line: {e}>'])
         return
     segments = [list(g) for sep, g in itertools.groupby(tokens, lambda t: t in SHELL_SEPARATORS) if not sep]
     for seg in segments:
