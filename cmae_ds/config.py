@@ -27,7 +27,7 @@ class EncoderSize:
     patch_size: int
 
 
-# Spec section 3. `debug` is small enough to train for a few steps on a CPU in a test.
+# docs/spec.md section 3. `debug` is small enough to train for a few steps on a CPU in a test.
 ENCODER_SIZES: dict[str, EncoderSize] = {
     'debug': EncoderSize(embed_dim=64, depth=2, num_heads=4, mlp_ratio=4.0, patch_size=16),
     'vit_small': EncoderSize(embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, patch_size=16),
@@ -176,7 +176,7 @@ class ModelConfig:
 
     @property
     def num_visible(self) -> int:
-        """Visible patches per sample; the same for every sample (spec section 2)."""
+        """Visible patches per sample; the same for every sample (docs/spec.md section 2)."""
         if self.mode == 'cmae':
             num_blocks = (self.grid_size // 2) ** 2
             return 4 * int(num_blocks * (1 - self.mask_ratio))
@@ -204,7 +204,7 @@ class DataConfig:
     num_workers: int = 4
     """DataLoader workers (torch pipeline) or DALI CPU threads per rank."""
     master_extra: int = 32
-    """The master crop is view + this many pixels (spec section 7: 256 for 224 views)."""
+    """The master crop is view + this many pixels (docs/spec.md section 7: 256 for 224 views)."""
     hw_decoder_load: float = 0.65
     """DALI on a GPU: share of JPEG decoding sent to the hardware decoder (A100/H100 nvJPEG engine)."""
 
@@ -231,7 +231,7 @@ class TrainConfig:
     epochs: int = 300
     warmup_epochs: int = 40
     base_lr: float = 1.5e-4
-    """Learning rate per 256 images of global batch (spec section 8)."""
+    """Learning rate per 256 images of global batch (docs/spec.md section 8)."""
     warmup_start_factor: float = 1e-4
     min_lr: float = 0.0
     weight_decay: float = 0.05
@@ -356,7 +356,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
     return build_config(apply_overrides(raw, overrides or []), where)
 
 
-# --- Fine-tuning, linear probing and kNN (spec section 9) ------------------------------------------------------
+# --- Fine-tuning, linear probing and kNN (docs/spec.md section 9) -----------------------------------------------------
 # Their YAML files have the sections model (the encoder's architecture), data (training images), val_data
 # (validation images) and one task section: finetune, linprobe or knn. See docs/finetune.md.
 
@@ -419,7 +419,7 @@ class ClassifierTrainConfig:
 
 @dataclass
 class FinetuneConfig(ClassifierTrainConfig):
-    """The official fine-tuning recipe (spec section 9): AdamW, layer-wise lr decay, mixup/cutmix, drop path."""
+    """The official fine-tuning recipe (docs/spec.md section 9): AdamW, layer-wise lr decay, mixup/cutmix, drop path."""
 
     layer_decay: float = 0.65
     """lr scale of layer l (0: embeddings, i + 1: block i, depth + 1: fc_norm and head) is

@@ -1,7 +1,7 @@
 """Load the DeepSpeed JSON and check it against the YAML config and the world size before anything heavy starts.
 
 The JSON owns ZeRO, precision, loss scaling, batch arithmetic and clipping; the YAML owns the model, the data, the
-optimizer and the schedules (design.md, "Boundaries"). `validate` never writes into the user's dict: it returns a
+optimizer and the schedules (README.md, "Pretraining"). `validate` never writes into the user's dict: it returns a
 `ResolvedBatch` with the numbers the engine needs, and the caller passes the user's JSON to DeepSpeed unchanged.
 
 Decisions worth knowing:
@@ -56,7 +56,7 @@ KNOWN_BF16 = frozenset({'enabled', 'immediate_grad_update', 'check_grad_overflow
 # Sections the project owns through the YAML; a copy in the JSON would fight it.
 _OWNED_BY_YAML = {
     'optimizer': 'the optimizer is built from the YAML train section (train.optimizer, train.base_lr, '
-                 'train.weight_decay, train.betas, with the spec\'s no-decay parameter groups)',
+                 'train.weight_decay, train.betas, with the no-decay parameter groups of docs/spec.md section 8)',
     'scheduler': 'lr and momentum follow cmae_ds.schedules from the YAML (train.warmup_epochs, train.epochs, '
                  'train.base_lr, train.min_lr)',
     'activation_checkpointing': 'per-block activation checkpointing is switched by model.activation_checkpointing '

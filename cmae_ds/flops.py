@@ -5,7 +5,7 @@ convolution (a matmul over p*p*C inputs per patch) and attention's two products 
 softmax, the losses and the optimizer are left out: they are a few percent at most and are memory-bound anyway,
 and leaving them out is the usual convention for MFU (PaLM appendix B, Megatron).
 
-Training cost per component (spec sections 3-6):
+Training cost per component (docs/spec.md sections 3-6):
 - trained parts (online encoder blocks, both decoders, projector and predictor): forward + backward = 3x forward,
   since the backward computes a gradient for the input and one for the weight, each as costly as the forward;
 - patch embedding: 2x forward, as its input is the image, which needs no gradient;

@@ -1,4 +1,4 @@
-"""CMAE losses (spec section 5): pixel reconstruction on hidden patches and InfoNCE across the global batch."""
+"""CMAE losses (docs/spec.md section 5): pixel reconstruction on hidden patches and InfoNCE across the global batch."""
 from __future__ import annotations
 
 import torch

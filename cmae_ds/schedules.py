@@ -1,4 +1,4 @@
-"""Learning-rate and momentum schedules as pure functions of the optimizer step (spec sections 6 and 8).
+"""Learning-rate and momentum schedules as pure functions of the optimizer step (docs/spec.md sections 6 and 8).
 
 Every function takes the step count (0-based, counted in optimizer steps, i.e. after gradient accumulation) and
 returns a float; nothing here holds state, so resuming at step k gives exactly the value a straight run had.
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 def scaled_lr(base_lr: float, global_batch: int) -> float:
     """The linear scaling rule of the official recipe: `base_lr` is the rate per 256 images of global batch.
 
-    1.5e-4 at a global batch of 4096 gives 2.4e-3 (spec section 8).
+    1.5e-4 at a global batch of 4096 gives 2.4e-3 (docs/spec.md section 8).
     """
     if global_batch <= 0:
         raise ValueError(f'global_batch must be positive, got {global_batch}')
@@ -43,7 +43,7 @@ def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int,
 
 
 def momentum_at(step: int, *, total_steps: int, m_base: float, m_end: float) -> float:
-    """EMA momentum of the target branch after optimizer step `step` (spec section 6).
+    """EMA momentum of the target branch after optimizer step `step` (docs/spec.md section 6).
 
     `m = m_end - (m_end - m_base) * (cos(pi * step / total_steps) + 1) / 2`: `m_base` at step 0, `m_end` at
     `total_steps` and beyond (clamped, so an over-long run keeps `m_end`). Official: m_base = m_end = 0.996.

@@ -41,7 +41,7 @@ def parse(argv=None):
     p.add_argument('--out', default='benchmark.json')
     p.add_argument('--local_rank', type=int, default=None)
     p.add_argument('overrides', nargs='*')
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def cells(args, base_cfg_overrides):

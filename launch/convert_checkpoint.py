@@ -17,13 +17,17 @@ from cmae_ds.checkpoint import (CheckpointError, encoder_state, encoder_to_timm,
 from cmae_ds.config import ConfigError, load_config
 
 
-def main(argv=None) -> int:
+def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('action', choices=['official-to-ours', 'extract-encoder', 'to-timm'])
     parser.add_argument('src')
     parser.add_argument('out')
     parser.add_argument('overrides', nargs='*', help='model.key=value')
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
     try:
         cfg = load_config(None, args.overrides).model
         if args.action == 'official-to-ours':

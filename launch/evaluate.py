@@ -30,7 +30,7 @@ def parse(argv=None):
     parser.add_argument('--predictions', action='store_true', help='add every image\'s prediction to the JSON')
     parser.add_argument('--local_rank', type=int, default=None, help='set by the DeepSpeed launcher')
     parser.add_argument('overrides', nargs='*', help='section.key=value (model.*, val_data.*)')
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def _config(args):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fine-tune a pretrained CMAE encoder (the official recipe of spec section 9), or probe it linearly.
+"""Fine-tune a pretrained CMAE encoder (the official recipe of docs/spec.md section 9), or probe it linearly.
 
   python launch/finetune.py --config finetune_debug finetune.pretrained=runs/debug     # CPU smoke run
   deepspeed --num_gpus 8 launch/finetune.py --config finetune_vit_base --deepspeed_config ds_configs/zero1_bf16.json \\
@@ -21,7 +21,7 @@ def parse(argv=None):
     parser.add_argument('--linear-probe', '--linear_probe', dest='linear_probe', action='store_true',
                         help='linear probing (MAE protocol) instead of fine-tuning')
     add_classifier_arguments(parser)
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:

@@ -22,7 +22,7 @@ def parse(argv=None):
     parser.add_argument('--out', default='knn.json', help='JSON result')
     parser.add_argument('--local_rank', type=int, default=None, help='set by the DeepSpeed launcher')
     parser.add_argument('overrides', nargs='*', help='section.key=value')
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def _model_config(checkpoint: Path, fallback):

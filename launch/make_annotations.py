@@ -14,12 +14,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cmae_ds.data.scan import make_annotations  # noqa: E402
 
 
-def main() -> None:
+def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('root', help='ImageNet-style folder: ROOT/<class>/<image>')
     ap.add_argument('out', help='annotation JSON to write')
     ap.add_argument('--prefix', default='', help="stored in every entry (official layout: 'train' or 'val')")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    args = parse()
     n = make_annotations(args.root, args.out, args.prefix)
     print(f'wrote {n} entries to {args.out}')
 

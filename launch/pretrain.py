@@ -21,7 +21,7 @@ def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--config', default='debug', help='YAML file or preset name in cmae_ds/presets')
     add_run_arguments(parser, 'DeepSpeed JSON (default: ds_configs/cpu_debug.json, fp32, runs on a CPU or one GPU)')
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def default_ds_config() -> str:

@@ -13,13 +13,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cmae_ds.data.scan import scan_folder  # noqa: E402
 
 
-def main() -> None:
+def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('root', help='ImageNet-style folder: ROOT/<class>/<image>')
     ap.add_argument('--out', required=True, help='clean file list to write (paths relative to ROOT, label)')
     ap.add_argument('--report', default=None, help='bad files, "path<TAB>reason" a line (default OUT.bad.txt)')
     ap.add_argument('--workers', type=int, default=4)
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    args = parse()
     t = time.time()
     result = scan_folder(args.root, args.out, args.workers, args.report)
     report = args.report or f'{args.out}.bad.txt'

@@ -1,4 +1,4 @@
-"""Two gloo ranks must compute what one rank computes on the joined batch (spec section 5)."""
+"""Two gloo ranks must compute what one rank computes on the joined batch (docs/spec.md section 5)."""
 import os
 
 import pytest

@@ -1,4 +1,4 @@
-"""Fine-tuning and evaluation loaders (spec section 9) on both pipelines."""
+"""Fine-tuning and evaluation loaders (docs/spec.md section 9) on both pipelines."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Spec section 7 geometry and augmentation rates, the same checks on the torch and the DALI CPU pipeline."""
+"""docs/spec.md section 7 geometry and augmentation rates, the same checks on the torch and the DALI CPU pipeline."""
 from __future__ import annotations
 
 import math

@@ -62,7 +62,8 @@ def _math_sdpa(q, k, v, *args, **kwargs):
 SMALL = [
     dict(size='debug', img_size=96, mode='cmae'),
     dict(size='debug', img_size=96, mode='mae'),
-    # Encoder MLP ratio left at 4: the decoders' ratio is 4 by the spec whatever the encoder's (see flops.py).
+    # Encoder MLP ratio left at 4: the decoders' ratio is 4 by docs/spec.md section 4 whatever the encoder's
+    # (see flops.py).
     dict(size='debug', img_size=64, mode='cmae', embed_dim=48, num_heads=4, decoder_embed_dim=32,
          decoder_num_heads=2, decoder_depth=2, feature_decoder_depth=2, proj_hidden_dim=40, proj_dim=24),
 ]

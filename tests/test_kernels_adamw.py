@@ -31,7 +31,7 @@ def _model_params():
 
 
 def _groups(params):
-    # Spec section 8: decay on weights, none on biases/norms; extra keys must survive.
+    # docs/spec.md section 8: decay on weights, none on biases/norms; extra keys must survive.
     return [{"params": params[:2], "weight_decay": 0.05, "lr_scale": 0.5},
             {"params": params[2:], "weight_decay": 0.0, "lr_scale": 1.0}]
 

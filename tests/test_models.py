@@ -14,7 +14,7 @@ def test_block_mask_hides_whole_aligned_blocks_and_same_count():
     g = torch.Generator().manual_seed(1)
     mask = block_mask(64, 14, 0.65, generator=g)  # ViT-B/16 at 224
     assert mask.shape == (64, 196) and mask.dtype == torch.bool
-    assert ((~mask).sum(1) == 68).all()  # 17 of 49 blocks kept, spec section 2
+    assert ((~mask).sum(1) == 68).all()  # 17 of 49 blocks kept, docs/spec.md section 2
     blocks = mask.view(64, 7, 2, 7, 2)
     assert (blocks == blocks[:, :, :1, :, :1]).all()  # constant inside each 2x2 block
 

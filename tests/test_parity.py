@@ -52,7 +52,7 @@ def test_target_branch_gets_no_gradient(fixture_a):
 
 
 def test_visible_token_order_does_not_matter(fixture_a):
-    """The spec allows any order of the visible set; ours is grid order, a shuffled one must agree."""
+    """docs/spec.md section 2 allows any order of the visible set; ours is grid order, a shuffled one must agree."""
     model = load_official_cmae(fixture_a['state_dict'], fixture_config(fixture_a)).train()
     from cmae_ds.models.masking import visible_ids
     ids = visible_ids(fixture_a['mask'])

@@ -63,7 +63,7 @@ def build_pretrain_loader(data_cfg, img_size: int = 224, batch_size: int = 64, r
                           seed: int = 0, device: torch.device | str = 'cpu', drop_last: bool = True, *,
                           debug: bool = False,
                           samples: Optional[list[Sample]] = None) -> EpochLoader:
-    """Batches of the two CMAE views (spec section 7) for this rank.
+    """Batches of the two CMAE views (docs/spec.md section 7) for this rank.
 
     Yields dicts: 'img' (online view) and 'img_target' float32 (N, 3, S, S) normalized, on `device`; 'index' (N,)
     int64 dataset indices; with debug=True also 'debug': {flip, dy, dx, jitter, gray, blur, sigma} (N,) CPU tensors.

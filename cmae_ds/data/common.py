@@ -5,11 +5,11 @@ import math
 
 import torch
 
-# Spec 7.5: normalization on 0-255 values (ImageNet statistics).
+# docs/spec.md section 7, step 5: normalization on 0-255 values (ImageNet statistics).
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
 
-# Spec 7: master crop and target-view augmentations.
+# docs/spec.md section 7: master crop and target-view augmentations.
 MASTER_SCALE = (0.2, 1.0)
 RATIO = (3 / 4, 4 / 3)
 JITTER_P, GRAY_P, BLUR_P = 0.8, 0.2, 0.5
@@ -17,7 +17,7 @@ BRIGHTNESS = CONTRAST = SATURATION = 0.4
 HUE = 0.1
 BLUR_SIGMA = (0.1, 2.0)
 
-# Spec 9: fine-tuning / evaluation.
+# docs/spec.md section 9: fine-tuning / evaluation.
 CLS_SCALE = (0.08, 1.0)
 EVAL_RESIZE_RATIO = 256 / 224
 ERASE_P = 0.25

@@ -1,4 +1,4 @@
-"""DALI graphs: spec section 7 (pretraining views) and section 9 (classification), for GPU or CPU operators.
+"""DALI graphs: docs/spec.md section 7 (pretraining views) and section 9 (classification), for GPU or CPU operators.
 
 The pretraining graph draws nothing itself: its random decisions come from draws.py through an external source,
 keyed by (seed, epoch, index) like the torch pipeline's, so a resumed epoch repeats its views exactly and both
@@ -34,7 +34,8 @@ def _decoder_kwargs(device: str, hw_decoder_load: float) -> dict:
 
 
 def _normalize(img, **crop_mirror):
-    """uint8 HWC -> float CHW normalized on 0-255 values (spec 7.5), with optional crop/mirror fused in."""
+    """uint8 HWC -> float CHW normalized on 0-255 values (docs/spec.md section 7, step 5), with optional crop/mirror
+    fused in."""
     return fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout='CHW', mean=list(C.MEAN), std=list(C.STD),
                                     **crop_mirror)
 
@@ -77,7 +78,7 @@ def target_color_ops(view, d: dict):
 
 
 def cmae_views(files, indices, feed, size: int, extra: int, device: str, hw_decoder_load: float, debug: bool):
-    """Spec section 7 with the draws of `feed` (an external-source callback, draws.py) ->
+    """docs/spec.md section 7 with the draws of `feed` (an external-source callback, draws.py) ->
     (img, img_target, index[, debug...]); img and img_target float (3, S, S) normalized."""
     jpegs, index = read_files(files, indices)
     d = _draws(feed, DALI_COLUMNS)

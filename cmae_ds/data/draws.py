@@ -1,4 +1,4 @@
-"""Every random decision of spec section 7, from uniforms keyed by (seed, epoch, dataset index), shared by both
+"""Every random decision of docs/spec.md section 7, from uniforms keyed by (seed, epoch, dataset index), shared by both
 pipelines: the torch pipeline uses them in its workers, the DALI pipeline feeds them to its graph.
 So a sample's views do not depend on the worker, the batch it landed in or where a run resumed, and the two
 pipelines take the same random decisions for a sample (how each carries out its color ops still differs).
@@ -67,7 +67,7 @@ def uniforms(seed: int, epoch: int, indices, n: int = UNIFORMS) -> np.ndarray:
 
 
 def draw_batch(seed: int, epoch: int, indices, extra: int, scale=C.MASTER_SCALE, ratio=C.RATIO) -> dict:
-    """Every decision of spec section 7 for a batch of dataset indices, as arrays with the batch first."""
+    """Every decision of docs/spec.md section 7 for a batch of dataset indices, as arrays with the batch first."""
     u, k = uniforms(seed, epoch, indices), ATTEMPTS
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
     v = u[:, 2 * k:]

@@ -1,4 +1,4 @@
-"""Spec section 7 (and the section 9 classification transforms) on PIL images, one sample at a time.
+"""docs/spec.md section 7 (and the section 9 classification transforms) on PIL images, one sample at a time.
 
 Crops, flips and the pretraining view decisions come from draws.py (the DALI pipeline's draws too); RandAugment is
 seeded from a numpy Generator keyed by (seed, epoch, index). So a sample's views do not depend on the worker that

@@ -1,4 +1,4 @@
-"""Fine-tuning (spec section 9) and linear probing under DeepSpeed: `train()` builds the run, `engine.loop` runs
+"""Fine-tuning (docs/spec.md section 9) and linear probing under DeepSpeed: `train()` builds the run, `engine.loop` runs
 it, `ClassifierTask` is what is particular to classification.
 
 The lr is multiplied by each group's 'lr_scale' (layer-wise decay). At each epoch's end (every eval_every_epochs)

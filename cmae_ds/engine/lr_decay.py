@@ -1,4 +1,4 @@
-"""Layer-wise lr decay for fine-tuning (spec section 9; MAE's `param_groups_lrd`, mmselfsup's
+"""Layer-wise lr decay for fine-tuning (docs/spec.md section 9; MAE's `param_groups_lrd`, mmselfsup's
 LearningRateDecayOptimWrapperConstructor): deeper layers keep more of the peak lr than the embeddings.
 
 Layer ids over a ViTClassifier's parameter names: the patch embedding, cls token and position embedding are layer 0,

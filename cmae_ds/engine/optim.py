@@ -1,4 +1,4 @@
-"""Optimizers and their parameter groups: AdamW for pretraining and fine-tuning (spec section 8), LARS or SGD for
+"""Optimizers and their parameter groups: AdamW for pretraining and fine-tuning (docs/spec.md section 8), LARS or SGD for
 linear probing (MAE's util/lars.py: batch 16384, lr 0.1 x 16384 / 256 = 6.4, no weight decay), and the per-step lr."""
 from __future__ import annotations
 

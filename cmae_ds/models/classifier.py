@@ -1,4 +1,4 @@
-"""Fine-tuning / evaluation classifier (spec section 9): encoder without final norm, mean-pooled patch tokens,
+"""Fine-tuning / evaluation classifier (docs/spec.md section 9): encoder without final norm, mean-pooled patch tokens,
 fc_norm, linear head. Same computation as timm's VisionTransformer with global_pool='avg'."""
 from __future__ import annotations
 

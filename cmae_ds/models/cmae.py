@@ -42,11 +42,12 @@ class TargetBranch(nn.Module):
 
 
 class CMAE(nn.Module):
-    """CMAE pretraining model (spec sections 2-6). `cfg.mode == 'mae'` gives the MAE baseline (pixel branch only).
+    """CMAE pretraining model (docs/spec.md sections 2-6). `cfg.mode == 'mae'` gives the MAE baseline (pixel branch
+    only).
 
     The target branch is deliberately not a registered submodule: DeepSpeed casts and partitions every registered
-    parameter, and an EMA with m = 0.996 stalls in bf16 (spec section 6). It follows .to()/.train() and appears in
-    state_dict()/load_state_dict() under `target_encoder.` / `target_projector.`, in fp32.
+    parameter, and an EMA with m = 0.996 stalls in bf16 (docs/spec.md section 6). It follows .to()/.train() and
+    appears in state_dict()/load_state_dict() under `target_encoder.` / `target_projector.`, in fp32.
     """
 
     def __init__(self, cfg: ModelConfig):

@@ -1,4 +1,4 @@
-"""MAE-style decoder used twice by CMAE: the pixel decoder and the feature decoder (spec section 4)."""
+"""MAE-style decoder used twice by CMAE: the pixel decoder and the feature decoder (docs/spec.md section 4)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Projector and predictor MLPs of the contrastive branch (spec section 5)."""
+"""Projector and predictor MLPs of the contrastive branch (docs/spec.md section 5)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Masks over the patch grid. True = hidden. Every sample hides the same number of patches (spec section 2)."""
+"""Masks over the patch grid. True = hidden. Every sample hides the same number of patches (docs/spec.md section 2)."""
 from __future__ import annotations
 
 from typing import Optional

@@ -1,4 +1,4 @@
-"""Momentum (EMA) update, plain PyTorch: target = m * target + (1 - m) * online, in fp32 (cmae_spec.md section 6).
+"""Momentum (EMA) update, plain PyTorch: target = m * target + (1 - m) * online, in fp32 (docs/spec.md section 6).
 
 Written as lerp(target, online, 1 - m): for weights below 0.5 torch computes target + w * (online - target),
 which is what the Triton kernel computes too.

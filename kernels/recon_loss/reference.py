@@ -1,4 +1,4 @@
-"""Normalized-pixel reconstruction loss, plain PyTorch: the specification (cmae_spec.md section 5)."""
+"""Normalized-pixel reconstruction loss, plain PyTorch: the specification (docs/spec.md section 5)."""
 import torch
 
 NORM_EPS = 1e-6
