@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FUSION_OFF = {'CMAE_FUSED': '0', 'CMAE_ATTN_BACKEND': 'math'}
+FUSION_OFF = dict(fused=False, attention_backend='math', environment=False)
 
 
 def parse(argv=None):
@@ -83,14 +83,11 @@ def _free_memory():
         torch.cuda.empty_cache()
 
 
-def with_env(env: dict, fn):
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+def unfused(fn):
+    """`fn()` with every fusion off: math attention, reference kernels, per-tensor EMA."""
+    from cmae_ds.kernels import configured
+    with configured(**FUSION_OFF):
         return fn()
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def main(argv=None) -> int:
@@ -101,11 +98,14 @@ def main(argv=None) -> int:
     ctx = setup_distributed()
     results = []
     try:
+        from cmae_ds.config import load_config
+        from cmae_ds.kernels import configure
+        configure(**load_config(args.config, args.overrides).kernels.switches())
         for ds_name, ds, overrides in cells(args, args.overrides):
             fused = run_one(args, ds_name, ds, overrides, ctx)
             results.append(fused)
             if args.compare_fusion and args.mode != 'data':
-                plain = with_env(FUSION_OFF, lambda: run_one(args, ds_name, ds, overrides, ctx))
+                plain = unfused(lambda: run_one(args, ds_name, ds, overrides, ctx))
                 plain.extra['fusion'] = 'off'
                 fused.extra['fusion'] = 'on'
                 if plain.step_ms_median and fused.step_ms_median:

@@ -2,6 +2,8 @@
 import math
 
 import pytest
+
+from cmae_ds.kernels import configure as configure_kernels
 import torch
 
 from cmae_ds.config import ModelConfig
@@ -79,6 +81,7 @@ def test_matches_flop_counter_on_the_real_model(kw, monkeypatch):
     models = pytest.importorskip('cmae_ds.models')
     from torch.utils.flop_counter import FlopCounterMode
     monkeypatch.setenv('CMAE_FUSED', '0')
+    configure_kernels()  # the environment overrides the switches when they are set
     monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention', _math_sdpa)
     cfg = ModelConfig(**kw)
     torch.manual_seed(0)

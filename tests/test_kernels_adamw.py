@@ -3,6 +3,8 @@ import importlib.util
 import os
 
 import pytest
+
+from cmae_ds.kernels import configure as configure_kernels
 import torch
 
 from cmae_ds.kernels import build_adamw, last_impl
@@ -90,6 +92,7 @@ def test_offload_prefers_deepspeed_cpu():
 @pytest.mark.parametrize("var", ["CMAE_FUSED", "CMAE_FUSED_ADAMW"])
 def test_switch_gives_plain_torch(monkeypatch, var):
     monkeypatch.setenv(var, "0")
+    configure_kernels()  # the environment overrides the switches when they are set
     opt, name = build_adamw(_groups([torch.nn.Parameter(p) for p in _model_params()]), LR, BETAS, offload=True)
     assert name == "torch" and last_impl("adamw") == "torch"
     assert not opt.defaults["foreach"] and not opt.defaults["fused"]

@@ -3,6 +3,8 @@ import importlib
 import logging
 
 import pytest
+
+from cmae_ds.kernels import configure as configure_kernels
 import torch
 
 from cmae_ds.kernels import attention, attention_backend, last_impl
@@ -33,6 +35,7 @@ def test_backend_matches_math(monkeypatch, name, dtype):
     if why is not None:
         pytest.skip(why)
     monkeypatch.setenv("CMAE_ATTN_BACKEND", name)
+    configure_kernels()  # the environment overrides the switches when they are set
     q, k, v = _qkv(dtype)
     grad_out = torch.randn_like(q)
     got = _out_and_grads(attention, q, k, v, grad_out)
@@ -62,9 +65,11 @@ def test_auto_picks_sdpa_on_cpu():
 def test_forced_backend_unavailable_raises(monkeypatch):
     q, k, v = _qkv(torch.float32)
     monkeypatch.setenv("CMAE_ATTN_BACKEND", "fa3")  # fp32 input: FA3 can never take it
-    with pytest.raises(RuntimeError, match="CMAE_ATTN_BACKEND=fa3 cannot run"):
+    configure_kernels()  # the environment overrides the switches when they are set
+    with pytest.raises(RuntimeError, match="attention backend fa3 cannot run"):
         attention(q, k, v)
     monkeypatch.setenv("CMAE_ATTN_BACKEND", "flash")
+    configure_kernels()  # the environment overrides the switches when they are set
     with pytest.raises(ValueError, match="expected one of"):
         attention(q, k, v)
 
@@ -72,6 +77,7 @@ def test_forced_backend_unavailable_raises(monkeypatch):
 @pytest.mark.parametrize("var", ["CMAE_FUSED", "CMAE_FUSED_ATTENTION"])
 def test_kill_switch_gives_math(monkeypatch, var):
     monkeypatch.setenv(var, "0")
+    configure_kernels()  # the environment overrides the switches when they are set
     attention(*_qkv(torch.float32))
     assert last_impl("attention") == "math" and attention_backend() == "math"
 
@@ -79,6 +85,7 @@ def test_kill_switch_gives_math(monkeypatch, var):
 def test_backend_logged_once(monkeypatch, caplog):
     monkeypatch.setattr(attn_mod, "_logged", set())
     monkeypatch.setenv("CMAE_ATTN_BACKEND", "math")
+    configure_kernels()  # the environment overrides the switches when they are set
     with caplog.at_level(logging.INFO, logger=attn_mod.__name__):
         for _ in range(3):
             attention(*_qkv(torch.float32, length=4))

@@ -5,6 +5,8 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # before the first kernel is decorated: kernels are imported lazily
 
 import pytest
+
+from cmae_ds.kernels import configure as configure_kernels
 import torch
 
 from cmae_ds.kernels import FlatEMA, last_impl
@@ -150,6 +152,7 @@ def test_ema_switch_routes_to_reference(interpreted, monkeypatch, var):
     online, target = _params(torch.bfloat16), _params(torch.float32)
     ema = FlatEMA(target, online)
     monkeypatch.setenv(var, "0")
+    configure_kernels()  # the environment overrides the switches when they are set
     want = _expected([t.detach().clone() for t in target], online, 0.99)
     ema.update(0.99)
     assert last_impl("ema") == "reference"

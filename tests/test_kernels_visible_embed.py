@@ -4,6 +4,8 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"  # before the first kernel is decorated: kernels are imported lazily
 
 import pytest
+
+from cmae_ds.kernels import configure as configure_kernels
 import torch
 
 from cmae_ds.kernels import gather_visible, last_impl
@@ -82,5 +84,6 @@ def test_gather_visible_switch_routes_to_reference(interpreted, monkeypatch, var
     gather_visible(x, pos, ids)
     assert last_impl("visible_embed") == "triton"
     monkeypatch.setenv(var, "0")
+    configure_kernels()  # the environment overrides the switches when they are set
     gather_visible(x, pos, ids)
     assert last_impl("visible_embed") == "reference"

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmae_ds.config import DataConfig, KnnConfig, ModelConfig
+from cmae_ds.config import DataConfig, KnnConfig, KnnMonitorConfig, ModelConfig
 from cmae_ds.engine.knn import KnnEvaluator, KnnMonitor, knn_accuracy, knn_predict, mean_patch_features
 from cmae_ds.models import CMAE
 
@@ -75,7 +75,7 @@ def _filelist(root):
 def test_monitor_logs_every_n_steps_and_restores_training_mode(folders, tmp_path):
     train_root, val_root = folders
     model = CMAE(CFG).train()
-    monitor = KnnMonitor(KnnConfig(every_steps=3, batch_size=16), folder_cfg(train_root), folder_cfg(val_root), 32,
+    monitor = KnnMonitor(KnnMonitorConfig(every_steps=3, batch_size=16), folder_cfg(train_root), folder_cfg(val_root), 32,
                          run_dir=tmp_path)
     engine = type('Engine', (), {'device': torch.device('cpu')})()
     results = [monitor(step, engine, model) for step in range(7)]

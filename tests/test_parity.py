@@ -4,6 +4,8 @@ import subprocess
 import sys
 
 import pytest
+
+from cmae_ds.kernels import configure as configure_kernels
 import torch
 
 from cmae_ds.checkpoint import load_official_cmae, load_official_classifier
@@ -74,6 +76,7 @@ def test_classifier_logits_match_official(fixture_a):
 def test_parity_with_each_attention_backend(fixture_a, backend, monkeypatch):
     from cmae_ds.kernels import last_impl
     monkeypatch.setenv('CMAE_ATTN_BACKEND', backend)
+    configure_kernels()  # the environment overrides the switches when they are set
     _, out = _run(fixture_a)
     assert last_impl('attention') == backend
     assert rel(out['pred_pixel'], fixture_a['out']['pred_pixel']) < 1e-4
@@ -97,7 +100,7 @@ print(','.join(str(last_impl(k)) for k in ('recon_loss', 'visible_embed', 'ema',
 
 @pytest.mark.parametrize('env,expected', [({'TRITON_INTERPRET': '1'}, 'triton,triton,triton,sdpa'),
                                           ({'CMAE_FUSED': '0'}, 'reference,reference,loop,math')])
-def test_official_parity_tool_with_fusion_on_and_off(env, expected):
+def test_official_parity_tool_with_fusion_on_and_off(env, expected, fixture_a):
     """The shared parity tool, run as CI would, with the Triton kernels (interpreted on the CPU) and with every
     fusion switched off; a second process reports which implementation actually ran."""
     run_env = {**os.environ, **env}

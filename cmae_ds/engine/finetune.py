@@ -248,7 +248,7 @@ def run_evaluation(engine, val_loader, dtype: torch.dtype) -> EvalResult:
 def train(cfg: TaskConfig, ds_path: str, resume: str = 'auto') -> FinetuneResult:
     """Fine-tune (cfg.task a FinetuneConfig) or linearly probe (a LinearProbeConfig) with the DeepSpeed JSON at
     `ds_path`. `resume`: 'auto' (newest complete checkpoint of the run folder), 'none', or a tag."""
-    with start_run(ds_path, None, cfg.task, resume, check=lambda ds, b: _check_task(cfg, ds, b, ds_path)) as run:
+    with start_run(ds_path, None, cfg.task, cfg.kernels, resume, check=lambda ds, b: _check_task(cfg, ds, b, ds_path)) as run:
         return _train(cfg, run)
 
 

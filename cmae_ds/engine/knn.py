@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..config import ConfigError, DataConfig, KnnConfig
+from ..config import ConfigError, DataConfig, KnnConfig, KnnMonitorConfig
 from ..data import build_classification_loader, list_samples
 from .evaluate import check_labels
 
@@ -132,7 +132,7 @@ class KnnMonitor:
     first evaluation; `at_start` also evaluates at the step the run starts (or resumes) from when it is a multiple of
     every_steps."""
 
-    def __init__(self, knn: KnnConfig, train_data: DataConfig, val_data: DataConfig, img_size: int,
+    def __init__(self, knn: KnnMonitorConfig, train_data: DataConfig, val_data: DataConfig, img_size: int,
                  run_dir: Optional[Path] = None, at_start: bool = False):
         if knn.every_steps <= 0:
             raise ConfigError(f'knn.every_steps {knn.every_steps}: the monitor needs a positive interval')

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Protocol
 
 from ..atomic_write import atomic_write_text
+from ..config import KernelConfig
 from ..ds_config import ResolvedBatch, check_precision_supported, load_ds_config, validate
 from ..errors import Preempted
+from ..kernels import configure as configure_kernels
 from ..schedules import Schedule
 from .checkpointing import Checkpointer, resume_tag, tag_for as checkpoint_tag
 from .dist import DistContext, setup_distributed
@@ -68,12 +70,13 @@ class RunStart:
 
 
 @contextmanager
-def start_run(ds_path: str, cfg, section, resume: str,
+def start_run(ds_path: str, cfg, section, kernels: KernelConfig, resume: str,
               check: Optional[Callable[[dict, ResolvedBatch], None]] = None) -> Iterator[RunStart]:
     """`cfg`: the pretraining Config to validate against the JSON, or None (classification tasks); `section`: the
-    task's section (output_dir, collective_timeout_s, stall_factor, stall_min_s); `check(ds, batch)`: the task's
-    own checks of the JSON. Signals are caught from here on, and restored on leaving."""
+    task's section (output_dir and the RunGuard fields); `kernels`: the fusion switches of this process;
+    `check(ds, batch)`: the task's own checks of the JSON. Signals are caught from here on, restored on leaving."""
     stop = StopRequests().install()
+    configure_kernels(**kernels.switches())
     watchdog = None
     try:
         ds = load_ds_config(ds_path)

@@ -152,7 +152,7 @@ def train(cfg: Config, ds_path: str, resume: str = 'auto', observer=None) -> Run
     `observer(step, engine, model)`, if given, is called on every rank at start and after each optimizer step's
     momentum update (tests use it to follow the weights; monitors to evaluate).
     """
-    with start_run(ds_path, cfg, cfg.train, resume) as run:
+    with start_run(ds_path, cfg, cfg.train, cfg.kernels, resume) as run:
         return _train(cfg, run, observer)
 
 

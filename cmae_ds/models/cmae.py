@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from ..config import DECODER_MLP_RATIO, ModelConfig
-from ..kernels import FlatEMA, fused_enabled
-from ..kernels._switch import record
+from ..kernels import FlatEMA, fused_enabled, record
 from ..losses import contrastive_loss, reconstruction_loss
 from .collectives import keep_dtype
 from .decoder import MAEDecoder

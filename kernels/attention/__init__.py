@@ -1,18 +1,17 @@
 """Attention dispatch: `attention(q, k, v)` over FlashAttention-3, flash-attn 2, torch SDPA or plain math.
 
 'auto' takes the first backend in BACKENDS that can run on the tensors' device, dtype and head dim (FA3 on Hopper
-with fp16/bf16, then FA2 on sm80+, then SDPA). `CMAE_ATTN_BACKEND=fa3|fa2|sdpa|math` forces one and raises if it
-cannot run; `CMAE_FUSED_ATTENTION=0` (or `CMAE_FUSED=0`) forces 'math'. Each backend is logged once when first
+with fp16/bf16, then FA2 on sm80+, then SDPA). `kernels.attention_backend` (or `CMAE_ATTN_BACKEND`) = fa3|fa2|sdpa|
+math forces one and raises if it cannot run; attention's fusion switched off forces 'math'. Each backend is logged once when first
 used; `attention_backend()` says which one a call would take, `last_impl('attention')` which one ran.
 """
 import functools
 import logging
-import os
 from typing import Optional
 
 import torch
 
-from .._switch import fused_enabled, record
+from .._switch import fused_enabled, record, settings
 from .backends import BACKENDS
 from .reference import attention_reference
 
@@ -22,13 +21,14 @@ _logged = set()
 
 
 def _select(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
-    forced = os.environ.get("CMAE_ATTN_BACKEND", "auto").strip().lower() or "auto"
+    forced = settings().attention_backend
     if forced != "auto":
         if forced not in BACKENDS:
-            raise ValueError(f"CMAE_ATTN_BACKEND={forced!r}: expected one of auto, {', '.join(BACKENDS)}")
+            raise ValueError(f"attention backend {forced!r} (kernels.attention_backend or CMAE_ATTN_BACKEND): "
+                             f"expected one of auto, {', '.join(BACKENDS)}")
         why = BACKENDS[forced][1](device, dtype, head_dim)
         if why is not None:
-            raise RuntimeError(f"CMAE_ATTN_BACKEND={forced} cannot run: {why}")
+            raise RuntimeError(f"attention backend {forced} cannot run: {why}")
         return forced
     if not fused_enabled("attention"):
         return "math"

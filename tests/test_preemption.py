@@ -1,0 +1,197 @@
+"""Preemption, a dead launcher and a frozen peer, on real runs of launch/pretrain.py (CPU, gloo).
+
+A run stopped by SIGTERM, SIGINT or SIGUSR1 writes a complete checkpoint and exits 75; resumed, it ends with the
+same weights as a run that was never interrupted. A frozen rank makes its peer's watchdog end the job.
+"""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from engine_helpers import DEEPSPEED, ROOT, TINY, env, tail, write_ds
+from helpers import free_port
+
+pytestmark = pytest.mark.slow
+EXIT_PREEMPTED = 75
+
+
+def args(tmp_path, run, folder, *extra):
+    return ['launch/pretrain.py', '--deepspeed_config', write_ds(tmp_path), *TINY, 'data.source=folder',
+            f'data.root={folder}', 'data.pipeline=torch', 'data.num_workers=0', 'train.epochs=6',
+            'train.warmup_epochs=1', 'train.save_every_steps=3', 'train.keep_last=2',
+            f'train.output_dir={tmp_path / run}', *extra]
+
+
+def start(cmd: list) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
+    """Until `path` exists (training has reached a step), failing early if the run ended."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, f'{path} did not appear'
+        time.sleep(0.05)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def model(tmp_path, run) -> dict:
+    return torch.load(tmp_path / run / 'model.pt', weights_only=True)['state_dict']
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    from PIL import Image
+    root = tmp_path_factory.mktemp('imgs')
+    gen = torch.Generator().manual_seed(0)
+    for i in range(16):
+        d = root / f'class_{i % 2}'
+        d.mkdir(exist_ok=True)
+        pixels = torch.randint(0, 256, (40 + i, 44 + i, 3), generator=gen, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(d / f'img_{i}.jpg', quality=90)
+    return root
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory, folder):
+    """The uninterrupted run every interrupted one is compared with."""
+    tmp = tmp_path_factory.mktemp('straight')
+    rc, out = finish(start([sys.executable, *args(tmp, 'run', folder)]))
+    assert rc == 0, out[-3000:]
+    return model(tmp, 'run')
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_signal_saves_a_checkpoint_exits_75_and_resumes_exactly(tmp_path, folder, straight, sig):
+    proc = start([sys.executable, *args(tmp_path, 'run', folder)])
+    wait_for(tmp_path / 'run' / 'checkpoints' / 'step_00000003' / 'complete.json', proc)
+    proc.send_signal(sig)
+    rc, out = finish(proc)
+    assert rc == EXIT_PREEMPTED, out[-3000:]
+    assert 'Traceback' not in out and 'preempted:' in out
+    note = (tmp_path / 'run' / 'preempted.json').read_text()
+    assert signal.Signals(sig).name in note
+    rc, out = finish(start([sys.executable, *args(tmp_path, 'run', folder)]))
+    assert rc == 0, out[-3000:]
+    assert not (tmp_path / 'run' / 'preempted.json').exists()
+    assert_bit_identical(model(tmp_path, 'run'), straight)
+
+
+def test_second_sigint_exits_at_once_and_keeps_the_last_checkpoint(tmp_path, folder):
+    proc = start([sys.executable, *args(tmp_path, 'run', folder, 'train.save_every_steps=1000')])
+    first = tmp_path / 'run' / 'tensorboard'
+    wait_for(first, proc)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    rc, out = finish(proc, timeout=60)
+    assert rc == 130, out[-3000:]
+    assert 'second SIGINT' in out and 'Traceback' not in out
+    ckpts = tmp_path / 'run' / 'checkpoints'
+    complete = [p for p in ckpts.glob('step_*') if (p / 'complete.json').exists()] if ckpts.exists() else []
+    latest = (ckpts / 'latest').read_text() if (ckpts / 'latest').exists() else None
+    assert latest is None or (ckpts / latest / 'complete.json').exists()
+    assert all((p / 'complete.json').exists() for p in complete)
+
+
+def test_chaos_kill_term_int_at_random_steps_ends_bit_identical(tmp_path, folder, straight):
+    """Seeded rounds of SIGKILL, SIGTERM and SIGINT at random moments; each time the same command resumes."""
+    rng = random.Random(1234)
+    run_dir = tmp_path / 'run'
+    for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGKILL, signal.SIGTERM):
+        proc = start([sys.executable, *args(tmp_path, 'run', folder)])
+        wait_for(run_dir / 'tensorboard', proc)
+        time.sleep(rng.uniform(0.5, 3.0))
+        if proc.poll() is not None:  # finished before the signal: the chaos is over
+            break
+        proc.send_signal(sig)
+        rc, out = finish(proc)
+        assert rc in ((-signal.SIGKILL,) if sig == signal.SIGKILL else (EXIT_PREEMPTED, 0)), out[-3000:]
+    rc, out = finish(start([sys.executable, *args(tmp_path, 'run', folder)]))
+    assert rc == 0, out[-3000:]
+    assert_bit_identical(model(tmp_path, 'run'), straight)
+
+
+def _ranks(launcher: subprocess.Popen, n: int = 2, timeout: float = 600) -> list[psutil.Process]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
+                 if 'launch/pretrain.py' in ' '.join(p.cmdline())]
+        if len(ranks) == n:
+            return ranks
+        time.sleep(0.2)
+    raise AssertionError('ranks did not start')
+
+
+def deepspeed_cmd(tmp_path, folder, run, *extra):
+    ds = write_ds(tmp_path, train_micro_batch_size_per_gpu=2, zero_optimization={'stage': 2})
+    a = args(tmp_path, run, folder, *extra)
+    a[2] = ds
+    return [DEEPSPEED, '--num_gpus', '2', '--master_port', str(free_port()), *a]
+
+
+@pytest.mark.dist
+def test_sigusr1_to_one_rank_stops_both_with_one_checkpoint(tmp_path, folder):
+    launcher = start(deepspeed_cmd(tmp_path, folder, 'run'))
+    ranks = _ranks(launcher)
+    wait_for(tmp_path / 'run' / 'checkpoints' / 'step_00000003' / 'complete.json', launcher)
+    ranks[1].send_signal(signal.SIGUSR1)
+    rc, out = finish(launcher)
+    assert rc == EXIT_PREEMPTED, out[-3000:]
+    latest = (tmp_path / 'run' / 'checkpoints' / 'latest').read_text()
+    assert (tmp_path / 'run' / 'checkpoints' / latest / 'complete.json').exists()
+    assert latest != 'step_00000003' or 'stopped at step 3' in out
+    assert 'SIGUSR1' in (tmp_path / 'run' / 'preempted.json').read_text()
+
+
+@pytest.mark.dist
+def test_ranks_do_not_outlive_the_deepspeed_launcher(tmp_path, folder):
+    launcher = start(deepspeed_cmd(tmp_path, folder, 'run'))
+    ranks = _ranks(launcher)
+    wait_for(tmp_path / 'run' / 'tensorboard', launcher)
+    launcher.kill()  # the `deepspeed` runner: its launch.py child and the ranks are left behind
+    launcher.communicate(timeout=60)
+    gone, alive = psutil.wait_procs(ranks, timeout=300)
+    for p in alive:
+        p.kill()
+    assert not alive, 'ranks outlived their launcher'
+    assert {p.returncode for p in gone} <= {EXIT_PREEMPTED, 0}
+    assert 'launcher' in (tmp_path / 'run' / 'preempted.json').read_text()
+
+
+@pytest.mark.dist
+def test_a_frozen_rank_makes_its_peer_exit_with_a_stall_report(tmp_path, folder):
+    launcher = start(deepspeed_cmd(tmp_path, folder, 'run', 'train.stall_min_s=3', 'train.stall_factor=5',
+                                   'train.epochs=1000'))
+    ranks = _ranks(launcher)
+    wait_for(tmp_path / 'run' / 'checkpoints' / 'step_00000003' / 'complete.json', launcher)
+    time.sleep(1.0)
+    ranks[1].send_signal(signal.SIGSTOP)
+    try:
+        rc, out = finish(launcher, timeout=240)
+    finally:
+        for p in ranks:
+            if p.is_running():
+                p.kill()
+    assert rc != 0
+    assert 'stalled' in out, out[-3000:]
+    report = (tmp_path / 'run' / 'stall_rank00000.txt').read_text()
+    assert 'stalled' in report and 'Thread' in report
