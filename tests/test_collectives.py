@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cmae_ds.models import CMAE
-from cmae_ds.models.collectives import SyncBatchNorm1d
+from cmae_ds.models.batchnorm import SyncBatchNorm1d
 from helpers import debug_cfg, free_port
 
 

@@ -8,8 +8,8 @@ from torch import nn
 
 from ..config import DECODER_MLP_RATIO, ModelConfig
 from ..kernels import FlatEMA, fused_enabled, record
-from ..losses import contrastive_loss, reconstruction_loss
-from .collectives import keep_dtype
+from .batchnorm import keep_dtype
+from .losses import contrastive_loss, reconstruction_loss
 from .decoder import MAEDecoder
 from .heads import ProjectionMLP
 from .masking import block_mask, patch_mask, visible_ids

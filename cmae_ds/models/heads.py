@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .collectives import SyncBatchNorm1d
+from .batchnorm import SyncBatchNorm1d
 
 
 class ProjectionMLP(nn.Module):

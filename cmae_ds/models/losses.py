@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .models.collectives import gather_no_grad, world
-from .kernels import recon_loss
+from ..kernels import recon_loss
+from .collectives import gather_no_grad, world
 
 
 def reconstruction_loss(img: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int) -> torch.Tensor:
