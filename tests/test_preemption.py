@@ -76,6 +76,7 @@ def straight(tmp_path_factory, folder):
     tmp = tmp_path_factory.mktemp('straight')
     rc, out = finish(start([sys.executable, *args(tmp, 'run', folder)]))
     assert rc == 0, out[-3000:]
+    straight.run_dir = tmp / 'run'
     return model(tmp, 'run')
 
 
@@ -128,6 +129,27 @@ def test_chaos_kill_term_int_at_random_steps_ends_bit_identical(tmp_path, folder
     rc, out = finish(start([sys.executable, *args(tmp_path, 'run', folder)]))
     assert rc == 0, out[-3000:]
     assert_bit_identical(model(tmp_path, 'run'), straight)
+
+
+@pytest.mark.parametrize('task', ['finetune', 'linprobe'])
+def test_classification_runs_stop_with_a_checkpoint_and_resume(tmp_path, folder, straight, task):
+    """Fine-tuning and probing share the loop: SIGTERM after the first epoch's checkpoint -> 75 -> resume -> done."""
+    config = 'finetune_debug' if task == 'finetune' else 'linprobe_vit_base'
+    cmd = [sys.executable, f'launch/{"finetune" if task == "finetune" else "linear_probe"}.py', '--config', config,
+           '--deepspeed_config', write_ds(tmp_path), 'model.size=debug', 'model.img_size=32', 'model.patch_size=8',
+           f'data.root={folder}', f'val_data.root={folder}', 'data.num_workers=0', 'val_data.num_workers=0',
+           f'{task}.pretrained={straight.run_dir}', f'{task}.output_dir={tmp_path / "run"}',
+           'data.source=folder', 'val_data.source=folder', 'data.pipeline=torch', 'val_data.pipeline=torch',
+           f'{task}.progress_bar=false', f'{task}.epochs=6', f'{task}.warmup_epochs=1', f'{task}.num_classes=2',
+           f'{task}.seed=1']
+    proc = start(cmd)
+    wait_for(tmp_path / 'run' / 'checkpoints' / 'step_00000004' / 'complete.json', proc)
+    proc.send_signal(signal.SIGTERM)
+    rc, out = finish(proc)
+    assert rc == EXIT_PREEMPTED, out[-3000:]
+    rc, out = finish(start(cmd))
+    assert rc == 0 and 'resumed from' in out, out[-3000:]
+    assert (tmp_path / 'run' / 'model_last.pt').is_file()
 
 
 def _ranks(launcher: subprocess.Popen, n: int = 2, timeout: float = 600) -> list[psutil.Process]:
