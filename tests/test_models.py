@@ -207,3 +207,17 @@ def test_config_errors_name_the_field():
         ModelConfig.from_dict({'sise': 'vit_base'})
     with pytest.raises(ConfigError, match='even patch grid'):
         ModelConfig(size='debug', img_size=48)
+
+
+def test_target_encoder_runs_in_the_callers_autocast_dtype_with_fp32_weights():
+    """As the official code under autocast: the target forward in bf16 even from fp32 views; the EMA weights stay
+    fp32. Without autocast, fp32 views give an fp32 target forward."""
+    model = CMAE(debug_cfg())
+    seen = []
+    model.target.encoder.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    img = torch.randn(2, 3, 64, 64)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        model(img, img.clone())
+    model(img, img.clone())
+    assert seen == [torch.bfloat16, torch.float32]
+    assert all(p.dtype == torch.float32 for p in model.target.parameters())

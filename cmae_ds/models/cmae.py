@@ -1,6 +1,7 @@
 """CMAE (and plain MAE as a config switch): online branch trained by gradient, target branch by EMA only."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -33,9 +34,14 @@ class TargetBranch(nn.Module):
         self.requires_grad_(False)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> (N, proj_dim) fp32, from the mean of the patch tokens (cls excluded)."""
+        """(N, C, H, W) -> (N, proj_dim) fp32, from the mean of the patch tokens (cls excluded).
+
+        The encoder runs in the compute dtype of the step while its weights stay fp32: under autocast for bf16 or
+        fp16 inputs (DeepSpeed's bf16/fp16 engines), and under the caller's autocast whatever the input dtype (an
+        enclosing autocast is left in force, as in the official code); fp32 otherwise."""
         low_precision = img.dtype in (torch.bfloat16, torch.float16)
-        with torch.autocast(img.device.type, dtype=img.dtype, enabled=low_precision):
+        cast = torch.autocast(img.device.type, dtype=img.dtype) if low_precision else contextlib.nullcontext()
+        with cast:
             pooled = self.encoder(img)[:, 1:].mean(dim=1)
         return self.projector(pooled.float())
 
