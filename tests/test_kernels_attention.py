@@ -90,3 +90,10 @@ def test_backend_logged_once(monkeypatch, caplog):
         for _ in range(3):
             attention(*_qkv(torch.float32, length=4))
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["attention backend: math"]
+
+
+def test_auto_takes_math_for_half_precision_on_the_cpu_and_sdpa_for_fp32():
+    """The measured choice (docs/kernels.md): SDPA is the slower CPU path in bf16, the faster one in fp32."""
+    assert attention_backend("cpu", torch.bfloat16) == "math"
+    assert attention_backend("cpu", torch.float16) == "math"
+    assert attention_backend("cpu", torch.float32) == "sdpa"
