@@ -42,7 +42,7 @@ def set_lr(optimizer, lr: float) -> None:
         group['lr'] = lr * group.get('lr_scale', 1.0)
 
 
-def probe_param_groups(model: LinearProbe, weight_decay: float) -> list[dict]:
+def probe_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """The linear layer only; MAE's LARS skips 1-D parameters (the bias) for adaptation and weight decay itself."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [{'params': [p for _, p in params], 'names': [n for n, _ in params], 'weight_decay': weight_decay,
