@@ -27,6 +27,8 @@ def parse(argv=None, linear_probe: bool = False):
     parser.add_argument('--linear-probe', '--linear_probe', dest='linear_probe', action='store_true',
                         default=linear_probe, help='linear probing (MAE protocol) instead of fine-tuning')
     parser.add_argument('--resume', default='auto', help="'auto' (newest complete checkpoint), 'none', or a tag")
+    parser.add_argument('--trust-checkpoint', '--trust_checkpoint', dest='trust_checkpoint', action='store_true',
+                        help='load checkpoint files that name code to run (refused by default, docs/reliability.md)')
     parser.add_argument('--local_rank', type=int, default=None, help='set by the DeepSpeed launcher')
     parser.add_argument('overrides', nargs='*', help='section.key=value')
     return parser.parse_args(argv)
@@ -47,7 +49,8 @@ def main(argv=None, linear_probe: bool = False) -> int:
     task = 'linprobe' if args.linear_probe else 'finetune'
     try:
         cfg = load_task_config(task, args.config or f'{task}_vit_base', args.overrides)
-        result = train(cfg, args.ds_config or default_ds_config(args.linear_probe), resume=args.resume)
+        result = train(cfg, args.ds_config or default_ds_config(args.linear_probe), resume=args.resume,
+                       trust_checkpoint=args.trust_checkpoint)
     except USER_ERRORS as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

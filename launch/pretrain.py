@@ -21,6 +21,8 @@ def parse(argv=None):
     parser.add_argument('--deepspeed_config', '--ds_config', dest='ds_config', default=None,
                         help='DeepSpeed JSON (default: ds_configs/cpu_debug.json, fp32, runs on a CPU or one GPU)')
     parser.add_argument('--resume', default='auto', help="'auto' (newest complete checkpoint), 'none', or a tag")
+    parser.add_argument('--trust-checkpoint', '--trust_checkpoint', dest='trust_checkpoint', action='store_true',
+                        help='load checkpoint files that name code to run (refused by default, docs/reliability.md)')
     parser.add_argument('--local_rank', type=int, default=None, help='set by the DeepSpeed launcher')
     parser.add_argument('overrides', nargs='*', help='section.key=value')
     return parser.parse_args(argv)
@@ -47,7 +49,8 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         observer = knn_monitor(cfg)
-        result = train(cfg, args.ds_config or default_ds_config(), resume=args.resume, observer=observer)
+        result = train(cfg, args.ds_config or default_ds_config(), resume=args.resume, observer=observer,
+                       trust_checkpoint=args.trust_checkpoint)
     except USER_ERRORS as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

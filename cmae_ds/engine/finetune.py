@@ -94,23 +94,24 @@ def _pretrained_path(source: str):
     return path / 'model.pt' if path.is_dir() else source
 
 
-def build_model(cfg: TaskConfig) -> nn.Module:
+def build_model(cfg: TaskConfig, trust: bool = False) -> nn.Module:
     """The classifier (fine-tuning) or the probe, with the pretrained weights; every rank builds the same one."""
     task, size = cfg.task, _img_size(cfg)
     if _is_probe(cfg):
         return probe_from_pretrained(_pretrained_path(task.pretrained), cfg.model, task.num_classes, pool=task.pool,
-                                     img_size=size)
+                                     img_size=size, trust=trust)
     if task.pretrained.lower() == 'none':
         return ViTClassifier(cfg.model, task.num_classes, drop_path=task.drop_path, img_size=size)
     return classifier_from_pretrained(_pretrained_path(task.pretrained), cfg.model, task.num_classes,
-                                      drop_path=task.drop_path, img_size=size)
+                                      drop_path=task.drop_path, img_size=size, trust=trust)
 
 
-def build_engine(cfg: TaskConfig, ds: dict, batch_cfg: ResolvedBatch, ctx: DistContext, peak_lr: float):
+def build_engine(cfg: TaskConfig, ds: dict, batch_cfg: ResolvedBatch, ctx: DistContext, peak_lr: float,
+                 trust: bool = False):
     """(engine, model, optimizer name). Fine-tuning: AdamW over layer-decay groups; probing: LARS/SGD on the head."""
     import deepspeed
     torch.manual_seed(cfg.task.seed)
-    model, task = build_model(cfg), cfg.task
+    model, task = build_model(cfg, trust), cfg.task
     if _is_probe(cfg):
         optimizer, name = build_probe_optimizer(probe_param_groups(model, task.weight_decay), name=task.optimizer,
                                                 lr=peak_lr, momentum=task.momentum)
@@ -180,9 +181,10 @@ def _loaders(cfg: TaskConfig, batch_cfg: ResolvedBatch, ctx: DistContext):
     return train_loader, val_loader
 
 
-def train(cfg: TaskConfig, ds_path: str, resume: str = 'auto') -> FinetuneResult:
+def train(cfg: TaskConfig, ds_path: str, resume: str = 'auto', trust_checkpoint: bool = False) -> FinetuneResult:
     """Fine-tune (cfg.task a FinetuneConfig) or linearly probe (a LinearProbeConfig) with the DeepSpeed JSON at
-    `ds_path`. `resume`: 'auto' (newest complete checkpoint of the run folder), 'none', or a tag."""
+    `ds_path`. `resume`: 'auto' (newest complete checkpoint of the run folder), 'none', or a tag.
+    `trust_checkpoint`: read the pretrained weights and the resumed checkpoint without cmae_ds.safe_load's checks."""
     task = cfg.task
     ds = load_ds_config(ds_path)
     ctx = setup_distributed()
@@ -194,10 +196,10 @@ def train(cfg: TaskConfig, ds_path: str, resume: str = 'auto') -> FinetuneResult
     tag = resume_tag(resume, ckpt_dir)
     loader, val_loader = _loaders(cfg, batch_cfg, ctx)
     schedule = make_schedule(cfg.task, batch_cfg, len(loader), ds_path)
-    engine, model, opt_name = build_engine(cfg, ds, batch_cfg, ctx, schedule.peak_lr)
+    engine, model, opt_name = build_engine(cfg, ds, batch_cfg, ctx, schedule.peak_lr, trust_checkpoint)
     progress = Progress()
     if tag is not None:
-        progress = Progress(**checkpointing.load(engine, ckpt_dir, tag)['progress'])
+        progress = Progress(**checkpointing.load(engine, ckpt_dir, tag, trust=trust_checkpoint)['progress'])
     _seed_rngs(task.seed, ctx.rank, progress.step)
     if ctx.is_main:
         write_run_files(run_dir, cfg, ds, progress.step)

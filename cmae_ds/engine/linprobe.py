@@ -44,11 +44,11 @@ class LinearProbe(nn.Module):
 
 
 def probe_from_pretrained(source, cfg: ModelConfig, num_classes: int, *, pool: str = 'cls',
-                          img_size: int | None = None) -> LinearProbe:
+                          img_size: int | None = None, trust: bool = False) -> LinearProbe:
     """A LinearProbe over the pretrained encoder (with its final norm) of any checkpoint that
     cmae_ds.checkpoint.encoder_state reads; the position embedding is resized when img_size differs."""
     encoder = build_encoder(cfg, final_norm=True, img_size=img_size)
-    state = encoder_state(source)
+    state = encoder_state(source, trust=trust)
     if 'pos_embed' in state and state['pos_embed'].shape[1] != encoder.grid ** 2 + 1:
         state['pos_embed'] = interpolate_pos_embed(state['pos_embed'], encoder.grid)
     load_strict(encoder, state, what='pretrained encoder', cfg=cfg)

@@ -72,10 +72,10 @@ def _rank_state(mask_gen: torch.Generator) -> dict:
 
 
 def _restore_rank_state(cfg: Config, ctx: DistContext, ckpt_dir: Path, tag: str, progress: Progress,
-                        mask_gen: torch.Generator) -> None:
+                        mask_gen: torch.Generator, trust: bool = False) -> None:
     """RNG streams of this rank. A resume on more ranks than saved reseeds the new ranks from (seed, rank, step):
     the run continues correctly, only not bit-for-bit as an uninterrupted one would."""
-    state = checkpointing.load_rank_state(ckpt_dir, tag, ctx.rank)
+    state = checkpointing.load_rank_state(ckpt_dir, tag, ctx.rank, trust=trust)
     if state is None:
         torch.manual_seed(cfg.train.seed * 1000 + ctx.rank + 7919 * progress.step)
         mask_gen.manual_seed(cfg.train.seed * 1000 + ctx.rank + 1 + 7919 * progress.step)
@@ -119,11 +119,12 @@ def mask_generator(cfg: Config, ctx: DistContext) -> torch.Generator:
     return torch.Generator(device=ctx.device).manual_seed(cfg.train.seed * 1000 + ctx.rank + 1)
 
 
-def train(cfg: Config, ds_path: str, resume: str = 'auto', observer=None) -> RunResult:
+def train(cfg: Config, ds_path: str, resume: str = 'auto', observer=None, trust_checkpoint: bool = False) -> RunResult:
     """Pretrain CMAE with the DeepSpeed JSON at `ds_path`; see the README for the run folder layout.
 
     `observer(step, engine, model)`, if given, is called on every rank at start and after each optimizer step's
-    momentum update (tests use it to follow the weights; monitors to evaluate).
+    momentum update (tests use it to follow the weights; monitors to evaluate). `trust_checkpoint`: resume without
+    the checks of cmae_ds.safe_load.
     """
     ds = load_ds_config(ds_path)
     ctx = setup_distributed()
@@ -140,8 +141,8 @@ def train(cfg: Config, ds_path: str, resume: str = 'auto', observer=None) -> Run
     engine, model, opt_name = build_engine(cfg, ds, batch_cfg, ctx, schedule.peak_lr)
     progress, mask_gen = Progress(), mask_generator(cfg, ctx)
     if tag is not None:
-        progress = Progress(**checkpointing.load(engine, ckpt_dir, tag)['progress'])
-        _restore_rank_state(cfg, ctx, ckpt_dir, tag, progress, mask_gen)
+        progress = Progress(**checkpointing.load(engine, ckpt_dir, tag, trust=trust_checkpoint)['progress'])
+        _restore_rank_state(cfg, ctx, ckpt_dir, tag, progress, mask_gen, trust_checkpoint)
     if ctx.is_main:
         write_run_files(run_dir, cfg, ds, progress.step)
     logger = RunLogger(run_dir, schedule.total_steps, progress.step, ctx.is_main, cfg.train.progress_bar)
