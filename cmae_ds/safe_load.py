@@ -18,7 +18,7 @@ import logging
 import pickletools
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 
@@ -65,12 +65,14 @@ _GET = {'GET', 'BINGET', 'LONG_BINGET'}
 _PUT = {'PUT', 'BINPUT', 'LONG_BINPUT'}
 
 
-def pickle_globals(stream) -> set[str]:
-    """`module.name` of every global one pickle (read from `stream`, left just after its STOP) would import.
+def pickle_globals(stream, found: Optional[set] = None) -> set[str]:
+    """`module.name` of every global one pickle (read from `stream`, left just after its STOP) would import, added
+    to `found` as they come (a pickle that turns out malformed still shows what it named up to there).
 
     STACK_GLOBAL takes its operands from the stack: they are known when the two values pushed just before it are
     strings, literal or from the memo (how every pickler writes them); otherwise UNRESOLVED is reported."""
-    found, memo, pushed = set(), {}, []  # pushed: the last <= 2 values on the stack when known to be strings
+    found = set() if found is None else found
+    memo, pushed = {}, []  # pushed: the last <= 2 values on the stack when known to be strings
     for op, arg, _ in pickletools.genops(stream):
         name = op.name
         if name == 'MEMOIZE' or name in _PUT:
@@ -81,7 +83,7 @@ def pickle_globals(stream) -> set[str]:
             value = memo.get(arg) if name in _GET else arg
             pushed = (pushed + [value if isinstance(value, str) and value.isascii() else None])[-2:]
         else:
-            found |= _named_by(name, arg, pushed)
+            found.update(_named_by(name, arg, pushed))
             pushed = []
     return found
 
@@ -104,14 +106,14 @@ def _torch_allowed() -> set[str]:
     return set(_weights_only_unpickler._get_allowed_globals())
 
 
-def is_placeholder(name: str) -> bool:
+def _is_placeholder(name: str) -> bool:
     return name.split('.')[0] in PLACEHOLDER_PACKAGES
 
 
-def refused(names: set[str]) -> list[str]:
+def _refused(names: set[str]) -> list[str]:
     """The names of `names` that are neither allowed objects nor placeholders, sorted."""
     allowed = _torch_allowed() | set(_NUMPY) | set(_DEEPSPEED)
-    return sorted(n for n in names if n not in allowed and not is_placeholder(n))
+    return sorted(n for n in names if n not in allowed and not _is_placeholder(n))
 
 
 def _pickles(path: Path) -> Iterator[io.BufferedIOBase]:
@@ -139,16 +141,19 @@ def scan(path: Union[str, Path]) -> set[str]:
     CheckpointError when the file is not a torch checkpoint. Reads the pickles only, not the tensor data."""
     path = Path(path)
     names: set[str] = set()
+    unreadable = None
     try:
         for stream in _pickles(path):
-            names |= pickle_globals(stream)
+            pickle_globals(stream, names)
     except CheckpointError:
         raise
     except Exception as e:  # pickletools, zip and OS errors all mean "not a torch checkpoint we can read"
-        raise CheckpointError(f'{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})') from None
-    bad = refused(names)
-    if bad:
+        unreadable = CheckpointError(f'{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})')
+    bad = _refused(names)
+    if bad:  # also when the rest is malformed: a bare pickle.dump payload is a pickle, not a torch file
         raise UnsafeCheckpoint(path, bad)
+    if unreadable is not None:
+        raise unreadable
     return names
 
 
@@ -164,7 +169,7 @@ def _safe_globals(names: set[str]) -> list:
     names, a placeholder class per metadata name, and numpy's dtype classes (BUILD checks the dtype's type)."""
     extra = []
     for name in sorted(names - _torch_allowed()):
-        if is_placeholder(name):
+        if _is_placeholder(name):
             module, attr = name.rsplit('.', 1)
             extra.append((type(attr, (Placeholder,), {'__module__': f'placeholder.{module}'}), name))
         else:
@@ -190,17 +195,21 @@ def load_checkpoint_file(path: Union[str, Path], *, trust: bool = False, map_loc
         raise CheckpointError(f'{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})') from None
 
 
-def _sniff_torch_file(path: Path) -> bool:
-    """Zip checkpoints start with a zip header, legacy ones with a pickle PROTO opcode."""
+def _is_torch_file(path: Path) -> bool:
+    """Named as one (DeepSpeed's are all .pt), or starting as one: a zip header, a pickle PROTO opcode."""
+    if path.suffix in ('.pt', '.pth', '.bin', '.pkl'):
+        return True
     with open(path, 'rb') as f:
         head = f.read(4)
-    return head == b'PK\x03\x04' or head[:1] == b'\x80'
+    return head == b'PK\x03\x04' or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def scan_folder(folder: Union[str, Path], *, trust: bool = False) -> list[Path]:
     """Scan every torch file under `folder` (a DeepSpeed checkpoint tag: model and optimizer states, per-rank state,
-    universal checkpoint shards), whatever its name; the files found."""
-    files = [p for p in sorted(Path(folder).rglob('*')) if p.is_file() and _sniff_torch_file(p)]
+    universal checkpoint shards), whatever its name; the files found. DeepSpeed's NVMe swap copies
+    (offloaded_tensors/) are raw tensor bytes, copied back and never unpickled."""
+    files = [p for p in sorted(Path(folder).rglob('*')) if p.is_file() and 'offloaded_tensors' not in
+             p.relative_to(folder).parts[:-1] and _is_torch_file(p)]
     if trust:
         log.warning(f'{folder}: {len(files)} checkpoint files not checked (trusted by {OPT_OUT})')
         return files

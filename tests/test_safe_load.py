@@ -118,12 +118,15 @@ def test_scanner_resolves_globals_however_the_pickle_names_them(marker):
     assert pickle_globals(io.BytesIO(b'\x80\x02\x82\xf0.')) == {'<copyreg extension code 240>'}
 
 
-@pytest.mark.parametrize('zipped', [True, False], ids=['zip', 'legacy'])
+@pytest.mark.parametrize('form', ['zip', 'legacy', 'bare pickle'])
 @pytest.mark.parametrize('kind', PAYLOADS)
-def test_a_payload_is_refused_unless_trusted_and_then_it_runs(tmp_path, marker, caplog, kind, zipped):
+def test_a_payload_is_refused_unless_trusted_and_then_it_runs(tmp_path, marker, caplog, kind, form):
     cls, name = PAYLOADS[kind]
-    path = tmp_path / 'model.pt'
-    torch.save({'state_dict': {'w': torch.zeros(2)}, 'meta': cls(marker)}, path, _use_new_zipfile_serialization=zipped)
+    path, obj = tmp_path / 'model.pt', {'state_dict': {'w': torch.zeros(2)}, 'meta': cls(marker)}
+    if form == 'bare pickle':  # torch.load(weights_only=False) unpickles it as the legacy format's magic number
+        path.write_bytes(pickle.dumps(obj, protocol=2))
+    else:
+        torch.save(obj, path, _use_new_zipfile_serialization=form == 'zip')
     with pytest.raises(UnsafeCheckpoint) as err:
         load_checkpoint_file(path)
     assert_refused(str(err.value), path, name, marker)
