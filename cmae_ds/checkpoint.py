@@ -14,14 +14,10 @@ from torch import nn
 
 from .config import ModelConfig
 from .models import CMAE, LinearProbe, ViTClassifier, ViTEncoder, build_encoder, resize_pos_embed
-from .safe_load import load_checkpoint_file
+from .safe_load import CheckpointError, UnsafeCheckpoint, load_checkpoint_file  # noqa: F401 (part of this API)
 
 StateSource = Union[str, Path, dict]
 ENCODER_FORMAT = 'cmae_ds.encoder'
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be read or does not fit the model it is loaded into."""
 
 
 # Official (mmselfsup) top-level prefixes -> ours.
@@ -86,16 +82,18 @@ def convert_official_classifier(state: dict) -> dict:
     return out
 
 
-def read_state(source: StateSource, what: str = 'checkpoint') -> dict:
+def read_file(path: Union[str, Path], what: str = 'checkpoint', *, trust: bool = False):
+    """The object in a checkpoint file, read through cmae_ds.safe_load (`trust`: see there)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'{what} {path}: no such file')
+    return load_checkpoint_file(path, trust=trust)
+
+
+def read_state(source: StateSource, what: str = 'checkpoint', *, trust: bool = False) -> dict:
     """Load a checkpoint file (or take a dict) and unwrap the usual containers ('state_dict', 'module', 'model')."""
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise CheckpointError(f'{what} {path}: no such file')
-        try:
-            source = load_checkpoint_file(path)
-        except Exception as e:  # pickle, zip and torch errors all mean "not a readable checkpoint"
-            raise CheckpointError(f'{what} {path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})')
+        source = read_file(source, what, trust=trust)
     if not isinstance(source, dict):
         raise CheckpointError(f'{what}: expected a dict of tensors, got {type(source).__name__}')
     for container in ('state_dict', 'module', 'model'):
@@ -127,32 +125,32 @@ def load_strict(module: nn.Module, state: dict, *, what: str, cfg: ModelConfig, 
     module.load_state_dict(state, strict=True)
 
 
-def load_official_cmae(source: StateSource, config: ModelConfig) -> CMAE:
+def load_official_cmae(source: StateSource, config: ModelConfig, *, trust: bool = False) -> CMAE:
     """An official CMAE pretraining checkpoint (bare state dict or under 'state_dict') -> our CMAE, all of it."""
     model = CMAE(config)
-    load_strict(model, convert_official_cmae(read_state(source, 'official CMAE checkpoint')),
+    load_strict(model, convert_official_cmae(read_state(source, 'official CMAE checkpoint', trust=trust)),
                 what='official CMAE checkpoint', cfg=config)
     return model
 
 
-def load_official_classifier(source: StateSource, config: ModelConfig, num_classes: int) -> ViTClassifier:
+def load_official_classifier(source: StateSource, config: ModelConfig, num_classes: int, *,
+                             trust: bool = False) -> ViTClassifier:
     """An official fine-tuned classifier -> our ViTClassifier; the position embedding is resized to
     config.img_size when the checkpoint was made at another resolution."""
-    state = convert_official_classifier(read_state(source, 'official classifier checkpoint'))
+    state = convert_official_classifier(read_state(source, 'official classifier checkpoint', trust=trust))
     model = ViTClassifier(config, num_classes)
     resize_pos_embed(state, 'encoder.pos_embed', model.encoder.grid)
     load_strict(model, state, what='official classifier checkpoint', cfg=config)
     return model
 
 
-def encoder_state(source: StateSource) -> dict:
+def encoder_state(source: StateSource, *, trust: bool = False) -> dict:
     """The online encoder's weights, in our names, from any checkpoint we know: ours (CMAE, classifier, extracted
     encoder), an official pretraining checkpoint, an official extracted backbone."""
-    raw = source if isinstance(source, dict) and 'format' in source else None
-    if raw is None and isinstance(source, (str, Path)):
-        raw = _peek_format(source)
-    if raw is not None and raw.get('format') == ENCODER_FORMAT:
-        return dict(raw['state_dict'])
+    if isinstance(source, (str, Path)):
+        source = read_file(source, 'pretrained checkpoint', trust=trust)
+    if isinstance(source, dict) and source.get('format') == ENCODER_FORMAT:
+        return dict(source['state_dict'])
     state = read_state(source, 'pretrained checkpoint')
     if any(k.startswith('encoder.') for k in state):
         return {k[len('encoder.'):]: v for k, v in state.items() if k.startswith('encoder.')}
@@ -164,40 +162,30 @@ def encoder_state(source: StateSource) -> dict:
     raise CheckpointError(f'pretrained checkpoint: no encoder found (first keys: {list(state)[:5]})')
 
 
-def _peek_format(path: Union[str, Path]) -> Optional[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f'pretrained checkpoint {path}: no such file')
-    try:
-        obj = load_checkpoint_file(path)
-    except Exception as e:
-        raise CheckpointError(f'pretrained checkpoint {path}: cannot be read ({type(e).__name__}: {e})')
-    return obj if isinstance(obj, dict) and 'format' in obj else None
-
-
-def load_encoder(source: StateSource, config: ModelConfig) -> ViTEncoder:
+def load_encoder(source: StateSource, config: ModelConfig, *, trust: bool = False) -> ViTEncoder:
     """An encoder with its final norm (as pretrained), from any checkpoint encoder_state understands."""
     encoder = build_encoder(config, final_norm=True)
-    state = encoder_state(source)
+    state = encoder_state(source, trust=trust)
     resize_pos_embed(state, 'pos_embed', encoder.grid)
     load_strict(encoder, state, what='pretrained encoder', cfg=config)
     return encoder
 
 
 def classifier_from_pretrained(source: StateSource, config: ModelConfig, num_classes: int, *,
-                               drop_path: float = 0.0, img_size: Optional[int] = None) -> ViTClassifier:
+                               drop_path: float = 0.0, img_size: Optional[int] = None,
+                               trust: bool = False) -> ViTClassifier:
     """Start fine-tuning: the pretrained encoder (final norm dropped, position embedding learned from here on and
     resized to the fine-tuning resolution), a fresh fc_norm and head."""
     model = ViTClassifier(config, num_classes, drop_path=drop_path, img_size=img_size)
-    state = {k: v for k, v in encoder_state(source).items() if not k.startswith('norm.')}
+    state = {k: v for k, v in encoder_state(source, trust=trust).items() if not k.startswith('norm.')}
     resize_pos_embed(state, 'pos_embed', model.encoder.grid)
     load_strict(model.encoder, state, what='pretrained encoder', cfg=config)
     return model
 
 
-def extract_encoder(source: StateSource, config: Optional[ModelConfig] = None) -> dict:
+def extract_encoder(source: StateSource, config: Optional[ModelConfig] = None, *, trust: bool = False) -> dict:
     """The role of the official tools/extract_backbone_weights.py: a small file holding only the online encoder."""
-    out = {'format': ENCODER_FORMAT, 'state_dict': encoder_state(source)}
+    out = {'format': ENCODER_FORMAT, 'state_dict': encoder_state(source, trust=trust)}
     if config is not None:
         out['model_config'] = dataclasses.asdict(config)
     return out
@@ -227,11 +215,11 @@ def build_timm_vit(encoder_sd: dict, config: ModelConfig):
 
 
 def probe_from_pretrained(source, cfg: ModelConfig, num_classes: int, *, pool: str = 'cls',
-                          img_size: int | None = None) -> LinearProbe:
+                          img_size: int | None = None, trust: bool = False) -> LinearProbe:
     """A LinearProbe over the pretrained encoder (with its final norm) of any checkpoint that
     encoder_state reads; the position embedding is resized when img_size differs."""
     encoder = build_encoder(cfg, final_norm=True, img_size=img_size)
-    state = encoder_state(source)
+    state = encoder_state(source, trust=trust)
     resize_pos_embed(state, 'pos_embed', encoder.grid)
     load_strict(encoder, state, what='pretrained encoder', cfg=cfg)
     return LinearProbe(encoder, cfg.embed_dim, num_classes, pool)

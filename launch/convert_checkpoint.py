@@ -22,6 +22,8 @@ def parse(argv=None):
     parser.add_argument('action', choices=['official-to-ours', 'extract-encoder', 'to-timm'])
     parser.add_argument('src')
     parser.add_argument('out')
+    parser.add_argument('--trust-checkpoint', '--trust_checkpoint', dest='trust_checkpoint', action='store_true',
+                        help='load checkpoint files that name code to run (refused by default, docs/reliability.md)')
     parser.add_argument('overrides', nargs='*', help='model.key=value')
     return parser.parse_args(argv)
 
@@ -30,13 +32,14 @@ def main(argv=None) -> int:
     args = parse(argv)
     try:
         cfg = load_config(None, args.overrides).model
+        trust = args.trust_checkpoint
         if args.action == 'official-to-ours':
             # Loading validates every key and shape before anything is written.
-            out = {'state_dict': load_official_cmae(args.src, cfg).state_dict()}
+            out = {'state_dict': load_official_cmae(args.src, cfg, trust=trust).state_dict()}
         elif args.action == 'extract-encoder':
-            out = extract_encoder(args.src, cfg)
+            out = extract_encoder(args.src, cfg, trust=trust)
         else:
-            out = encoder_to_timm(encoder_state(args.src))
+            out = encoder_to_timm(encoder_state(args.src, trust=trust))
     except (CheckpointError, ConfigError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

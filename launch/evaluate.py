@@ -28,6 +28,8 @@ def parse(argv=None):
                         help='auto: bf16 autocast on GPUs, fp32 on the CPU')
     parser.add_argument('--out', default=None, help='JSON result (default: <checkpoint>.eval.json)')
     parser.add_argument('--predictions', action='store_true', help='add every image\'s prediction to the JSON')
+    parser.add_argument('--trust-checkpoint', '--trust_checkpoint', dest='trust_checkpoint', action='store_true',
+                        help='load checkpoint files that name code to run (refused by default, docs/reliability.md)')
     parser.add_argument('--local_rank', type=int, default=None, help='set by the DeepSpeed launcher')
     parser.add_argument('overrides', nargs='*', help='section.key=value (model.*, val_data.*)')
     return parser.parse_intermixed_args(argv)
@@ -52,7 +54,7 @@ def run(args) -> dict:
     from cmae_ds.engine.evaluate import check_labels, evaluate, load_classifier, resolve_checkpoint
     cfg = _config(args)
     ctx = setup_distributed()
-    loaded = load_classifier(args.checkpoint, cfg.model, args.num_classes)
+    loaded = load_classifier(args.checkpoint, cfg.model, args.num_classes, trust=args.trust_checkpoint)
     samples = list_samples(cfg.val_data)
     check_labels(samples, loaded.num_classes, 'val_data')
     loader = build_classification_loader(cfg.val_data, train=False, img_size=loaded.img_size,

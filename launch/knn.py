@@ -20,20 +20,21 @@ def parse(argv=None):
     parser.add_argument('checkpoint', help='pretraining run folder or model.pt, extracted encoder, official checkpoint')
     parser.add_argument('--config', default=None, help='YAML file or preset with sections model, data, val_data, knn')
     parser.add_argument('--out', default='knn.json', help='JSON result')
+    parser.add_argument('--trust-checkpoint', '--trust_checkpoint', dest='trust_checkpoint', action='store_true',
+                        help='load checkpoint files that name code to run (refused by default, docs/reliability.md)')
     parser.add_argument('--local_rank', type=int, default=None, help='set by the DeepSpeed launcher')
     parser.add_argument('overrides', nargs='*', help='section.key=value')
     return parser.parse_intermixed_args(argv)
 
 
-def _model_config(checkpoint: Path, fallback):
-    """Our model.pt carries its ModelConfig; anything else uses the config's model section."""
+def _read(checkpoint: Path, fallback, trust: bool):
+    """(the file's object, its model config): our model.pt carries its ModelConfig; anything else uses the
+    config's model section."""
+    from cmae_ds.checkpoint import read_file
     from cmae_ds.config import ModelConfig
-    from cmae_ds.safe_load import load_checkpoint_file
-    try:
-        obj = load_checkpoint_file(checkpoint)
-    except Exception:  # unreadable files are reported by load_encoder with the reason
-        return fallback
-    return ModelConfig(**obj['model_config']) if isinstance(obj, dict) and 'model_config' in obj else fallback
+    obj = read_file(checkpoint, 'checkpoint', trust=trust)
+    cfg = ModelConfig(**obj['model_config']) if isinstance(obj, dict) and 'model_config' in obj else fallback
+    return obj, cfg
 
 
 def run(args) -> dict:
@@ -44,9 +45,9 @@ def run(args) -> dict:
     cfg = load_task_config('knn', args.config, args.overrides)
     ckpt = Path(args.checkpoint)
     ckpt = ckpt / 'model.pt' if ckpt.is_dir() else ckpt
-    model_cfg = _model_config(ckpt, cfg.model)
+    obj, model_cfg = _read(ckpt, cfg.model, args.trust_checkpoint)
     ctx = setup_distributed()
-    encoder = load_encoder(ckpt, model_cfg).to(ctx.device).eval()
+    encoder = load_encoder(obj, model_cfg).to(ctx.device).eval()
     evaluator = KnnEvaluator(cfg.task, cfg.data, cfg.val_data, model_cfg.img_size, ctx.rank, ctx.world_size,
                              ctx.device)
     result = evaluator(mean_patch_features(encoder))

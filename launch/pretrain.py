@@ -47,7 +47,8 @@ def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
     observer = knn_monitor(cfg)
     try:
-        result = train(cfg, args.ds_config or default_ds_config(), resume=args.resume, observer=observer)
+        result = train(cfg, args.ds_config or default_ds_config(), resume=args.resume, observer=observer,
+                       trust_checkpoint=args.trust_checkpoint)
     finally:
         if observer is not None:
             observer.close()

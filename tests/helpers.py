@@ -1,5 +1,8 @@
 """Small shared test helpers."""
+import contextlib
 import socket
+import sys
+import types
 
 import torch
 
@@ -23,3 +26,44 @@ def free_port() -> int:
 
 def fixture_config(fx) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in fx['config'].items() if k not in ('batch', 'num_classes')})
+
+
+def _metadata_class(qualified: str):
+    module, name = qualified.rsplit('.', 1)
+    return type(name, (), {'__module__': module, '__init__': lambda self, **kw: self.__dict__.update(kw)})
+
+
+# Classes official (mmengine-based) checkpoints name in their metadata; mmengine itself is not installed.
+MessageHub = _metadata_class('mmengine.logging.message_hub.MessageHub')
+HistoryBuffer = _metadata_class('mmengine.logging.history_buffer.HistoryBuffer')
+
+
+@contextlib.contextmanager
+def importable(*classes):
+    """While inside, each class's module resolves to a stand-in module holding it, so that pickles name the class
+    as its package would; afterwards the modules are gone again, as on a machine without that package."""
+    added = []
+    for cls in classes:
+        parts = cls.__module__.split('.')
+        for i in range(1, len(parts) + 1):
+            name = '.'.join(parts[:i])
+            if name not in sys.modules:
+                sys.modules[name] = types.ModuleType(name)
+                added.append(name)
+        setattr(sys.modules[cls.__module__], cls.__name__, cls)
+    try:
+        yield
+    finally:
+        for name in added:
+            del sys.modules[name]
+
+
+def save_official_like(path, state_dict: dict, **extra_meta) -> None:
+    """An official pretraining .pth as mmengine writes it: weights plus metadata objects and numpy scalars."""
+    import numpy as np
+    meta = {'epoch': np.int64(300), 'lr': np.float64(1e-3), 'mmengine_version': '0.7.3',
+            'message_hub': {'log_scalars': {'train/loss': HistoryBuffer(log_history=np.array([1.0, 0.5]),
+                                                                        count_history=np.array([1, 2]))},
+                            'runtime_info': MessageHub(epoch=300)}, **extra_meta}
+    with importable(MessageHub, HistoryBuffer):
+        torch.save({'meta': meta, 'state_dict': state_dict}, path)

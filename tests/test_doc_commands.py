@@ -32,7 +32,7 @@ LAUNCH = ROOT / 'launch'
 SCRIPT = re.compile(r'^(?:\S*/)?launch/(\w+)\.py$')
 LAUNCHER_START = re.compile(r'^(?:python3?|deepspeed|launch/)')
 INLINE_CODE = re.compile(r'`([^`\n]+(?:\n[^`\n]+)?)`')
-SHELL_SEPARATORS = {'&&', '||', '|', ';'}
+SHELL_SEPARATORS = {'&&', '||', '|', ';', '&'}
 ELIDED = '...'
 
 PARSER_OF: dict = {}  # script -> (the script whose parse() it uses, keyword arguments), where they differ

@@ -17,6 +17,7 @@ import torch
 
 from ..atomic_write import atomic_write_text
 from ..config import ConfigError
+from ..safe_load import checked_deepspeed_loads, load_checkpoint_file, scan_folder
 from .dist import barrier
 
 MARKER = 'complete.json'
@@ -68,15 +69,26 @@ def resume_tag(resume: str, ckpt_dir: Path) -> Optional[str]:
 
 
 def rng_state() -> dict:
-    state = {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(), 'python': random.getstate()}
+    """Every global random stream of this process, as tensors and plain values (a file that loads weights-only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {'kind': kind, 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
+                   'has_gauss': int(has_gauss), 'gauss': float(gauss)}
+    state = {'torch': torch.get_rng_state(), 'numpy': numpy_state, 'python': random.getstate()}
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _numpy_state(saved) -> tuple:
+    """np.random.set_state's tuple; checkpoints written before the tensor form hold that tuple itself."""
+    if not isinstance(saved, dict):
+        return saved
+    return saved['kind'], saved['keys'].numpy().astype(np.uint32), saved['pos'], saved['has_gauss'], saved['gauss']
+
+
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state['torch'])
-    np.random.set_state(state['numpy'])
+    np.random.set_state(_numpy_state(state['numpy']))
     random.setstate(state['python'])
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
@@ -124,16 +136,21 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
 
 
-def load_rank_state(ckpt_dir: Path, tag: str, rank: int) -> Optional[dict]:
+def load_rank_state(ckpt_dir: Path, tag: str, rank: int, *, trust: bool = False) -> Optional[dict]:
     """This rank's own saved state, or None when the checkpoint was written by a run with fewer ranks."""
     path = rank_file(ckpt_dir, tag, rank)
-    return torch.load(path, weights_only=False) if path.is_file() else None
+    return load_checkpoint_file(path, trust=trust) if path.is_file() else None
 
 
-def load(engine, ckpt_dir: Path, tag: str) -> dict:
-    """Load model, optimizer and scheduler state of `tag` into the engine; returns the client state."""
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True,
-                                                load_optimizer_states=True, load_lr_scheduler_states=False)
+def load(engine, ckpt_dir: Path, tag: str, *, trust: bool = False) -> dict:
+    """Load model, optimizer and scheduler state of `tag` into the engine; returns the client state.
+
+    Every file of the tag is scanned first (cmae_ds.safe_load), also those DeepSpeed reads with its own torch.load
+    (universal checkpoints), and the engine's checkpoint engine reads weights-only; `trust` skips both."""
+    scan_folder(ckpt_dir / tag, trust=trust)
+    with checked_deepspeed_loads(engine, trust=trust):
+        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True,
+                                                    load_optimizer_states=True, load_lr_scheduler_states=False)
     if path is None:
         raise RuntimeError(f'DeepSpeed could not load checkpoint {ckpt_dir / tag}')
     return client_state

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import CheckpointError, load_official_classifier, load_strict, read_state
+from ..checkpoint import CheckpointError, load_official_classifier, load_strict, read_file, read_state
 from ..config import ConfigError, ModelConfig
 from ..atomic_write import atomic_torch_save
 from ..models import ViTClassifier, resize_pos_embed
@@ -122,16 +122,13 @@ def resolve_checkpoint(source: Union[str, Path]) -> Path:
 
 
 def load_classifier(source: Union[str, Path], model_cfg: Optional[ModelConfig] = None,
-                    num_classes: Optional[int] = None) -> LoadedClassifier:
+                    num_classes: Optional[int] = None, *, trust: bool = False) -> LoadedClassifier:
     """Ours (a fine-tuning or probing run folder or its model file; a bare ViTClassifier state dict) or an official
     fine-tuned classifier .pth. The last two do not describe their model: model_cfg gives the architecture and the
     evaluation resolution (model_cfg.img_size; the position embedding is resized to it); the head's size is read
-    from the file and checked against num_classes when given."""
+    from the file and checked against num_classes when given. `trust`: see cmae_ds.safe_load."""
     path = resolve_checkpoint(source)
-    try:
-        obj = load_checkpoint_file(path)
-    except Exception as e:  # pickle, zip and torch errors all mean "not a readable checkpoint"
-        raise CheckpointError(f'checkpoint {path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})')
+    obj = read_file(path, trust=trust)
     if isinstance(obj, dict) and obj.get('format') == CLASSIFIER_FORMAT:
         return _load_ours(obj, path)
     state = read_state(obj, f'checkpoint {path}')

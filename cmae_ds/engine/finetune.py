@@ -92,23 +92,24 @@ def _pretrained_path(source: str):
     return path / 'model.pt' if path.is_dir() else source
 
 
-def build_model(cfg: TaskConfig) -> nn.Module:
+def build_model(cfg: TaskConfig, trust: bool = False) -> nn.Module:
     """The classifier (fine-tuning) or the probe, with the pretrained weights; every rank builds the same one."""
     task, size = cfg.task, _img_size(cfg)
     if _is_probe(cfg):
         return probe_from_pretrained(_pretrained_path(task.pretrained), cfg.model, task.num_classes, pool=task.pool,
-                                     img_size=size)
+                                     img_size=size, trust=trust)
     if task.pretrained.lower() == 'none':
         return ViTClassifier(cfg.model, task.num_classes, drop_path=task.drop_path, img_size=size)
     return classifier_from_pretrained(_pretrained_path(task.pretrained), cfg.model, task.num_classes,
-                                      drop_path=task.drop_path, img_size=size)
+                                      drop_path=task.drop_path, img_size=size, trust=trust)
 
 
-def build_engine(cfg: TaskConfig, ds: dict, batch_cfg: ResolvedBatch, ctx: DistContext, peak_lr: float):
+def build_engine(cfg: TaskConfig, ds: dict, batch_cfg: ResolvedBatch, ctx: DistContext, peak_lr: float,
+                 trust: bool = False):
     """(engine, model, optimizer name). Fine-tuning: AdamW over layer-decay groups; probing: LARS/SGD on the head."""
     import deepspeed
     torch.manual_seed(model_seed(cfg.task.seed))
-    model, task = build_model(cfg), cfg.task
+    model, task = build_model(cfg, trust), cfg.task
     if _is_probe(cfg):
         optimizer, name = build_probe_optimizer(probe_param_groups(model, task.weight_decay), name=task.optimizer,
                                                 lr=peak_lr, momentum=task.momentum)
@@ -245,10 +246,11 @@ def run_evaluation(engine, val_loader, dtype: torch.dtype) -> EvalResult:
         engine.train()
 
 
-def train(cfg: TaskConfig, ds_path: str, resume: str = 'auto') -> FinetuneResult:
+def train(cfg: TaskConfig, ds_path: str, resume: str = 'auto', trust_checkpoint: bool = False) -> FinetuneResult:
     """Fine-tune (cfg.task a FinetuneConfig) or linearly probe (a LinearProbeConfig) with the DeepSpeed JSON at
-    `ds_path`. `resume`: 'auto' (newest complete checkpoint of the run folder), 'none', or a tag."""
-    with start_run(ds_path, None, cfg.task, cfg.kernels, resume, check=lambda ds, b: _check_task(cfg, ds, b, ds_path)) as run:
+    `ds_path`. `resume`: 'auto' (newest complete checkpoint of the run folder), 'none', or a tag.
+    `trust_checkpoint`: read the pretrained weights and the resumed checkpoint without cmae_ds.safe_load's checks."""
+    with start_run(ds_path, None, cfg.task, cfg.kernels, resume, check=lambda ds, b: _check_task(cfg, ds, b, ds_path), trust=trust_checkpoint) as run:
         return _train(cfg, run)
 
 
@@ -256,10 +258,10 @@ def _train(cfg: TaskConfig, run: RunStart) -> FinetuneResult:
     task, ctx, batch_cfg = cfg.task, run.ctx, run.batch
     loader, val_loader = _loaders(cfg, batch_cfg, ctx)
     schedule = make_schedule(task, batch_cfg.global_batch, batch_cfg.grad_accum, len(loader), run.ds_path)
-    engine, model, opt_name = build_engine(cfg, run.ds, batch_cfg, ctx, schedule.peak_lr)
+    engine, model, opt_name = build_engine(cfg, run.ds, batch_cfg, ctx, schedule.peak_lr, run.trust)
     progress = ClassifierProgress()
     if run.tag is not None:
-        progress = ClassifierProgress(**checkpointing.load(engine, run.ckpt_dir, run.tag)['progress'])
+        progress = ClassifierProgress(**checkpointing.load(engine, run.ckpt_dir, run.tag, trust=run.trust)['progress'])
     seed_classifier_rank(task.seed, ctx.rank, progress.step)
     if ctx.is_main:
         write_run_files(run.run_dir, cfg, run.ds, progress.step)

@@ -20,6 +20,7 @@ from ..config import KernelConfig
 from ..ds_config import ResolvedBatch, check_precision_supported, load_ds_config, validate
 from ..errors import Preempted
 from ..kernels import configure as configure_kernels
+from ..safe_load import scan_folder
 from ..schedules import Schedule
 from .checkpointing import Checkpointer, resume_tag, tag_for as checkpoint_tag
 from .dist import DistContext, setup_distributed
@@ -63,6 +64,8 @@ class RunStart:
     tag: Optional[str]
     stop: StopRequests
     watchdog: StepWatchdog
+    trust: bool = False
+    """Read checkpoint files without cmae_ds.safe_load's checks (--trust-checkpoint)."""
 
     @property
     def ckpt_dir(self) -> Path:
@@ -71,10 +74,13 @@ class RunStart:
 
 @contextmanager
 def start_run(ds_path: str, cfg, section, kernels: KernelConfig, resume: str,
-              check: Optional[Callable[[dict, ResolvedBatch], None]] = None) -> Iterator[RunStart]:
+              check: Optional[Callable[[dict, ResolvedBatch], None]] = None,
+              trust: bool = False) -> Iterator[RunStart]:
     """`cfg`: the pretraining Config to validate against the JSON, or None (classification tasks); `section`: the
     task's section (output_dir and the RunGuard fields); `kernels`: the fusion switches of this process;
-    `check(ds, batch)`: the task's own checks of the JSON. Signals are caught from here on, restored on leaving."""
+    `check(ds, batch)`: the task's own checks of the JSON; `trust`: skip the checks of the checkpoint files (the
+    resumed tag is otherwise scanned here, before anything is built). Signals are caught from here on, restored on
+    leaving."""
     stop = StopRequests().install()
     configure_kernels(**kernels.switches())
     watchdog = None
@@ -88,10 +94,12 @@ def start_run(ds_path: str, cfg, section, kernels: KernelConfig, resume: str,
             check(ds, batch)
         run_dir = Path(section.output_dir)
         tag = resume_tag(resume, run_dir / 'checkpoints')
+        if tag is not None:
+            scan_folder(run_dir / 'checkpoints' / tag, trust=trust)
         if ctx.is_main:
             (run_dir / PREEMPTED).unlink(missing_ok=True)
         watchdog = StepWatchdog(run_dir, ctx.rank, section.stall_factor, section.stall_min_s).start()
-        yield RunStart(ds, ds_path, ctx, batch, run_dir, tag, stop, watchdog)
+        yield RunStart(ds, ds_path, ctx, batch, run_dir, tag, stop, watchdog, trust)
     finally:
         if watchdog is not None:
             watchdog.stop()

@@ -60,10 +60,10 @@ def train_step(engine, batch: dict, dtype: torch.dtype, mask_gen: Optional[torch
 
 
 def _restore_rank_state(cfg: Config, ctx: DistContext, ckpt_dir: Path, tag: str, progress: Progress,
-                        mask_gen: torch.Generator) -> None:
+                        mask_gen: torch.Generator, trust: bool = False) -> None:
     """RNG streams of this rank. A resume on more ranks than saved reseeds the new ranks from (seed, rank, step):
     the run continues correctly, only not bit-for-bit as an uninterrupted one would."""
-    state = checkpointing.load_rank_state(ckpt_dir, tag, ctx.rank)
+    state = checkpointing.load_rank_state(ckpt_dir, tag, ctx.rank, trust=trust)
     if state is None:
         torch_seed, mask = resumed_rank_seeds(cfg.train.seed, ctx.rank, progress.step)
         torch.manual_seed(torch_seed)
@@ -146,13 +146,15 @@ class PretrainTask:
         return {'rng': checkpointing.rng_state(), 'mask_rng': self.mask_gen.get_state()}
 
 
-def train(cfg: Config, ds_path: str, resume: str = 'auto', observer=None) -> RunResult:
+def train(cfg: Config, ds_path: str, resume: str = 'auto', observer=None,
+          trust_checkpoint: bool = False) -> RunResult:
     """Pretrain CMAE with the DeepSpeed JSON at `ds_path`; see the README for the run folder layout.
 
     `observer(step, engine, model)`, if given, is called on every rank at start and after each optimizer step's
-    momentum update (tests use it to follow the weights; monitors to evaluate).
+    momentum update (tests use it to follow the weights; monitors to evaluate). `trust_checkpoint`: resume without
+    the checks of cmae_ds.safe_load.
     """
-    with start_run(ds_path, cfg, cfg.train, cfg.kernels, resume) as run:
+    with start_run(ds_path, cfg, cfg.train, cfg.kernels, resume, trust=trust_checkpoint) as run:
         return _train(cfg, run, observer)
 
 
@@ -165,8 +167,8 @@ def _train(cfg: Config, run: RunStart, observer) -> RunResult:
     engine, model, opt_name = build_engine(cfg, run.ds, batch_cfg, ctx, schedule.peak_lr)
     progress, mask_gen = Progress(), mask_generator(cfg, ctx)
     if run.tag is not None:
-        progress = Progress(**checkpointing.load(engine, run.ckpt_dir, run.tag)['progress'])
-        _restore_rank_state(cfg, ctx, run.ckpt_dir, run.tag, progress, mask_gen)
+        progress = Progress(**checkpointing.load(engine, run.ckpt_dir, run.tag, trust=run.trust)['progress'])
+        _restore_rank_state(cfg, ctx, run.ckpt_dir, run.tag, progress, mask_gen, run.trust)
     if ctx.is_main:
         write_run_files(run.run_dir, cfg, run.ds, progress.step)
     logger = RunLogger(run.run_dir, schedule.total_steps, progress.step, ctx.is_main, cfg.train.progress_bar)
