@@ -51,7 +51,8 @@ def run(args) -> dict:
     import torch
     from cmae_ds.data import build_classification_loader, list_samples
     from cmae_ds.engine.dist import setup_distributed
-    from cmae_ds.engine.evaluate import check_labels, evaluate, load_classifier, resolve_checkpoint
+    from cmae_ds.classifier_files import load_classifier, resolve_checkpoint
+    from cmae_ds.engine.evaluate import check_labels, evaluate
     cfg = _config(args)
     ctx = setup_distributed()
     loaded = load_classifier(args.checkpoint, cfg.model, args.num_classes, trust=args.trust_checkpoint)
@@ -100,7 +101,7 @@ def main(argv=None) -> int:
         return 2
     from cmae_ds.engine.dist import is_main_process
     if is_main_process():
-        from cmae_ds.engine.evaluate import resolve_checkpoint
+        from cmae_ds.classifier_files import resolve_checkpoint
         ckpt = resolve_checkpoint(args.checkpoint)
         report(out, Path(args.out) if args.out else ckpt.with_name(ckpt.stem + '.eval.json'))
     return 0

@@ -5,7 +5,8 @@ import torch
 
 from cmae_ds.checkpoint import CheckpointError
 from cmae_ds.config import ConfigError, ModelConfig
-from cmae_ds.engine.evaluate import check_labels, evaluate, load_classifier, save_classifier_file
+from cmae_ds.classifier_files import load_classifier, save_classifier_file
+from cmae_ds.engine.evaluate import check_labels, evaluate
 from cmae_ds.models import ViTClassifier
 
 from helpers import fixture_config, rel

@@ -76,7 +76,8 @@ def test_finetune_resume_and_evaluate_on_one_and_two_ranks(setup):
 def test_linear_probe_writes_an_evaluable_probe(setup):
     from cmae_ds.config import DataConfig
     from cmae_ds.data import build_classification_loader
-    from cmae_ds.engine.evaluate import evaluate, load_classifier
+    from cmae_ds.classifier_files import load_classifier
+    from cmae_ds.engine.evaluate import evaluate
     s, run = setup, setup['root'] / 'lp'
     proc = run_python(['launch/linear_probe.py', '--config', 'linprobe_vit_base', '--deepspeed_config', s['ds'],
                        'model.size=debug', 'model.img_size=32', 'model.patch_size=8', 'linprobe.num_classes=2',

@@ -20,7 +20,7 @@ import torch
 from cmae_ds.checkpoint import CheckpointError, UnsafeCheckpoint, load_official_cmae
 from cmae_ds.config import ModelConfig, load_task_config
 from cmae_ds.engine import checkpointing
-from cmae_ds.engine.evaluate import load_classifier, save_classifier_file
+from cmae_ds.classifier_files import load_classifier, save_classifier_file
 from cmae_ds.engine.finetune import build_model
 from cmae_ds.models import CMAE, ViTClassifier
 from cmae_ds.safe_load import UNRESOLVED, load_checkpoint_file, pickle_globals, scan_folder

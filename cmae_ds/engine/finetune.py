@@ -29,7 +29,8 @@ from ..seeds import model_seed, seed_classifier_rank
 from . import checkpointing
 from .checkpointing import Checkpointer
 from .dist import DistContext
-from .evaluate import BEST, LAST, EvalResult, check_labels, evaluate, save_classifier_file
+from ..classifier_files import BEST, LAST, save_classifier_file
+from .evaluate import EvalResult, check_labels, evaluate
 from .logger import RunLogger
 from .loop import Loop, Progress, RunStart, start_run
 from .lr_decay import layer_decay_groups
