@@ -27,6 +27,8 @@ def parse(argv=None, linear_probe: bool = False):
     parser.add_argument('--linear-probe', '--linear_probe', dest='linear_probe', action='store_true',
                         default=linear_probe, help='linear probing (MAE protocol) instead of fine-tuning')
     parser.add_argument('--resume', default='auto', help="'auto' (newest complete checkpoint), 'none', or a tag")
+    parser.add_argument('--take-over-lock', '--take_over_lock', dest='take_over_lock', action='store_true',
+                        help="take over the run folder's lock from a run that is gone (see docs/reliability.md)")
     parser.add_argument('--local_rank', type=int, default=None, help='set by the DeepSpeed launcher')
     parser.add_argument('overrides', nargs='*', help='section.key=value')
     return parser.parse_args(argv)
@@ -42,12 +44,14 @@ def default_ds_config(linear_probe: bool) -> str:
 def main(argv=None, linear_probe: bool = False) -> int:
     args = parse(argv, linear_probe)
     from cmae_ds.config import load_task_config
+    from cmae_ds.engine import run_lock
     from cmae_ds.engine.finetune import NonFiniteLoss, train
     from cmae_ds.errors import USER_ERRORS
     task = 'linprobe' if args.linear_probe else 'finetune'
     try:
         cfg = load_task_config(task, args.config or f'{task}_vit_base', args.overrides)
-        result = train(cfg, args.ds_config or default_ds_config(args.linear_probe), resume=args.resume)
+        with run_lock.guard(cfg.task.output_dir, take_over=args.take_over_lock, key=f'{task}.output_dir'):
+            result = train(cfg, args.ds_config or default_ds_config(args.linear_probe), resume=args.resume)
     except USER_ERRORS as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

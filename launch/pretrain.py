@@ -21,6 +21,8 @@ def parse(argv=None):
     parser.add_argument('--deepspeed_config', '--ds_config', dest='ds_config', default=None,
                         help='DeepSpeed JSON (default: ds_configs/cpu_debug.json, fp32, runs on a CPU or one GPU)')
     parser.add_argument('--resume', default='auto', help="'auto' (newest complete checkpoint), 'none', or a tag")
+    parser.add_argument('--take-over-lock', '--take_over_lock', dest='take_over_lock', action='store_true',
+                        help="take over the run folder's lock from a run that is gone (see docs/reliability.md)")
     parser.add_argument('--local_rank', type=int, default=None, help='set by the DeepSpeed launcher')
     parser.add_argument('overrides', nargs='*', help='section.key=value')
     return parser.parse_args(argv)
@@ -41,13 +43,15 @@ def knn_monitor(cfg):
 def main(argv=None) -> int:
     args = parse(argv)
     from cmae_ds.config import load_config
+    from cmae_ds.engine import run_lock
     from cmae_ds.engine.pretrain import NonFiniteLoss, train
     from cmae_ds.errors import USER_ERRORS
     observer = None
     try:
         cfg = load_config(args.config, args.overrides)
         observer = knn_monitor(cfg)
-        result = train(cfg, args.ds_config or default_ds_config(), resume=args.resume, observer=observer)
+        with run_lock.guard(cfg.train.output_dir, take_over=args.take_over_lock):
+            result = train(cfg, args.ds_config or default_ds_config(), resume=args.resume, observer=observer)
     except USER_ERRORS as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

@@ -31,18 +31,8 @@ def set_lr(optimizer, lr: float) -> None:
 
 
 def resume_tag(resume: str, ckpt_dir: Path) -> Optional[str]:
-    existing = checkpointing.find_resume_tag(ckpt_dir)
-    if resume == 'auto':
-        return existing
-    if resume == 'none':
-        if existing is not None:
-            raise ConfigError(f'{ckpt_dir} already holds checkpoints ({existing}); use --resume auto to continue '
-                              'that run, or set train.output_dir to a new folder (nothing was overwritten)')
-        return None
-    tag = Path(resume).name
-    if not (ckpt_dir / tag / checkpointing.MARKER).is_file():
-        raise ConfigError(f'--resume {resume}: no complete checkpoint {tag} in {ckpt_dir}')
-    return tag
+    """Verified resume rules: checkpointing.select_resume_tag."""
+    return checkpointing.select_resume_tag(resume, ckpt_dir)
 
 
 def write_run_files(run_dir: Path, cfg, ds: dict, step: int) -> None:

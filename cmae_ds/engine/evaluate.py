@@ -18,6 +18,7 @@ from ..checkpoint import CheckpointError, load_official_classifier, load_strict,
 from ..config import ConfigError, ModelConfig
 from ..models import ViTClassifier, interpolate_pos_embed
 from ..safe_load import load_checkpoint_file
+from .output_dir import write_atomically
 
 CLASSIFIER_FORMAT = 'cmae_ds.classifier'
 BEST, LAST = 'model_best.pt', 'model_last.pt'
@@ -96,10 +97,7 @@ def save_classifier_file(path: Path, state_dict: dict, *, kind: str, model_cfg: 
     payload = {'format': CLASSIFIER_FORMAT, 'kind': kind, 'state_dict': state_dict,
                'model_config': dataclasses.asdict(model_cfg), 'num_classes': num_classes, 'img_size': img_size,
                **(extra or {})}
-    tmp = path.with_name(path.name + '.tmp')
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return path
+    return write_atomically(path, lambda tmp: torch.save(payload, tmp), 'model file')
 
 
 @dataclass

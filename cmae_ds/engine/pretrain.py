@@ -24,6 +24,7 @@ from .common import (Meter, NonFiniteLoss, check_finite,  # noqa: F401 (NonFinit
 from .dist import DistContext, setup_distributed
 from .logger import RunLogger
 from .optim import build_optimizer, param_groups
+from .output_dir import write_atomically
 
 
 @dataclass
@@ -261,8 +262,5 @@ def _save_model_file(engine, model, batch_cfg, run_dir: Path, is_main: bool) -> 
     state = consolidated_state_dict(engine, model, batch_cfg.zero_stage)
     if not is_main:
         return None
-    path = run_dir / 'model.pt'
-    tmp = path.with_name('model.pt.tmp')
-    torch.save({'state_dict': state, 'model_config': asdict(model.cfg)}, tmp)
-    tmp.replace(path)
-    return path
+    payload = {'state_dict': state, 'model_config': asdict(model.cfg)}
+    return write_atomically(run_dir / 'model.pt', lambda tmp: torch.save(payload, tmp), 'model file')
