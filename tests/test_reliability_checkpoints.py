@@ -26,17 +26,22 @@ def _fake_checkpoint(ckpt_dir, tag, files: dict, listed: bool = True):
         (tag_dir / name).write_bytes(data)
     entry = {'step': checkpointing._step_of(tag), 'tag': tag}
     if listed:
-        entry.update(checksum='crc32', files=checkpointing._checksums(tag_dir, [set(files)]))
+        entry.update(checksum='crc32', files=checkpointing._checksums(tag_dir, [checkpointing._sizes(tag_dir)]))
     (tag_dir / checkpointing.MARKER).write_text(json.dumps(entry))
     (ckpt_dir / checkpointing.POINTER).write_text(tag)
 
 
-def test_manifest_entries_are_zlib_crc32_of_the_whole_file(tmp_path):
-    data = bytes(range(256)) * 40_000  # > one 8 MiB chunk: the running CRC spans chunks
-    _fake_checkpoint(tmp_path, STEP2, {'a.pt': data, 'sub/b.pt': b'xyz'})
+def test_manifest_entries_are_zlib_crc32_of_each_block(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpointing, 'BLOCK', 1 << 20)
+    monkeypatch.setattr(checkpointing, '_CHUNK', 300_000)  # chunks that do not divide a block
+    data = bytes(range(256)) * 10_000  # 2.44 blocks
+    _fake_checkpoint(tmp_path, STEP2, {'a.pt': data, 'sub/b.pt': b'xyz', 'empty.pt': b''})
     files = checkpointing.manifest(tmp_path, STEP2)
-    assert files == {'a.pt': {'size': len(data), 'crc32': f'{zlib.crc32(data):08x}'},
-                     'sub/b.pt': {'size': 3, 'crc32': f'{zlib.crc32(b"xyz"):08x}'}}
+    blocks = [data[i:i + (1 << 20)] for i in range(0, len(data), 1 << 20)]
+    assert files == {'a.pt': {'size': len(data), 'crc32': [f'{zlib.crc32(b):08x}' for b in blocks]},
+                     'empty.pt': {'size': 0, 'crc32': [f'{zlib.crc32(b""):08x}']},
+                     'sub/b.pt': {'size': 3, 'crc32': [f'{zlib.crc32(b"xyz"):08x}']}}
+    assert checkpointing.verify(tmp_path, STEP2, files) is None
 
 
 def test_same_size_corruption_is_found_by_the_checksum(tmp_path):
