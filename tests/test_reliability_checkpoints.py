@@ -11,7 +11,7 @@ import torch
 
 from cmae_ds.checkpoint import CheckpointError
 from cmae_ds.engine import checkpointing
-from engine_helpers import tail
+from engine_helpers import TINY, run_deepspeed, tail, write_ds
 from reliability_helpers import error_lines, marker, pretrain
 
 STEP2, STEP4, STEP6 = (checkpointing.tag_for(s) for s in (2, 4, 6))
@@ -131,3 +131,27 @@ def test_deleted_file_in_newest_checkpoint(tmp_path):
     assert resumed.returncode == 0, tail(resumed)
     assert f'checkpoint {STEP4} is damaged ({gone} is missing): resuming from {STEP2}' in resumed.stderr
     assert (run / 'checkpoints' / 'latest').read_text() == STEP4
+
+
+@pytest.mark.slow
+def test_two_ranks_list_each_others_files_and_fall_back_together(tmp_path):
+    """ZeRO-2 on two CPU ranks: each rank writes its own optimizer shard and rank file; the marker lists them all,
+    and a truncated shard of rank 1 sends both ranks back to the previous checkpoint."""
+    ds = write_ds(tmp_path, zero_optimization={'stage': 2})
+    run = tmp_path / 'run'
+    args = ['launch/pretrain.py', '--deepspeed_config', ds, *TINY, 'data.num_workers=0', 'train.epochs=100',
+            'train.save_every_steps=2', 'train.keep_last=3', f'train.output_dir={run}']
+    first = run_deepspeed([*args, 'train.max_steps=4'])
+    assert first.returncode == 0, tail(first)
+    files = marker(run, STEP4)['files']
+    assert {'zero_pp_rank_0_mp_rank_00_optim_states.pt', 'zero_pp_rank_1_mp_rank_00_optim_states.pt',
+            'rank_state_00000.pt', 'rank_state_00001.pt', 'mp_rank_00_model_states.pt'} <= set(files)
+    bad = run / 'checkpoints' / STEP4 / 'zero_pp_rank_1_mp_rank_00_optim_states.pt'
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the checksum can tell
+    bad.write_bytes(bytes(data))
+    resumed = run_deepspeed([*args, 'train.max_steps=2'])
+    assert resumed.returncode == 0, tail(resumed)
+    out = resumed.stdout + resumed.stderr
+    assert out.count(f'checkpoint {STEP4} is damaged ({bad} does not match its crc32') == 1  # rank 0 warns
+    assert f'resumed from {STEP2}' in out
