@@ -100,10 +100,11 @@ def write_atomically(path: Path, write: Callable[[Path], None], what: str = 'fil
         write(tmp)
         os.replace(tmp, path)
     except Exception as e:
-        if not is_write_failure(e):
-            raise
-        error = write_error(what, path, e)  # before the cleanup: the reason is looked up on the full disk
+        # described before the cleanup: the reason is looked up on the still full disk
+        error = write_error(what, path, e) if is_write_failure(e) else None
         tmp.unlink(missing_ok=True)
+        if error is None:
+            raise
         raise error from e
     return path
 
