@@ -10,7 +10,7 @@ from typing import Optional, Union
 
 from torch import nn
 
-from .atomic_write import atomic_torch_save
+from .output_dir import save_atomically
 from .checkpoint import CheckpointError, load_official_classifier, load_strict, read_file, read_state
 from .config import ConfigError, ModelConfig
 from .models import ViTClassifier, resize_pos_embed
@@ -25,7 +25,7 @@ def save_classifier_file(path: Path, state_dict: dict, *, kind: str, model_cfg: 
     payload = {'format': CLASSIFIER_FORMAT, 'kind': kind, 'state_dict': state_dict,
                'model_config': dataclasses.asdict(model_cfg), 'num_classes': num_classes, 'img_size': img_size,
                **(extra or {})}
-    return atomic_torch_save(payload, path)
+    return save_atomically(payload, path)
 
 
 @dataclass

@@ -20,6 +20,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, ds_help: str) -> None:
     parser.add_argument('--resume', default='auto', help="'auto' (newest complete checkpoint), 'none', or a tag")
     parser.add_argument('--trust-checkpoint', '--trust_checkpoint', dest='trust_checkpoint', action='store_true',
                         help='load checkpoint files that name code to run (refused by default, docs/reliability.md)')
+    parser.add_argument('--take-over-lock', '--take_over_lock', dest='take_over_lock', action='store_true',
+                        help="take over the run folder's lock from a run that is gone (see docs/reliability.md)")
     parser.add_argument('--local_rank', type=int, default=None, help='set by the DeepSpeed launcher')
     parser.add_argument('overrides', nargs='*', help='section.key=value')
 
@@ -63,7 +65,7 @@ def run_classifier(args, task: str) -> int:
     from .engine.finetune import train
     cfg = load_task_config(task, args.config or f'{task}_vit_base', args.overrides)
     result = train(cfg, args.ds_config or default_classifier_ds_config(task), resume=args.resume,
-                   trust_checkpoint=args.trust_checkpoint)
+                   trust_checkpoint=args.trust_checkpoint, take_over_lock=args.take_over_lock)
     if is_main_process():
         print(f'done: {result.steps} steps' + (f', last loss {result.last_loss:.4f}' if result.last_loss else ''))
         if result.best_top1 >= 0:

@@ -1,7 +1,13 @@
-"""The errors a user can cause (bad config, data, checkpoint): launch scripts print them without a traceback."""
+"""The errors a user can cause (bad config, data, checkpoint, run folder): launch scripts print them without a
+traceback."""
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data.sources import DataFileError, DataSourceError
+from .output_dir import OutputWriteError
+
+
+class RunLockedError(RuntimeError):
+    """Another run holds the run folder's lock; the message names it."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -13,4 +19,4 @@ class Preempted(RuntimeError):
     written: the run resumes from it when started again."""
 
 
-USER_ERRORS = (ConfigError, CheckpointError, DataSourceError, DataFileError)
+USER_ERRORS = (ConfigError, CheckpointError, DataSourceError, DataFileError, OutputWriteError, RunLockedError)

@@ -48,7 +48,7 @@ def run(args) -> int:
     observer = knn_monitor(cfg)
     try:
         result = train(cfg, args.ds_config or default_ds_config(), resume=args.resume, observer=observer,
-                       trust_checkpoint=args.trust_checkpoint)
+                       trust_checkpoint=args.trust_checkpoint, take_over_lock=args.take_over_lock)
     finally:
         if observer is not None:
             observer.close()

@@ -3,7 +3,6 @@
 A run stopped by SIGTERM, SIGINT or SIGUSR1 writes a complete checkpoint and exits 75; resumed, it ends with the
 same weights as a run that was never interrupted. A frozen rank makes its peer's watchdog end the job.
 """
-import os
 import random
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import psutil
 import pytest
 import torch
 
-from engine_helpers import DEEPSPEED, ROOT, TINY, env, tail, write_ds
+from engine_helpers import DEEPSPEED, ROOT, TINY, env, write_ds
 from helpers import free_port
 
 pytestmark = pytest.mark.slow

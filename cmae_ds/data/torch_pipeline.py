@@ -1,8 +1,8 @@
 """The PyTorch pipeline: PIL decode + the views of views_torch in DataLoader workers; normalization on the device.
 
 Unreadable files are skipped: the sample is replaced by the next readable image of the dataset (so batches keep
-their size, which the all-gather of the contrastive loss needs), counted in `loader.bad_files`, and named in a
-warning once.
+their size, which the all-gather of the contrastive loss needs), with that image's label, counted in
+`loader.bad_files`, and named in a warning once.
 """
 from __future__ import annotations
 
@@ -47,7 +47,8 @@ class ViewDataset(Dataset):
                 bad.append(f'{self.samples[i][0]} ({type(e).__name__}: {e})')
                 continue
             out = self._transform(img, epoch, index)
-            out.update(index=index, label=self.samples[index][1], bad=bad)
+            # the label is the one of the image actually read: a substitute from the next class keeps its own
+            out.update(index=index, label=self.samples[i][1], bad=bad)
             return out
         raise RuntimeError(f'{MAX_SUBSTITUTES} unreadable files in a row from {self.samples[index][0]}: {bad[:3]}')
 

@@ -1,13 +1,19 @@
-"""Run checkpoints on top of DeepSpeed's: a completion marker per tag, an atomically replaced `latest` pointer, and
-pruning to the last K. A crash or kill during a save leaves `latest` on the previous complete checkpoint.
+"""Run checkpoints on top of DeepSpeed's: a completion marker per tag listing every file with its checksums
+(engine/checkpoint_verify.py), an atomically replaced `latest` pointer, resume selection that passes over damaged
+checkpoints, pruning to the last K, and `Checkpointer`, which owns when a run saves. A crash or kill during a save
+leaves `latest` on the previous complete checkpoint; a save that cannot write (full disk, read-only, permission)
+removes its partial folder on every rank's word and stops the run with one line (output_dir.OutputWriteError).
 
-Layout: <run>/checkpoints/<tag>/ (DeepSpeed's files + complete.json), <run>/checkpoints/latest (a tag name).
+Layout: <run>/checkpoints/<tag>/ (DeepSpeed's files + complete.json), <run>/checkpoints/latest (a tag name); a
+damaged checkpoint that a resume passed over is renamed <tag>.damaged-<time> for inspection.
 """
 from __future__ import annotations
 
 import json
 import random
 import shutil
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -17,10 +23,11 @@ import torch
 
 from ..atomic_write import atomic_write_text
 from ..config import ConfigError
-from ..safe_load import checked_deepspeed_loads, load_checkpoint_file, scan_folder
-from .dist import barrier
+from ..output_dir import OutputWriteError, is_write_failure, remove_partial, write_error
+from ..safe_load import CheckpointError, checked_deepspeed_loads, load_checkpoint_file, scan_folder
+from .checkpoint_verify import CHECKSUM, MARKER, check_tag, checksums, sizes
+from .dist import barrier, gather_objects, rank_world
 
-MARKER = 'complete.json'
 POINTER = 'latest'
 
 
@@ -33,10 +40,10 @@ def _step_of(tag: str) -> int:
 
 
 def complete_tags(ckpt_dir: Path) -> list[str]:
-    """Tags with a completion marker, oldest first."""
+    """Tags with a completion marker, oldest first (folders set aside as damaged are not tags)."""
     if not ckpt_dir.is_dir():
         return []
-    tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and (p / MARKER).is_file()]
+    tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and _step_of(p.name) >= 0 and (p / MARKER).is_file()]
     return sorted(tags, key=_step_of)
 
 
@@ -51,13 +58,29 @@ def find_resume_tag(ckpt_dir: Path) -> Optional[str]:
     return tags[-1] if tags else None
 
 
-def resume_tag(resume: str, ckpt_dir: Path) -> Optional[str]:
-    """The tag a run starts from: `resume` is 'auto' (the newest complete checkpoint, or none), 'none' (refuse a
-    folder that holds checkpoints) or a tag (which must be complete)."""
-    existing = find_resume_tag(ckpt_dir)
+def _warn(msg: str) -> None:
+    if rank_world()[0] == 0:
+        print(f'warning: {msg}', file=sys.stderr, flush=True)
+
+
+def _candidates(ckpt_dir: Path) -> list[str]:
+    """Complete tags in resume order: the pointer's first, then newest to oldest."""
+    tags = complete_tags(ckpt_dir)[::-1]
+    first = find_resume_tag(ckpt_dir)
+    return [first] + [t for t in tags if t != first] if first else tags
+
+
+def select_resume_tag(resume: str, ckpt_dir: Path, log: Callable[[str], None] = _warn) -> Optional[str]:
+    """The checkpoint to resume from (collective: every rank calls it and gets the same answer).
+
+    'auto': the newest complete checkpoint that verifies; damaged newer ones are named in a warning and set aside.
+    'none': None, refused when the folder already holds checkpoints. A tag (or a path ending in one): that
+    checkpoint, which must exist and verify.
+    """
     if resume == 'auto':
-        return existing
+        return _newest_intact(ckpt_dir, log)
     if resume == 'none':
+        existing = find_resume_tag(ckpt_dir)
         if existing is not None:
             raise ConfigError(f'{ckpt_dir} already holds checkpoints ({existing}); use --resume auto to continue '
                               'that run, or set train.output_dir to a new folder (nothing was overwritten)')
@@ -65,7 +88,41 @@ def resume_tag(resume: str, ckpt_dir: Path) -> Optional[str]:
     tag = Path(resume).name
     if not (ckpt_dir / tag / MARKER).is_file():
         raise ConfigError(f'--resume {resume}: no complete checkpoint {tag} in {ckpt_dir}')
+    problem = check_tag(ckpt_dir, tag, log)
+    if problem:
+        raise CheckpointError(f'--resume {resume}: checkpoint {tag} is damaged: {problem}')
     return tag
+
+
+def _newest_intact(ckpt_dir: Path, log: Callable[[str], None]) -> Optional[str]:
+    damaged = []
+    for tag in _candidates(ckpt_dir):
+        problem = check_tag(ckpt_dir, tag, log)
+        if problem is None:
+            for bad, why in damaged:
+                aside = _set_aside(ckpt_dir, bad)
+                log(f'checkpoint {bad} is damaged ({why}): resuming from {tag} instead'
+                    + (f'; the damaged one was moved to {aside}' if aside else ''))
+            return tag
+        damaged.append((tag, problem))
+    if damaged:
+        raise CheckpointError(f'no checkpoint in {ckpt_dir} is intact: '
+                              + '; '.join(f'{tag}: {why}' for tag, why in damaged))
+    return None
+
+
+def _set_aside(ckpt_dir: Path, tag: str) -> Optional[Path]:
+    """Rename a damaged checkpoint out of the tag namespace (rank 0; collective): kept for inspection, never
+    resumed from or pruned, and its step can be saved again."""
+    aside = ckpt_dir / f'{tag}.damaged-{time.strftime("%Y%m%d-%H%M%S")}'
+    moved = True
+    if rank_world()[0] == 0:
+        try:
+            (ckpt_dir / tag).rename(aside)
+        except OSError:
+            moved = False  # it stays; the next save of its step drops its marker first
+    barrier()
+    return aside if moved else None
 
 
 def rng_state() -> dict:
@@ -100,27 +157,83 @@ def rank_file(ckpt_dir: Path, tag: str, rank: int) -> Path:
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, is_main: bool,
          rank_state: Optional[dict] = None) -> Path:
-    """Save a DeepSpeed checkpoint for `step` (collective: every rank calls it), then mark it and point to it.
+    """Save a DeepSpeed checkpoint for `step` (collective: every rank calls it), then list its files with their
+    checksums in the marker and point to it.
 
     `rank_state` (RNG states and the like) is written by every rank to its own file: DeepSpeed keeps the client
     state of data-parallel rank 0 only, which would hand every rank the same random stream after a resume.
+    A failed write on any rank removes the checkpoint's folder and raises OutputWriteError on every rank;
+    `latest` and the older checkpoints stay as they were.
     """
     tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    if rank_state is not None:
-        torch.save(rank_state, rank_file(ckpt_dir, tag, engine.global_rank))
-    barrier()  # every rank's shard is on disk before the checkpoint is declared complete
+    tag_dir = ckpt_dir / tag
+    if is_main and (tag_dir / MARKER).exists():
+        # a folder left at this tag (a run resumed from an older checkpoint) is not complete while it is rewritten
+        (tag_dir / MARKER).unlink()
+    error = _write_rank_files(engine, ckpt_dir, tag, client_state, rank_state)
+    # every rank's files are on disk (or one failed) before the checkpoint is declared complete
+    _stop_if_failed(gather_objects(error), ckpt_dir, tag, is_main)
+    files = checksums(tag_dir, gather_objects(sizes(tag_dir)))
+    error = None
     if is_main:
-        mark_complete(ckpt_dir, tag, step)
-        prune(ckpt_dir, keep_last)
-    barrier()
-    return ckpt_dir / tag
+        try:
+            mark_complete(ckpt_dir, tag, step, files)
+        except OSError as e:
+            error = str(write_error('checkpoint marker', tag_dir / MARKER, e))
+        else:
+            prune(ckpt_dir, keep_last)
+    _stop_if_failed(gather_objects(error), ckpt_dir, tag, is_main)
+    return tag_dir
 
 
-def mark_complete(ckpt_dir: Path, tag: str, step: int) -> None:
-    """The checkpoint counts from here on: its marker, then the pointer to it."""
-    atomic_write_text(ckpt_dir / tag / MARKER, json.dumps({'step': step, 'tag': tag}))
+def mark_complete(ckpt_dir: Path, tag: str, step: int, files: dict) -> None:
+    """The checkpoint counts from here on: its marker (with the file list), then the pointer to it."""
+    atomic_write_text(ckpt_dir / tag / MARKER, json.dumps({'step': step, 'tag': tag, 'checksum': CHECKSUM,
+                                                           'files': files}))
     atomic_write_text(ckpt_dir / POINTER, tag)
+
+
+def _write_rank_files(engine, ckpt_dir: Path, tag: str, client_state: dict,
+                      rank_state: Optional[dict]) -> Optional[str]:
+    """This rank's part of a save; a failed write comes back as its one-line description (written while the
+    file system is still full, so the reason and the free space are the ones that stopped it)."""
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    except Exception as e:
+        if not is_write_failure(e):
+            raise
+        # DeepSpeed's closing barrier, which this rank skipped: ranks whose writes succeeded are waiting in it.
+        barrier()
+        return str(write_error('checkpoint', ckpt_dir / tag, e))
+    if rank_state is not None:
+        path = rank_file(ckpt_dir, tag, engine.global_rank)
+        try:
+            torch.save(rank_state, path)
+        except Exception as e:
+            if not is_write_failure(e):
+                raise
+            return str(write_error('checkpoint file', path, e))
+    return None
+
+
+def _stop_if_failed(errors: list, ckpt_dir: Path, tag: str, is_main: bool) -> None:
+    failed = [e for e in errors if e]
+    if not failed:
+        return
+    if is_main:
+        remove_partial(ckpt_dir / tag)
+    barrier()
+    previous = find_resume_tag(ckpt_dir)
+    kept = f'{POINTER} still names {previous}' if previous else 'there is no earlier checkpoint'
+    raise OutputWriteError(f'{failed[0]}; the partial checkpoint was removed, {kept}')
+
+
+def newest_size(ckpt_dir: Path) -> int:
+    """Bytes of the newest complete checkpoint (0 when there is none): what the next save needs free."""
+    tags = complete_tags(ckpt_dir)
+    if not tags:
+        return 0
+    return sum(p.stat().st_size for p in (ckpt_dir / tags[-1]).rglob('*') if p.is_file())
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:

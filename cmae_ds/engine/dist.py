@@ -63,3 +63,20 @@ def barrier() -> None:
 def is_main_process() -> bool:
     """Rank 0, or a process without a process group: where launch scripts print their summary."""
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size), (0, 1) without a process group."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank. Collective."""
+    _, world = rank_world()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out

@@ -247,11 +247,14 @@ def run_evaluation(engine, val_loader, dtype: torch.dtype) -> EvalResult:
         engine.train()
 
 
-def train(cfg: TaskConfig, ds_path: str, resume: str = 'auto', trust_checkpoint: bool = False) -> FinetuneResult:
+def train(cfg: TaskConfig, ds_path: str, resume: str = 'auto', trust_checkpoint: bool = False,
+          take_over_lock: bool = False) -> FinetuneResult:
     """Fine-tune (cfg.task a FinetuneConfig) or linearly probe (a LinearProbeConfig) with the DeepSpeed JSON at
     `ds_path`. `resume`: 'auto' (newest complete checkpoint of the run folder), 'none', or a tag.
-    `trust_checkpoint`: read the pretrained weights and the resumed checkpoint without cmae_ds.safe_load's checks."""
-    with start_run(ds_path, None, cfg.task, cfg.kernels, resume, check=lambda ds, b: _check_task(cfg, ds, b, ds_path), trust=trust_checkpoint) as run:
+    `trust_checkpoint`: read the pretrained weights and the resumed checkpoint without cmae_ds.safe_load's checks;
+    `take_over_lock`: take the run folder's lock from a run that is gone."""
+    with start_run(ds_path, None, cfg.task, cfg.kernels, resume, check=lambda ds, b: _check_task(cfg, ds, b, ds_path), trust=trust_checkpoint,
+                   take_over_lock=take_over_lock) as run:
         return _train(cfg, run)
 
 

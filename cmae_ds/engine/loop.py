@@ -22,11 +22,12 @@ from ..errors import Preempted
 from ..kernels import configure as configure_kernels
 from ..safe_load import scan_folder
 from ..schedules import Schedule
-from .checkpointing import Checkpointer, resume_tag, tag_for as checkpoint_tag
+from .checkpointing import Checkpointer, select_resume_tag, tag_for as checkpoint_tag
 from .dist import DistContext, setup_distributed
 from .logger import RunLogger
 from .metrics import StepMetrics
 from .optim import set_lr
+from . import run_lock
 from .preemption import StopRequests
 from .watchdog import StepWatchdog
 
@@ -74,15 +75,25 @@ class RunStart:
 
 @contextmanager
 def start_run(ds_path: str, cfg, section, kernels: KernelConfig, resume: str,
-              check: Optional[Callable[[dict, ResolvedBatch], None]] = None,
-              trust: bool = False) -> Iterator[RunStart]:
+              check: Optional[Callable[[dict, ResolvedBatch], None]] = None, trust: bool = False,
+              take_over_lock: bool = False) -> Iterator[RunStart]:
     """`cfg`: the pretraining Config to validate against the JSON, or None (classification tasks); `section`: the
     task's section (output_dir and the RunGuard fields); `kernels`: the fusion switches of this process;
     `check(ds, batch)`: the task's own checks of the JSON; `trust`: skip the checks of the checkpoint files (the
-    resumed tag is otherwise scanned here, before anything is built). Signals are caught from here on, restored on
-    leaving."""
+    resumed tag is otherwise scanned here, before anything is built); `take_over_lock`: take the run folder's lock
+    from a run that is gone. Before anything is built, the run folder must take a write and have room for a
+    checkpoint, and rank 0 holds its lock (run_lock) until the run ends. Signals are caught from here on, restored
+    on leaving."""
     stop = StopRequests().install()
     configure_kernels(**kernels.switches())
+    try:
+        with run_lock.guard(section.output_dir, take_over=take_over_lock, key=f'{section.section}.output_dir'):
+            yield from _started(ds_path, cfg, section, resume, check, trust, stop)
+    finally:
+        stop.restore()
+
+
+def _started(ds_path, cfg, section, resume, check, trust, stop) -> Iterator[RunStart]:
     watchdog = None
     try:
         ds = load_ds_config(ds_path)
@@ -93,7 +104,7 @@ def start_run(ds_path: str, cfg, section, kernels: KernelConfig, resume: str,
         if check is not None:
             check(ds, batch)
         run_dir = Path(section.output_dir)
-        tag = resume_tag(resume, run_dir / 'checkpoints')
+        tag = select_resume_tag(resume, run_dir / 'checkpoints')
         if tag is not None:
             scan_folder(run_dir / 'checkpoints' / tag, trust=trust)
         if ctx.is_main:
@@ -103,7 +114,6 @@ def start_run(ds_path: str, cfg, section, kernels: KernelConfig, resume: str,
     finally:
         if watchdog is not None:
             watchdog.stop()
-        stop.restore()
 
 
 @dataclass

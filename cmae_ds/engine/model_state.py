@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ..atomic_write import atomic_torch_save
+from ..output_dir import save_atomically
 
 
 def consolidated_state_dict(engine, model: torch.nn.Module, zero_stage: int) -> dict:
@@ -40,4 +40,4 @@ def save_model_file(engine, model, zero_stage: int, run_dir: Path, is_main: bool
     state = consolidated_state_dict(engine, model, zero_stage)
     if not is_main:
         return None
-    return atomic_torch_save({'state_dict': state, 'model_config': asdict(model.cfg)}, run_dir / 'model.pt')
+    return save_atomically({'state_dict': state, 'model_config': asdict(model.cfg)}, run_dir / 'model.pt')

@@ -146,15 +146,16 @@ class PretrainTask:
         return {'rng': checkpointing.rng_state(), 'mask_rng': self.mask_gen.get_state()}
 
 
-def train(cfg: Config, ds_path: str, resume: str = 'auto', observer=None,
-          trust_checkpoint: bool = False) -> RunResult:
+def train(cfg: Config, ds_path: str, resume: str = 'auto', observer=None, trust_checkpoint: bool = False,
+          take_over_lock: bool = False) -> RunResult:
     """Pretrain CMAE with the DeepSpeed JSON at `ds_path`; see the README for the run folder layout.
 
     `observer(step, engine, model)`, if given, is called on every rank at start and after each optimizer step's
     momentum update (tests use it to follow the weights; monitors to evaluate). `trust_checkpoint`: resume without
-    the checks of cmae_ds.safe_load.
+    the checks of cmae_ds.safe_load; `take_over_lock`: take the run folder's lock from a run that is gone.
     """
-    with start_run(ds_path, cfg, cfg.train, cfg.kernels, resume, trust=trust_checkpoint) as run:
+    with start_run(ds_path, cfg, cfg.train, cfg.kernels, resume, trust=trust_checkpoint,
+                   take_over_lock=take_over_lock) as run:
         return _train(cfg, run, observer)
 
 
