@@ -6,6 +6,8 @@ import pytest
 
 from engine_helpers import run_python, tail
 
+pytestmark = [pytest.mark.slow]
+
 SMALL = ['--warmup', '1', '--steps', '2', 'model.img_size=32', 'model.patch_size=8', 'train.progress_bar=false']
 
 

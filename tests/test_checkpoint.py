@@ -93,6 +93,7 @@ def test_classifier_from_pretrained_resizes_and_drops_final_norm(fixture_a):
     assert clf(torch.randn(2, 3, 96, 96)).shape == (2, 7)
 
 
+@pytest.mark.slow
 def test_convert_tool_extracts_and_exports(fixture_a, tmp_path):
     src = tmp_path / 'official.pth'
     torch.save(fixture_a['state_dict'], src)

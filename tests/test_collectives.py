@@ -45,6 +45,8 @@ def _worker(rank, world, port, state, batch, result_path):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_two_ranks_equal_one_rank_on_joined_batch(tmp_path):
     torch.manual_seed(0)
     model = CMAE(debug_cfg()).train()

@@ -208,6 +208,7 @@ def test_crop_boxes_follow_torchvision_rules():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='the DALI GPU graph needs a GPU (and DALI installed)')
+@pytest.mark.gpu
 def test_dali_gpu_graph_makes_the_cpu_graphs_views(tmp_path):
     """Same draws, so the same decisions and boxes; pixels within nvJPEG-vs-libjpeg and kernel rounding. The hardware
     decoder is on by default (hw_decoder_load 0.65), so both decoders are exercised on a batch of 32."""

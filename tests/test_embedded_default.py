@@ -1,7 +1,11 @@
 """`python launch/pretrain.py` with no arguments: the README's first command, end to end (about 1-2 minutes)."""
 import re
 
+import pytest
+
 from engine_helpers import run_python, tail
+
+pytestmark = [pytest.mark.slow]
 
 
 def test_embedded_default_trains_and_reports_its_outputs(tmp_path):

@@ -7,6 +7,8 @@ from PIL import Image
 
 from engine_helpers import TINY, run_python, tail, write_ds
 
+pytestmark = [pytest.mark.slow]
+
 
 @pytest.fixture(scope='module')
 def image_folder(tmp_path_factory):

@@ -7,6 +7,8 @@ import torch
 from engine_helpers import DEEPSPEED, ROOT, TINY, env, run_deepspeed, tail, write_ds
 from helpers import free_port, rel
 
+pytestmark = [pytest.mark.slow, pytest.mark.dist]
+
 EMA_ARGS = TINY + ['train.max_steps=3', 'train.momentum_base=0.9', 'train.momentum_end=0.9',
                    'train.warmup_epochs=0', 'train.base_lr=0.1']
 

@@ -8,6 +8,8 @@ import torch
 from engine_helpers import TINY, run_deepspeed, run_python, tail, write_ds
 from finetune_helpers import write_class_folder
 
+pytestmark = [pytest.mark.slow]
+
 # The debug encoder of TINY, fine-tuned at 48 px (6x6 patches instead of 4x4: the position embedding is resized).
 # finetune.seed=1: see the report on timm's RandAugment posterize with Pillow >= 11 (bits 0 raises).
 FT = ['model.size=debug', 'model.img_size=32', 'model.patch_size=8', 'finetune.img_size=48', 'finetune.seed=1',

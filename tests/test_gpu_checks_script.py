@@ -24,6 +24,7 @@ def test_every_file_and_preset_it_names_exists():
     assert tests and all((ROOT / t).is_file() for t in tests), tests
 
 
+@pytest.mark.slow
 def test_a_failing_or_hanging_step_is_logged_and_the_next_still_runs(tmp_path):
     body = ('source "$1"; fails() { echo inside; return 3; }; export -f fails; '
             'step one 5 fails; step two 1 sleep 5; step three 5 echo ok')

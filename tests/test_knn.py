@@ -87,6 +87,7 @@ def test_monitor_logs_every_n_steps_and_restores_training_mode(folders, tmp_path
     assert list((tmp_path / 'tensorboard').glob('events.out.tfevents.*'))
 
 
+@pytest.mark.slow
 def test_monitor_inside_real_pretraining(folders, tmp_path):
     """Wired the way users turn it on: knn.* and knn_train/knn_val overrides of launch/pretrain.py."""
     train_root, val_root = folders

@@ -98,6 +98,7 @@ print(','.join(str(last_impl(k)) for k in ('recon_loss', 'visible_embed', 'ema',
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('env,expected', [({'TRITON_INTERPRET': '1'}, 'triton,triton,triton,sdpa'),
                                           ({'CMAE_FUSED': '0'}, 'reference,reference,loop,math')])
 def test_official_parity_tool_with_fusion_on_and_off(env, expected, fixture_a):
