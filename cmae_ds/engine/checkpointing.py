@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -36,7 +37,16 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
     if not ckpt_dir.is_dir():
         return []
     tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and (p / MARKER).is_file()]
-    return sorted(tags, key=_step_of)
+    return sorted(tags, key=lambda tag: (_saved_at(ckpt_dir, tag), _step_of(tag)))
+
+
+def _saved_at(ckpt_dir: Path, tag: str) -> float:
+    """When the marker was written (0 for markers older than that field): a resume with another global batch
+    renumbers the steps, so tag numbers alone may not be in the order the checkpoints were written."""
+    try:
+        return float(read_marker(ckpt_dir, tag).get('time', 0.0))
+    except (OSError, ValueError):
+        return 0.0
 
 
 def find_resume_tag(ckpt_dir: Path) -> Optional[str]:
@@ -94,20 +104,38 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, 
     state of data-parallel rank 0 only, which would hand every rank the same random stream after a resume.
     """
     tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    layout = engine_layout(engine)
+    if is_main and (ckpt_dir / tag).exists():  # a renumbered run (another global batch) reusing an old tag
+        shutil.rmtree(ckpt_dir / tag)
+    barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**client_state, 'layout': layout},
+                           save_latest=False)
     if rank_state is not None:
         torch.save(rank_state, rank_file(ckpt_dir, tag, engine.global_rank))
     barrier()  # every rank's shard is on disk before the checkpoint is declared complete
     if is_main:
-        mark_complete(ckpt_dir, tag, step)
+        mark_complete(ckpt_dir, tag, step, layout=layout, model=client_state.get('config', {}).get('model'))
         prune(ckpt_dir, keep_last)
     barrier()
     return ckpt_dir / tag
 
 
-def mark_complete(ckpt_dir: Path, tag: str, step: int) -> None:
-    """The checkpoint counts from here on: its marker, then the pointer to it."""
-    atomic_write_text(ckpt_dir / tag / MARKER, json.dumps({'step': step, 'tag': tag}))
+def engine_layout(engine) -> dict:
+    """How the engine splits the global batch and the optimizer state: what a resume must match or convert."""
+    return {'world_size': engine.dp_world_size, 'zero_stage': int(engine.zero_optimization_stage()),
+            'micro_batch': engine.train_micro_batch_size_per_gpu(),
+            'grad_accum': engine.gradient_accumulation_steps()}
+
+
+def read_marker(ckpt_dir: Path, tag: str) -> dict:
+    return json.loads((ckpt_dir / tag / MARKER).read_text())
+
+
+def mark_complete(ckpt_dir: Path, tag: str, step: int, **extra) -> None:
+    """The checkpoint counts from here on: its marker, then the pointer to it. `extra` (layout, model config)
+    lets a resume decide without opening DeepSpeed's files; the time tells a rewritten tag from its
+    predecessor (engine.elastic's cache)."""
+    atomic_write_text(ckpt_dir / tag / MARKER, json.dumps({'step': step, 'tag': tag, 'time': time.time(), **extra}))
     atomic_write_text(ckpt_dir / POINTER, tag)
 
 
