@@ -203,6 +203,10 @@ def _serve_every_stage(zero: Path) -> None:
         for p in params:
             if not (p / 'step.pt').exists():
                 torch.save(step, p / 'step.pt')
+            for key in ('fp32', 'exp_avg', 'exp_avg_sq'):  # ZeRO-1/2 read {'param': tensor}, ZeRO-3 either form
+                tensor = torch.load(p / f'{key}.pt', map_location='cpu', weights_only=False)
+                if torch.is_tensor(tensor):
+                    torch.save({'param': tensor}, p / f'{key}.pt')
     state.setdefault('ds_version', deepspeed.__version__)
     torch.save(state, path)
 
