@@ -180,17 +180,18 @@ def _safe_globals(names: set[str]) -> list:
     return extra
 
 
-def load_checkpoint_file(path: Union[str, Path], *, trust: bool = False, map_location: Any = 'cpu') -> Any:
+def load_checkpoint_file(path: Union[str, Path], *, trust: bool = False, map_location: Any = 'cpu',
+                         mmap: bool = False) -> Any:
     """The object saved in a checkpoint file, after `scan` passed, read weights-only. `trust=True`: plain
     torch.load, which runs whatever the file's pickle calls; for files whose source the user vouches for."""
     path = Path(path)
     if trust:
         log.warning(f'{path}: loaded without the safety check (trusted by {OPT_OUT}); unpickling it can run code')
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     names = scan(path)
     try:
         with torch.serialization.safe_globals(_safe_globals(names)):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
         raise CheckpointError(f'{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})') from None
 

@@ -4,6 +4,8 @@
   official-to-ours SRC OUT [model.key=value ...]   official CMAE pretraining checkpoint -> our CMAE state dict
   extract-encoder  SRC OUT [model.key=value ...]   online encoder only (ours or official source)
   to-timm          SRC OUT [model.key=value ...]   encoder in timm VisionTransformer names (global_pool='token')
+  to-universal     RUN [TAG]                        a run checkpoint (default: the newest complete) in DeepSpeed's
+                                                   universal format, cached as RUN/checkpoints/TAG/universal
 
 Model fields default to ViT-B/16 at 224; pass model.size=... or the individual fields for other models.
 """
@@ -19,9 +21,9 @@ from cmae_ds.config import ConfigError, load_config
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('action', choices=['official-to-ours', 'extract-encoder', 'to-timm'])
+    parser.add_argument('action', choices=['official-to-ours', 'extract-encoder', 'to-timm', 'to-universal'])
     parser.add_argument('src')
-    parser.add_argument('out')
+    parser.add_argument('out', nargs='?', default=None)
     parser.add_argument('--trust-checkpoint', '--trust_checkpoint', dest='trust_checkpoint', action='store_true',
                         help='load checkpoint files that name code to run (refused by default, docs/reliability.md)')
     parser.add_argument('overrides', nargs='*', help='model.key=value')
@@ -30,6 +32,8 @@ def parse(argv=None):
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.action == 'to-universal':
+        return to_universal(args.src, args.out)
     try:
         cfg = load_config(None, args.overrides).model
         trust = args.trust_checkpoint
@@ -45,6 +49,27 @@ def main(argv=None) -> int:
         return 2
     torch.save(out, args.out)
     print(f'wrote {args.out}')
+    return 0
+
+
+def to_universal(run: str, tag=None) -> int:
+    import time
+    from pathlib import Path
+
+    from cmae_ds.engine.checkpointing import find_resume_tag
+    from cmae_ds.engine.elastic import convert
+    ckpt = Path(run) / 'checkpoints'
+    tag = tag or find_resume_tag(ckpt)
+    if tag is None or not (ckpt / tag / 'complete.json').is_file():
+        print(f'error: no complete checkpoint {tag or ""} in {ckpt}', file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    try:
+        out = convert(ckpt / tag)
+    except ConfigError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    print(f'wrote {out} ({time.perf_counter() - start:.1f} s)')
     return 0
 
 

@@ -2,6 +2,8 @@
 what would waste a short lease: syntax, files it names, and that a failing or hanging step does not stop the rest."""
 import re
 import subprocess
+
+import pytest
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]

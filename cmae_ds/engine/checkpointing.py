@@ -44,7 +44,16 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
     if not ckpt_dir.is_dir():
         return []
     tags = [p.name for p in ckpt_dir.iterdir() if p.is_dir() and _step_of(p.name) >= 0 and (p / MARKER).is_file()]
-    return sorted(tags, key=_step_of)
+    return sorted(tags, key=lambda tag: (_saved_at(ckpt_dir, tag), _step_of(tag)))
+
+
+def _saved_at(ckpt_dir: Path, tag: str) -> float:
+    """When the marker was written (0 for markers older than that field): a resume with another global batch
+    renumbers the steps, so tag numbers alone may not be in the order the checkpoints were written."""
+    try:
+        return float(read_marker(ckpt_dir, tag).get('time', 0.0))
+    except (OSError, ValueError):
+        return 0.0
 
 
 def find_resume_tag(ckpt_dir: Path) -> Optional[str]:
@@ -167,17 +176,22 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, 
     """
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
-    if is_main and (tag_dir / MARKER).exists():
-        # a folder left at this tag (a run resumed from an older checkpoint) is not complete while it is rewritten
-        (tag_dir / MARKER).unlink()
-    error = _write_rank_files(engine, ckpt_dir, tag, client_state, rank_state)
+    layout = engine_layout(engine)
+    if is_main and tag_dir.exists():
+        # A folder left at this tag (a run resumed from an older checkpoint, or renumbered by another global batch):
+        # unmarked first, so a crash while it is removed never leaves a "complete" mix of old and new files.
+        (tag_dir / MARKER).unlink(missing_ok=True)
+        shutil.rmtree(tag_dir, ignore_errors=True)
+    barrier()
+    error = _write_rank_files(engine, ckpt_dir, tag, {**client_state, 'layout': layout}, rank_state)
     # every rank's files are on disk (or one failed) before the checkpoint is declared complete
     _stop_if_failed(gather_objects(error), ckpt_dir, tag, is_main)
     files = checksums(tag_dir, gather_objects(sizes(tag_dir)))
     error = None
     if is_main:
         try:
-            mark_complete(ckpt_dir, tag, step, files)
+            mark_complete(ckpt_dir, tag, step, files, layout=layout,
+                          model=client_state.get('config', {}).get('model'))
         except OSError as e:
             error = str(write_error('checkpoint marker', tag_dir / MARKER, e))
         else:
@@ -186,10 +200,23 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, 
     return tag_dir
 
 
-def mark_complete(ckpt_dir: Path, tag: str, step: int, files: dict) -> None:
-    """The checkpoint counts from here on: its marker (with the file list), then the pointer to it."""
-    atomic_write_text(ckpt_dir / tag / MARKER, json.dumps({'step': step, 'tag': tag, 'checksum': CHECKSUM,
-                                                           'files': files}))
+def engine_layout(engine) -> dict:
+    """How the engine splits the global batch and the optimizer state: what a resume must match or convert."""
+    return {'world_size': engine.dp_world_size, 'zero_stage': int(engine.zero_optimization_stage()),
+            'micro_batch': engine.train_micro_batch_size_per_gpu(),
+            'grad_accum': engine.gradient_accumulation_steps()}
+
+
+def read_marker(ckpt_dir: Path, tag: str) -> dict:
+    return json.loads((ckpt_dir / tag / MARKER).read_text())
+
+
+def mark_complete(ckpt_dir: Path, tag: str, step: int, files: dict, **extra) -> None:
+    """The checkpoint counts from here on: its marker (with the file list), then the pointer to it. `extra`
+    (layout, model config) lets a resume decide without opening DeepSpeed's files; the time tells a rewritten tag
+    from its predecessor (engine.elastic's cache)."""
+    atomic_write_text(ckpt_dir / tag / MARKER, json.dumps({'step': step, 'tag': tag, 'time': time.time(),
+                                                           'checksum': CHECKSUM, 'files': files, **extra}))
     atomic_write_text(ckpt_dir / POINTER, tag)
 
 

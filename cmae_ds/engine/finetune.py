@@ -26,7 +26,7 @@ from ..ds_config import ResolvedBatch, compute_dtype
 from ..errors import NonFiniteLoss
 from ..models import ViTClassifier
 from ..seeds import model_seed, seed_classifier_rank
-from . import checkpointing
+from . import elastic
 from .checkpointing import Checkpointer
 from .dist import DistContext
 from ..classifier_files import BEST, LAST, save_classifier_file
@@ -265,7 +265,8 @@ def _train(cfg: TaskConfig, run: RunStart) -> FinetuneResult:
     engine, model, opt_name = build_engine(cfg, run.ds, batch_cfg, ctx, schedule.peak_lr, run.trust)
     progress = ClassifierProgress()
     if run.tag is not None:
-        progress = ClassifierProgress(**checkpointing.load(engine, run.ckpt_dir, run.tag, trust=run.trust)['progress'])
+        progress = ClassifierProgress(**elastic.resume(engine, model, run.ckpt_dir, run.tag, cfg.model,
+                                                       schedule.steps_per_epoch, ctx.is_main, trust=run.trust)['progress'])
     seed_classifier_rank(task.seed, ctx.rank, progress.step)
     if ctx.is_main:
         write_run_files(run.run_dir, cfg, run.ds, progress.step)

