@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cmae_ds.checkpoint import CheckpointError
-from cmae_ds.engine import checkpointing
+from cmae_ds.engine import checkpoint_verify, checkpointing
 from engine_helpers import TINY, run_deepspeed, tail, write_ds
 from reliability_helpers import error_lines, marker, pretrain
 
@@ -26,22 +26,22 @@ def _fake_checkpoint(ckpt_dir, tag, files: dict, listed: bool = True):
         (tag_dir / name).write_bytes(data)
     entry = {'step': checkpointing._step_of(tag), 'tag': tag}
     if listed:
-        entry.update(checksum='crc32', files=checkpointing._checksums(tag_dir, [checkpointing._sizes(tag_dir)]))
+        entry.update(checksum='crc32', files=checkpoint_verify.checksums(tag_dir, [checkpoint_verify.sizes(tag_dir)]))
     (tag_dir / checkpointing.MARKER).write_text(json.dumps(entry))
     (ckpt_dir / checkpointing.POINTER).write_text(tag)
 
 
 def test_manifest_entries_are_zlib_crc32_of_each_block(tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpointing, 'BLOCK', 1 << 20)
-    monkeypatch.setattr(checkpointing, '_CHUNK', 300_000)  # chunks that do not divide a block
+    monkeypatch.setattr(checkpoint_verify, 'BLOCK', 1 << 20)
+    monkeypatch.setattr(checkpoint_verify, '_CHUNK', 300_000)  # chunks that do not divide a block
     data = bytes(range(256)) * 10_000  # 2.44 blocks
     _fake_checkpoint(tmp_path, STEP2, {'a.pt': data, 'sub/b.pt': b'xyz', 'empty.pt': b''})
-    files = checkpointing.manifest(tmp_path, STEP2)
+    files = checkpoint_verify.manifest(tmp_path, STEP2)
     blocks = [data[i:i + (1 << 20)] for i in range(0, len(data), 1 << 20)]
     assert files == {'a.pt': {'size': len(data), 'crc32': [f'{zlib.crc32(b):08x}' for b in blocks]},
                      'empty.pt': {'size': 0, 'crc32': [f'{zlib.crc32(b""):08x}']},
                      'sub/b.pt': {'size': 3, 'crc32': [f'{zlib.crc32(b"xyz"):08x}']}}
-    assert checkpointing.verify(tmp_path, STEP2, files) is None
+    assert checkpoint_verify.verify(tmp_path, STEP2, files) is None
 
 
 def test_same_size_corruption_is_found_by_the_checksum(tmp_path):
@@ -113,7 +113,7 @@ def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(tmp_path):
     b = torch.load(run / 'model.pt', weights_only=True)['state_dict']
     assert all(torch.equal(a[k], b[k]) for k in a)
     # step 4 was written again and verifies; the damaged copy is kept aside for inspection
-    assert checkpointing.verify(ckpts, STEP4, marker(run, STEP4)['files']) is None
+    assert checkpoint_verify.verify(ckpts, STEP4, marker(run, STEP4)['files']) is None
     assert any(p.name.startswith(f'{STEP4}.damaged-') for p in ckpts.iterdir())
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cmae_ds.engine import checkpointing
+from cmae_ds.engine import checkpoint_verify, checkpointing
 from cmae_ds.output_dir import OutputWriteError, check_output_dir, write_atomically
 from engine_helpers import tail
 from reliability_helpers import error_lines, marker, pretrain
@@ -23,7 +23,7 @@ def _assert_intact(run: Path, tag: str) -> None:
     ckpts = run / 'checkpoints'
     assert (ckpts / 'latest').read_text() == tag
     assert checkpointing.select_resume_tag('auto', ckpts, print) == tag
-    assert checkpointing.verify(ckpts, tag, marker(run, tag)['files']) is None
+    assert checkpoint_verify.verify(ckpts, tag, marker(run, tag)['files']) is None
     assert not list(run.rglob('*.tmp'))
 
 
