@@ -197,9 +197,11 @@ class DataConfig:
     ann_file: str = ''
     """The official JSON annotation file or the file list, for those sources."""
     pipeline: str = 'auto'
-    """'auto' (DALI when importable, else torch), 'dali' or 'torch'."""
-    num_workers: int = 4
-    """DataLoader workers (torch pipeline) or DALI CPU threads per rank."""
+    """'auto' (DALI when importable, else torch_gpu on a CUDA device, else torch), 'dali', 'torch_gpu' (JPEGs decoded
+    and views made on the device by torch ops) or 'torch' (PIL in DataLoader workers)."""
+    num_workers: int = -1
+    """DataLoader workers (torch pipelines) or DALI CPU threads per rank; -1: sized to the cores this rank owns
+    (cmae_ds/data/threads.py)."""
     master_extra: int = 32
     """The master crop is view + this many pixels (spec section 7: 256 for 224 views)."""
     hw_decoder_load: float = 0.65
@@ -209,14 +211,14 @@ class DataConfig:
         if self.source not in ('embedded', 'folder', 'json', 'filelist', 'synthetic'):
             raise ConfigError(f'data.source: {self.source!r} is not one of embedded, folder, json, filelist, '
                               'synthetic')
-        if self.pipeline not in ('auto', 'dali', 'torch'):
-            raise ConfigError(f"data.pipeline: {self.pipeline!r} must be 'auto', 'dali' or 'torch'")
+        if self.pipeline not in ('auto', 'dali', 'torch_gpu', 'torch'):
+            raise ConfigError(f"data.pipeline: {self.pipeline!r} must be 'auto', 'dali', 'torch_gpu' or 'torch'")
         if self.source in ('folder',) and not self.root:
             raise ConfigError("data.root must be set for data.source 'folder'")
         if self.source in ('json', 'filelist') and not self.ann_file:
             raise ConfigError(f"data.ann_file must be set for data.source {self.source!r}")
-        if self.num_workers < 0:
-            raise ConfigError(f'data.num_workers {self.num_workers} must be >= 0')
+        if self.num_workers < -1:
+            raise ConfigError(f'data.num_workers {self.num_workers} must be >= 0, or -1 (sized to the cores)')
         if not 0.0 <= self.hw_decoder_load <= 1.0:
             raise ConfigError(f'data.hw_decoder_load {self.hw_decoder_load} must lie in [0, 1]')
 

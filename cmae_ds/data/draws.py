@@ -85,7 +85,12 @@ def draw_batch(seed: int, epoch: int, indices, extra: int, scale=C.MASTER_SCALE,
 
 def draw_views(seed: int, epoch: int, index: int, extra: int, scale=C.MASTER_SCALE) -> ViewDraws:
     """One sample's draws (row 0 of draw_batch), for the torch pipeline's workers."""
-    d = {key: val[0] for key, val in draw_batch(seed, epoch, [index], extra, scale).items()}
+    return row(draw_batch(seed, epoch, [index], extra, scale), 0)
+
+
+def row(batch: dict, i: int) -> ViewDraws:
+    """Sample i of draw_batch's arrays."""
+    d = {key: val[i] for key, val in batch.items()}
     return ViewDraws(d['scale'], d['aspect'], d['u_top'], d['u_left'], bool(d['flip']), int(d['dy']), int(d['dx']),
                      bool(d['jitter']), tuple(float(f) for f in d['factors']), tuple(int(i) for i in d['order']),
                      bool(d['gray']), bool(d['blur']), float(d['sigma']))

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data.threads import size_torch_threads
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -48,6 +50,7 @@ def setup_distributed() -> DistContext:
         device = torch.device('cuda', local_rank)
     else:
         device = torch.device('cpu')
+    size_torch_threads(device)  # intra-op threads sized to this rank's cores (cmae_ds/data/threads.py)
     return DistContext(rank, world, local_rank, device)
 
 
