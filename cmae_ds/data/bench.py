@@ -10,6 +10,7 @@ each run (pipeline build, worker start) is excluded from the rate.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -141,6 +142,7 @@ def main(argv=None) -> None:
     ap.add_argument('--root', type=Path, default=None, help='an existing ImageNet-style folder instead')
     ap.add_argument('--pipelines', default='dali,torch,torch_gpu')
     ap.add_argument('--stages', action='store_true', help='CPU cost of each stage of the DALI CPU graph instead')
+    ap.add_argument('--json', type=Path, default=None, help='also write the results here')
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root
@@ -162,6 +164,8 @@ def main(argv=None) -> None:
     for r in results:
         print(f"{r['name']:<10} {r['images']:>7} {r['seconds']:>8.2f} {r['rate']:>9.1f} {r['cpu_ms']:>13.1f}")
     print_ratios(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
 
 
 def print_ratios(results: list[dict]) -> None:
