@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -114,6 +114,29 @@ def decode_batch(data: list[torch.Tensor], device: torch.device) -> list[Optiona
     return out
 
 
+def one_ahead_on_side_stream(batches: Iterator[dict], device: torch.device) -> Iterator[dict]:
+    """Batch b + 1 is decoded and built on a side stream before batch b is handed over, so its kernels can run
+    beside the model's work on batch b instead of between two steps. The main stream waits for a batch's event
+    only when the batch is handed over; record_stream keeps its memory alive until the main stream is done."""
+    side, main = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    pending = None
+    while True:
+        with torch.cuda.stream(side):
+            nxt = next(batches, None)
+            ready = torch.cuda.Event()
+            ready.record(side)
+        if pending is not None:
+            out, event = pending
+            main.wait_event(event)
+            for v in out.values():
+                if isinstance(v, torch.Tensor) and v.is_cuda:
+                    v.record_stream(main)
+            yield out
+        if nxt is None:
+            return
+        pending = (nxt, ready)
+
+
 class GpuLoader(TorchLoader):
     """TorchLoader whose workers read bytes; decode and views run in this process on `device`."""
 
@@ -123,6 +146,10 @@ class GpuLoader(TorchLoader):
     def __init__(self, dataset: BytesDataset, plan, device, num_workers: int, erase: bool = False):
         super().__init__(dataset, plan, device, num_workers, erase)
         self.name = f'torch_gpu-{self.device.type}'
+
+    def _iterate(self, epoch: int, start_batch: int) -> Iterator[dict]:
+        batches = super()._iterate(epoch, start_batch)
+        yield from one_ahead_on_side_stream(batches, self.device) if self.device.type == 'cuda' else batches
 
     def _finish(self, raw: dict, valid: np.ndarray, epoch: int, b: int) -> dict:
         imgs = decode_batch(raw['data'], self.device)
