@@ -16,16 +16,17 @@ import torch
 import torch.nn.functional as F
 
 from . import common as C
-from .draws import row
-from .draws import rrc_box as rrc_box_of
+from .draws import rrc_boxes
 
 LUMA = (0.299, 0.587, 0.114)  # PIL's 'L' conversion (the torch pipeline's grayscale and contrast mean)
 BLUR_RADIUS = int(np.ceil(3 * C.BLUR_SIGMA[1]))  # 3 sigma of the largest sigma: a 13-tap kernel
 
 
 def boxes_of(d: dict, imgs: list[torch.Tensor]) -> list[tuple[int, int, int, int]]:
-    """(top, left, h, w) per sample: draws.rrc_box on the decoded image's size, as both other pipelines do."""
-    return [rrc_box_of(row(d, i), int(img.shape[-1]), int(img.shape[-2])) for i, img in enumerate(imgs)]
+    """(top, left, h, w) per sample: the draws' box on the decoded image's size, as both other pipelines do."""
+    sizes = np.array([img.shape[-2:] for img in imgs], dtype=np.int64).reshape(-1, 2)
+    boxes = rrc_boxes(d['scale'], d['aspect'], d['u_top'], d['u_left'], sizes[:, 1], sizes[:, 0])
+    return [tuple(b) for b in boxes.tolist()]
 
 
 def resize_all(crops: list[torch.Tensor], sizes: list[tuple[int, int]], out: torch.Tensor | None = None) -> list:
