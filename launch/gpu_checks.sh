@@ -4,6 +4,7 @@
 #   bash launch/gpu_checks.sh prepare     # here, with PyPI: wheels for what the GPU image lacks -> .whl/
 #   bash launch/gpu_checks.sh run         # there: results under $OUT (default gpu_out/), at most 8 minutes
 #   bash launch/gpu_checks.sh dry-run     # here, on the CPU: the same steps on the debug model and tiny inputs
+#                                         # (GPU-only steps skipped; limits and budget x3; about 5 minutes)
 #
 # With the device tool: run(command="bash launch/gpu_checks.sh run", carry=[".whl"], timeout_s=540).
 # The GPU image has torch, triton, timm, einops, msgpack, ninja, psutil, py-cpuinfo but not DeepSpeed or DALI:
@@ -42,6 +43,7 @@ OUT=${OUT:-gpu_out}
 WORK=${WORK:-/tmp/gpu_checks}  # intermediate files: only 8 files come back from $OUT
 BUDGET_S=${BUDGET_S:-460}
 DRY=${DRY:-0}
+SCALE=1  # the dry run's CPU steps get 3x the GPU limits (and budget)
 step() {  # step NAME SECONDS COMMAND...: run with a limit (capped by the budget), log everything, one summary line
     local name=$1 limit=$2 t0=$SECONDS rc left
     shift 2
@@ -50,7 +52,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit (capped by the budget
         echo "$name: skipped (budget of ${BUDGET_S} s spent)" | tee -a "$OUT/summary.txt"
         return 0
     fi
-    ((limit > left)) && limit=$left
+    ((limit = limit * SCALE, limit > left)) && limit=$left
     echo "=== $name ($(date -u +%FT%TZ), limit $limit s): $*" | tee -a "$OUT/log.txt"
     # through bash -c so a step can be one of this script's functions (exported below)
     timeout --kill-after=10 "$limit" bash -c '"$@"' step "$@" >>"$OUT/log.txt" 2>&1
@@ -86,15 +88,15 @@ EOF
 sizes() {  # the run's scale; the dry run: the debug model on tiny inputs on the CPU, the same steps
     if ((DRY)); then
         DEVICE=cpu SIZE_B=debug SIZES_BL=debug SIZE_H=debug MICRO_B=4 MICROS_BL="2 4" MICROS_H=2 MICROS_CKPT=4
-        IMAGES=48 JPEG_SIZE="64 48" DATA_BATCH=8 DATA_THREADS=1 TIMING="--warmup 1 --steps 2"
-        SMALL="model.img_size=32 model.patch_size=8"
+        IMAGES=48 JPEG_SIZE="64 48" DATA_BATCH=8 DATA_THREADS=1 DATA_SIZE=32 TIMING="--warmup 1 --steps 2"
+        SMALL="model.img_size=32 model.patch_size=8" SMOKE_STEPS=4 SCALE=3 BUDGET_S=$((3 * BUDGET_S))
     else
         DEVICE=cuda SIZE_B=vit_base SIZES_BL="vit_base vit_large" SIZE_H=vit_huge MICRO_B=128 MICROS_BL="64 128"
         MICROS_H="32 64" MICROS_CKPT="64 128" IMAGES=4096 JPEG_SIZE="500 375" DATA_BATCH=256 DATA_THREADS=8
-        TIMING="--warmup 3 --steps 10" SMALL=""
+        DATA_SIZE=224 TIMING="--warmup 3 --steps 10" SMALL="" SMOKE_STEPS=24
     fi
     export DEVICE SIZE_B SIZES_BL SIZE_H MICRO_B MICROS_BL MICROS_H MICROS_CKPT IMAGES JPEG_SIZE DATA_BATCH \
-        DATA_THREADS TIMING SMALL WORK OUT
+        DATA_THREADS DATA_SIZE TIMING SMALL SMOKE_STEPS WORK OUT
 }
 
 make_jpegs() {  # ImageNet-size JPEGs (500x375, photo content + grain, ~110 KB), written by 8 processes
@@ -115,14 +117,18 @@ EOF
 
 data_rate() {  # the torch_gpu pipeline alone: both views, images/s
     python3 -m cmae_ds.data.bench --root "$WORK/jpegs" --device "$DEVICE" --pipelines torch_gpu \
-        --threads "$DATA_THREADS" --batch "$DATA_BATCH" --epochs 3 --json "$OUT/data.json"
+        --threads "$DATA_THREADS" --batch "$DATA_BATCH" --img-size "$DATA_SIZE" --epochs 3 --json "$OUT/data.json"
 }
 
 bench() {  # bench NAME ARGS...: launch/benchmark.py, its rows to $WORK/NAME.json
-    local name=$1
+    local name=$1 opts=() overrides=() a
     shift
-    python3 launch/benchmark.py --config cmae_vit_base_300e $TIMING --out "$WORK/$name.json" "$@" \
-        train.progress_bar=false $SMALL
+    # key=value overrides go last, after a one-value option: --micro and --deepspeed_config take several values
+    for a in "$@"; do
+        if [[ $a != -* && $a == *=* ]]; then overrides+=("$a"); else opts+=("$a"); fi
+    done
+    python3 launch/benchmark.py --config cmae_vit_base_300e $TIMING "${opts[@]}" --out "$WORK/$name.json" \
+        train.progress_bar=false $SMALL "${overrides[@]}"
 }
 
 model_b() {  # ViT-B model only (synthetic batches on the device), fused and unfused: the e2e step's reference
@@ -150,14 +156,16 @@ ckpt_h() {  # ViT-H with activation checkpointing, beside sweep_h's ZeRO-2 rows 
         model.activation_checkpointing=true
 }
 
-pretrain_smoke() {
-    python3 launch/pretrain.py --deepspeed_config /tmp/zero2_bf16_m16.json --resume none train.max_steps=24 \
-        train.save_every_steps=12 train.output_dir="$WORK/smoke" train.progress_bar=false
+pretrain_smoke() {  # the debug preset: SMOKE_STEPS steps with a checkpoint half-way
+    python3 launch/pretrain.py --deepspeed_config /tmp/zero2_bf16_m16.json --resume none \
+        train.max_steps="$SMOKE_STEPS" train.save_every_steps=$((SMOKE_STEPS / 2)) train.output_dir="$WORK/smoke" \
+        train.progress_bar=false $SMALL
 }
 
-pretrain_resume() {
-    python3 launch/pretrain.py --deepspeed_config /tmp/zero2_bf16_m16.json --resume auto train.max_steps=12 \
-        train.save_every_steps=12 train.output_dir="$WORK/smoke" train.progress_bar=false
+pretrain_resume() {  # from the last checkpoint, half as many steps again
+    python3 launch/pretrain.py --deepspeed_config /tmp/zero2_bf16_m16.json --resume auto \
+        train.max_steps=$((SMOKE_STEPS / 2)) train.save_every_steps=$((SMOKE_STEPS / 2)) \
+        train.output_dir="$WORK/smoke" train.progress_bar=false $SMALL
 }
 
 run() {

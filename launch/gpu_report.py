@@ -35,7 +35,7 @@ def model_table(rows: list[dict], ckpt: str = '') -> list[str]:
         note = r.get('error') or ('fusion off' if r.get('extra', {}).get('fusion') == 'off' else '')
         lines.append(f"| {r['size']} | {r['zero_stage']} | {r['micro_batch']} | {ckpt or 'off'} | "
                      f"{_fmt(r['images_per_s_per_device'])} | {_fmt(r['step_ms_median'])} | "
-                     f"{_fmt(r.get('tflops_per_device'))} | {_fmt(r.get('mfu'), '.1f', 100)}% | "
+                     f"{_fmt(r.get('tflops_per_device'), '.2f')} | {_fmt(r.get('mfu'), '.1f', 100)}% | "
                      f"{_fmt(r.get('peak_mem_gib'), '.1f')} | {note} |")
     return lines
 
@@ -60,7 +60,7 @@ def e2e_section(rows: dict) -> list[str]:
     m, e = model[0], e2e[0]
     ratio = e['images_per_s_per_device'] / m['images_per_s_per_device']
     verdict = 'within' if ratio >= GOAL_E2E else 'outside'
-    return [f"ViT-B ZeRO-1 bf16 micro {m['micro_batch']}: model only {m['images_per_s_per_device']:.0f} images/s, "
+    return [f"{m['size']} ZeRO-{m['zero_stage']} {m['precision']} micro {m['micro_batch']}: model only {m['images_per_s_per_device']:.0f} images/s, "
             f"fed by torch_gpu {e['images_per_s_per_device']:.0f} images/s = **{ratio:.2f}x** ({verdict} the 10% goal), "
             f"data-wait fraction {_fmt(e.get('data_wait_fraction'), '.2f')}."]
 
