@@ -2,16 +2,28 @@
 # Every GPU check and benchmark of this project in one run, for a session lent a GPU for a few minutes.
 #
 #   bash launch/gpu_checks.sh prepare     # here, with PyPI: wheels for what the GPU image lacks -> .whl/
-#   bash launch/gpu_checks.sh run         # there: results under $OUT (default gpu_out/), about 7 minutes on an H100
+#   bash launch/gpu_checks.sh run         # there: results under $OUT (default gpu_out/), at most 8 minutes
+#   bash launch/gpu_checks.sh dry-run     # here, on the CPU: the same steps on the debug model and tiny inputs
+#                                         # (GPU-only steps skipped; limits and budget x3; about 5 minutes)
 #
 # With the device tool: run(command="bash launch/gpu_checks.sh run", carry=[".whl"], timeout_s=540).
 # The GPU image has torch, triton, timm, einops, msgpack, ninja, psutil, py-cpuinfo but not DeepSpeed or DALI:
 # DeepSpeed travels as a pure-Python wheel with its missing dependencies (pydantic 2.14 needs typing_extensions
-# >= 4.16, newer than the image may hold, so that travels too); DALI (800 MB) cannot, so the data step
-# times the torch pipeline on the GPU. Each step has its own time limit and a failing step does not stop the next:
-# the point of a short lease is to learn as much as possible from one call. What comes back (at most 8 files):
-# log.txt (every step's output), summary.txt (one line per step), kernels.md, bench_model.json, bench_sweep.json,
-# data.txt.
+# >= 4.16, newer than the image may hold, so that travels too); DALI (800 MB) cannot, so the data steps run the
+# torch_gpu pipeline (nvJPEG through torchvision, views as torch ops). Each step has its own time limit, a failing
+# step does not stop the next, and the steps share a budget (BUDGET_S, 460 s; the report gets 20 s more): a step
+# gets at most what is left and one that would get under 5 s is skipped, so the run ends inside 8 minutes whatever
+# happens. Steps run in order of importance: the data rate and the e2e step first.
+#
+# Estimate on one H200 (989 bf16 TFLOP/s dense, 40% MFU assumed; train FLOPs per image from cmae_ds.flops: ViT-B
+# 112 G, ViT-L 291 G, ViT-H 730 G): a step takes 18-36 ms (B, micro 64-128), 47-94 ms (L), 58-117 ms (H, micro
+# 32-64), a third more with activation checkpointing, so the ~30 timed cells compute for ~20 s in all; engine
+# set-up (~6-10 s a cell), Triton compilation and process starts dominate: install 20 s, JPEGs 20 s, data 15 s,
+# model + e2e ViT-B 40 s, kernels 30 s, attention tests 25 s, pretrain + resume 35 s, ViT-B/L sweep 80 s,
+# ViT-H sweep 65 s, checkpointing 25 s, report 3 s: about 360 s (6 min) expected, 8 min at most.
+#
+# What comes back (at most 8 files): log.txt (every step's output), summary.txt (one line per step), env.txt,
+# kernels.md, data.json, results.json (every benchmark row), benchmarks.md (a fragment for docs/benchmarks.md).
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -28,14 +40,32 @@ prepare() {
 }
 
 OUT=${OUT:-gpu_out}
-step() {  # step NAME SECONDS COMMAND...: run with a limit, log everything, one summary line
-    local name=$1 limit=$2 t0=$SECONDS rc
+WORK=${WORK:-/tmp/gpu_checks}  # intermediate files: only 8 files come back from $OUT
+BUDGET_S=${BUDGET_S:-460}
+DRY=${DRY:-0}
+SCALE=1  # the dry run's CPU steps get 3x the GPU limits (and budget)
+step() {  # step NAME SECONDS COMMAND...: run with a limit (capped by the budget), log everything, one summary line
+    local name=$1 limit=$2 t0=$SECONDS rc left
     shift 2
-    echo "=== $name ($(date -u +%FT%TZ)): $*" | tee -a "$OUT/log.txt"
+    left=$((BUDGET_S - SECONDS))
+    if ((left < 5)); then
+        echo "$name: skipped (budget of ${BUDGET_S} s spent)" | tee -a "$OUT/summary.txt"
+        return 0
+    fi
+    ((limit = limit * SCALE, limit > left)) && limit=$left
+    echo "=== $name ($(date -u +%FT%TZ), limit $limit s): $*" | tee -a "$OUT/log.txt"
     # through bash -c so a step can be one of this script's functions (exported below)
     timeout --kill-after=10 "$limit" bash -c '"$@"' step "$@" >>"$OUT/log.txt" 2>&1
     rc=$?
     echo "$name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
+}
+
+gpu_step() {  # a step that means nothing without a GPU: the dry run skips it
+    if ((DRY)); then
+        echo "$1: skipped (dry run)" | tee -a "$OUT/summary.txt"
+        return 0
+    fi
+    step "$@"
 }
 
 install() {
@@ -55,40 +85,125 @@ json.dump(ds, open('/tmp/zero2_bf16_m16.json', 'w'), indent=1)
 EOF
 }
 
+sizes() {  # the run's scale; the dry run: the debug model on tiny inputs on the CPU, the same steps
+    if ((DRY)); then
+        DEVICE=cpu SIZE_B=debug SIZES_BL=debug SIZE_H=debug MICRO_B=4 MICROS_BL="2 4" MICROS_H=2 MICROS_CKPT=4
+        IMAGES=48 JPEG_SIZE="64 48" DATA_BATCH=8 DATA_THREADS=1 DATA_SIZE=32 TIMING="--warmup 1 --steps 2"
+        SMALL="model.img_size=32 model.patch_size=8" SMOKE_STEPS=4 SCALE=3 BUDGET_S=$((3 * BUDGET_S))
+    else
+        DEVICE=cuda SIZE_B=vit_base SIZES_BL="vit_base vit_large" SIZE_H=vit_huge MICRO_B=128 MICROS_BL="64 128"
+        MICROS_H="32 64" MICROS_CKPT="64 128" IMAGES=4096 JPEG_SIZE="500 375" DATA_BATCH=256 DATA_THREADS=8
+        DATA_SIZE=224 TIMING="--warmup 3 --steps 10" SMALL="" SMOKE_STEPS=24
+    fi
+    export DEVICE SIZE_B SIZES_BL SIZE_H MICRO_B MICROS_BL MICROS_H MICROS_CKPT IMAGES JPEG_SIZE DATA_BATCH \
+        DATA_THREADS DATA_SIZE TIMING SMALL SMOKE_STEPS WORK OUT
+}
+
+make_jpegs() {  # ImageNet-size JPEGs (500x375, photo content + grain, ~110 KB), written by 8 processes
+    python3 - <<'EOF'
+import os
+from multiprocessing import Pool
+from pathlib import Path
+
+from cmae_ds.data.bench import write_imagenet_like
+
+n, size = int(os.environ['IMAGES']), tuple(int(v) for v in os.environ['JPEG_SIZE'].split())
+root = Path(os.environ['WORK']) / 'jpegs'
+with Pool(8) as pool:
+    pool.starmap(write_imagenet_like, [(root / f'part{k}', n // 8, size, k) for k in range(8)])
+print(len(list(root.rglob('*.jpg'))), 'JPEGs in', root)
+EOF
+}
+
+data_rate() {  # the torch_gpu pipeline alone: both views, images/s
+    python3 -m cmae_ds.data.bench --root "$WORK/jpegs" --device "$DEVICE" --pipelines torch_gpu \
+        --threads "$DATA_THREADS" --batch "$DATA_BATCH" --img-size "$DATA_SIZE" --epochs 3 --json "$OUT/data.json"
+}
+
+bench() {  # bench NAME ARGS...: launch/benchmark.py, its rows to $WORK/NAME.json
+    local name=$1 opts=() overrides=() a
+    shift
+    # key=value overrides go last, after a one-value option: --micro and --deepspeed_config take several values
+    for a in "$@"; do
+        if [[ $a != -* && $a == *=* ]]; then overrides+=("$a"); else opts+=("$a"); fi
+    done
+    python3 launch/benchmark.py --config cmae_vit_base_300e $TIMING "${opts[@]}" --out "$WORK/$name.json" \
+        train.progress_bar=false $SMALL "${overrides[@]}"
+}
+
+model_b() {  # ViT-B model only (synthetic batches on the device), fused and unfused: the e2e step's reference
+    bench model_b --mode model --deepspeed_config ds_configs/zero1_bf16.json --micro "$MICRO_B" --compare-fusion \
+        model.size="$SIZE_B"
+}
+
+e2e_b() {  # the same ViT-B step fed by torch_gpu from the JPEGs: its data-wait fraction
+    bench e2e_b --mode e2e --deepspeed_config ds_configs/zero1_bf16.json --micro "$MICRO_B" model.size="$SIZE_B" \
+        data.source=folder data.root="$WORK/jpegs" data.pipeline=torch_gpu
+}
+
+sweep_bl() {
+    bench sweep_bl --mode model --sizes $SIZES_BL --micro $MICROS_BL \
+        --deepspeed_config ds_configs/zero1_bf16.json ds_configs/zero2_bf16.json ds_configs/zero3_bf16.json
+}
+
+sweep_h() {
+    bench sweep_h --mode model --sizes $SIZE_H --micro $MICROS_H \
+        --deepspeed_config ds_configs/zero1_bf16.json ds_configs/zero2_bf16.json ds_configs/zero3_bf16.json
+}
+
+ckpt_h() {  # ViT-H with activation checkpointing, beside sweep_h's ZeRO-2 rows without it
+    bench ckpt_h --mode model --sizes $SIZE_H --micro $MICROS_CKPT --deepspeed_config ds_configs/zero2_bf16.json \
+        model.activation_checkpointing=true
+}
+
+pretrain_smoke() {  # the debug preset: SMOKE_STEPS steps with a checkpoint half-way
+    python3 launch/pretrain.py --deepspeed_config /tmp/zero2_bf16_m16.json --resume none \
+        train.max_steps="$SMOKE_STEPS" train.save_every_steps=$((SMOKE_STEPS / 2)) train.output_dir="$WORK/smoke" \
+        train.progress_bar=false $SMALL
+}
+
+pretrain_resume() {  # from the last checkpoint, half as many steps again
+    python3 launch/pretrain.py --deepspeed_config /tmp/zero2_bf16_m16.json --resume auto \
+        train.max_steps=$((SMOKE_STEPS / 2)) train.save_every_steps=$((SMOKE_STEPS / 2)) \
+        train.output_dir="$WORK/smoke" train.progress_bar=false $SMALL
+}
+
 run() {
-    mkdir -p "$OUT"
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
+    mkdir -p "$OUT" "$WORK"
+    sizes
+    ((DRY)) || export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PATH=/tmp/site/bin:$PATH
+    export PYTHONUNBUFFERED=1
     {
         date -u
-        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+        ((DRY)) || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
         python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
         git log --oneline -1
     } >"$OUT/env.txt" 2>&1
     cat "$OUT/env.txt" >>"$OUT/log.txt"
-    step install 120 install
+    gpu_step install 90 install
+    step make_jpegs 60 make_jpegs
+    step data_torch_gpu 60 data_rate
+    step model_b 90 model_b
+    step e2e_b 60 e2e_b
     # Compiled Triton kernels against their references (the test suite only interprets them), then timings.
-    step kernels 120 python3 -m cmae_ds.kernels.bench --iters 50 --out "$OUT/kernels.md"
-    step attention_tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_attention.py tests/test_kernels_adamw.py
-    step bench_model 150 python3 launch/benchmark.py --mode model --config cmae_vit_base_300e \
-        --deepspeed_config ds_configs/zero1_bf16.json --micro 128 --warmup 5 --steps 20 --compare-fusion \
-        --out "$OUT/bench_model.json"
-    step bench_sweep 150 python3 launch/benchmark.py --mode model --config cmae_vit_base_300e \
-        --sizes vit_base vit_large --deepspeed_config ds_configs/zero2_bf16.json ds_configs/zero3_bf16.json \
-        --micro 64 --warmup 3 --steps 10 --out "$OUT/bench_sweep.json"
-    step data_torch 120 sh -c "python3 -m cmae_ds.data.bench --device cuda --pipelines torch --threads 14 \
-        --images 2048 --batch 128 --epochs 1 | tee $OUT/data.txt"
+    gpu_step kernels 90 python3 -m cmae_ds.kernels.bench --iters 30 --out "$OUT/kernels.md"
+    gpu_step attention_tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_attention.py \
+        tests/test_kernels_adamw.py
     smoke_config
-    step pretrain_smoke 90 python3 launch/pretrain.py --deepspeed_config /tmp/zero2_bf16_m16.json \
-        train.max_steps=24 train.save_every_steps=12 train.output_dir=/tmp/smoke train.progress_bar=false
-    step pretrain_resume 60 python3 launch/pretrain.py --deepspeed_config /tmp/zero2_bf16_m16.json --resume auto \
-        train.max_steps=12 train.save_every_steps=12 train.output_dir=/tmp/smoke train.progress_bar=false
+    step pretrain_smoke 60 pretrain_smoke
+    step pretrain_resume 45 pretrain_resume
+    step sweep_bl 120 sweep_bl
+    step sweep_h 90 sweep_h
+    step ckpt_h 60 ckpt_h
+    BUDGET_S=$((BUDGET_S + 20)) step report 20 python3 launch/gpu_report.py "$OUT" "$WORK"
     cat "$OUT/summary.txt"
 }
 
-export -f install
+export -f install make_jpegs data_rate bench model_b e2e_b sweep_bl sweep_h ckpt_h pretrain_smoke pretrain_resume
 [[ "${BASH_SOURCE[0]}" != "$0" ]] && return 0  # sourced (tests): functions only
 case "${1:-}" in
     prepare) prepare ;;
     run) run ;;
-    *) echo "usage: bash launch/gpu_checks.sh prepare|run" >&2; exit 2 ;;
+    dry-run) DRY=1 run ;;
+    *) echo "usage: bash launch/gpu_checks.sh prepare|run|dry-run" >&2; exit 2 ;;
 esac

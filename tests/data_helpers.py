@@ -9,7 +9,7 @@ from PIL import Image
 
 from cmae_ds.config import DataConfig
 
-PIPELINES = ('torch', 'dali')
+PIPELINES = ('torch', 'dali', 'torch_gpu')  # torch_gpu runs on CPU tensors here
 
 
 def coord_image(width: int, height: int) -> Image.Image:

@@ -1,10 +1,15 @@
 """launch/gpu_checks.sh, the one prepared run for a session lent a GPU: it cannot run here, so what is checked is
 what would waste a short lease: syntax, files it names, and that a failing or hanging step does not stop the rest."""
+import json
+import os
 import re
 import subprocess
+import sys
 
 import pytest
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / 'launch' / 'gpu_checks.sh'
@@ -37,3 +42,60 @@ def test_a_failing_or_hanging_step_is_logged_and_the_next_still_runs(tmp_path):
     assert [line.split(' in ')[0] for line in summary] == ['one: rc=3', 'two: rc=124', 'three: rc=0']
     log = (tmp_path / 'log.txt').read_text()
     assert 'inside' in log and 'ok' in log
+
+
+def _source(body: str, tmp_path, **env):
+    return subprocess.run(['bash', '-c', 'source "$1"; ' + body, 'bash', str(SCRIPT)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60,
+                          env={'OUT': str(tmp_path), 'PATH': '/usr/bin:/bin', **env})
+
+
+def test_the_budget_caps_every_step_and_skips_what_no_longer_fits(tmp_path):
+    """BUDGET_S bounds the whole run: a step gets at most what is left, and under 5 s left it is skipped."""
+    proc = _source('step long 100 sleep 30; step next 100 echo never', tmp_path, BUDGET_S='8')
+    assert proc.returncode == 0, proc.stderr
+    summary = (tmp_path / 'summary.txt').read_text().splitlines()
+    assert summary[0].startswith('long: rc=124 in ') and int(summary[0].split(' in ')[1].split()[0]) <= 12
+    assert summary[1] == 'next: skipped (budget of 8 s spent)'
+
+
+def test_the_step_limits_and_the_estimate_fit_eight_minutes():
+    text = SCRIPT.read_text()
+    budget = int(re.search(r'BUDGET_S=\$\{BUDGET_S:-(\d+)\}', text).group(1))
+    report_extra = int(re.search(r'BUDGET_S=\$\(\(BUDGET_S \+ (\d+)\)\) step report', text).group(1))
+    assert budget + report_extra <= 8 * 60
+    estimate = int(re.search(r'about (\d+) s \(\d+ min\) expected', text).group(1))
+    assert estimate < budget
+
+
+def test_report_names_what_is_missing(tmp_path):
+    out, work = tmp_path / 'out', tmp_path / 'work'
+    out.mkdir()
+    work.mkdir()
+    (out / 'summary.txt').write_text('install: rc=0 in 20 s\n')
+    proc = subprocess.run([sys.executable, str(ROOT / 'launch' / 'gpu_report.py'), str(out), str(work)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    md = (out / 'benchmarks.md').read_text()
+    assert 'install: rc=0' in md and 'No data result' in md and 'No e2e comparison' in md
+    assert 'kernels.md missing' in md
+
+
+@pytest.mark.slow
+def test_dry_run_runs_every_cpu_step_and_writes_the_fragment(tmp_path):
+    """The same steps on the debug model, tiny JPEGs and the CPU: argument plumbing, files, the report."""
+    out, work = tmp_path / 'out', tmp_path / 'work'
+    env = {**os.environ, 'OUT': str(out), 'WORK': str(work),
+           'PATH': f'{Path(sys.executable).parent}:{os.environ["PATH"]}', 'PYTHONPATH': str(ROOT)}
+    proc = subprocess.run(['bash', str(SCRIPT), 'dry-run'], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    summary = dict(line.split(': ', 1) for line in (out / 'summary.txt').read_text().splitlines())
+    skipped = {k for k, v in summary.items() if v == 'skipped (dry run)'}
+    assert skipped == {'install', 'kernels', 'attention_tests'}
+    failed = {k: v for k, v in summary.items() if k not in skipped and not v.startswith('rc=0 ')}
+    assert not failed, (failed, (out / 'log.txt').read_text()[-3000:])
+    rows = json.loads((out / 'results.json').read_text())
+    assert all(rows[k] for k in ('model_b', 'e2e_b', 'sweep_bl', 'sweep_h', 'ckpt_h'))
+    assert rows['e2e_b'][0]['extra']['data'] == 'torch_gpu-cpu'
+    md = (out / 'benchmarks.md').read_text()
+    assert 'torch_gpu-cpu: **' in md and 'data-wait fraction' in md and '| debug | 3 |' in md

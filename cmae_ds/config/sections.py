@@ -10,7 +10,7 @@ from typing import Optional
 from .fields import ConfigError, check_declared, choice, ranged
 from .sizes import ENCODER_SIZES, size_defaults
 
-PIPELINES = ('auto', 'dali', 'torch')
+PIPELINES = ('auto', 'dali', 'torch_gpu', 'torch')
 SOURCES = ('embedded', 'folder', 'json', 'filelist', 'synthetic')
 
 
@@ -107,9 +107,11 @@ class DataConfig:
     ann_file: str = ''
     """The official JSON annotation file or the file list, for those sources."""
     pipeline: str = choice('auto', PIPELINES)
-    """'auto' (DALI when importable, else torch), 'dali' or 'torch'."""
-    num_workers: int = ranged(4, ge=0)
-    """DataLoader workers (torch pipeline) or DALI CPU threads per rank."""
+    """'auto' (DALI when importable, else torch_gpu on a CUDA device, else torch), 'dali', 'torch_gpu' (JPEGs decoded
+    and views made on the device by torch ops) or 'torch' (PIL in DataLoader workers)."""
+    num_workers: int = ranged(-1, ge=-1)
+    """DataLoader workers (torch pipelines) or DALI CPU threads per rank; -1: sized to the cores this rank owns
+    (cmae_ds/data/threads.py)."""
     master_extra: int = ranged(32, ge=0)
     """The master crop is view + this many pixels (docs/spec.md section 7: 256 for 224 views)."""
     hw_decoder_load: float = ranged(0.65, ge=0, le=1)

@@ -1,6 +1,7 @@
-"""Data-only benchmark: images/s of the DALI CPU pipeline and the torch pipeline on the same JPEGs and threads.
+"""Data-only benchmark: images/s of the DALI, torch and torch_gpu pipelines on the same JPEGs and threads.
 
     python -m cmae_ds.data.bench --images 512 --batch 64 --threads 2 [--device cuda] [--root DIR]
+        [--pipelines dali,torch,torch_gpu]
 
 Without --root it writes ImageNet-like JPEGs (500x375, quality 90, photo content from the embedded set) to a temp
 folder. Each pipeline runs `--epochs` epochs of the CMAE pretraining views (224 + 32 master); the first batch of
@@ -9,6 +10,7 @@ each run (pipeline build, worker start) is excluded from the rate.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -135,10 +137,12 @@ def main(argv=None) -> None:
     ap.add_argument('--threads', type=int, default=2, help='DALI CPU threads = torch DataLoader workers')
     ap.add_argument('--img-size', type=int, default=224)
     ap.add_argument('--epochs', type=int, default=2)
-    ap.add_argument('--device', default='cpu', help="'cuda' adds nothing for torch but runs DALI's GPU graph")
+    ap.add_argument('--device', default='cpu', help="'cuda': DALI's GPU graph and torch_gpu on the GPU (torch's "
+                    "workers stay on the CPU)")
     ap.add_argument('--root', type=Path, default=None, help='an existing ImageNet-style folder instead')
-    ap.add_argument('--pipelines', default='dali,torch')
+    ap.add_argument('--pipelines', default='dali,torch,torch_gpu')
     ap.add_argument('--stages', action='store_true', help='CPU cost of each stage of the DALI CPU graph instead')
+    ap.add_argument('--json', type=Path, default=None, help='also write the results here')
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root
@@ -159,10 +163,18 @@ def main(argv=None) -> None:
     print(f"{'pipeline':<10} {'images':>7} {'seconds':>8} {'images/s':>9} {'CPU ms/image':>13}")
     for r in results:
         print(f"{r['name']:<10} {r['images']:>7} {r['seconds']:>8.2f} {r['rate']:>9.1f} {r['cpu_ms']:>13.1f}")
-    if len(results) == 2:
-        a, b = results
-        print(f"ratio {a['name']} / {b['name']}: {a['rate'] / b['rate']:.2f}x images/s, "
-              f"{b['cpu_ms'] / a['cpu_ms']:.2f}x less CPU per image")
+    print_ratios(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+def print_ratios(results: list[dict]) -> None:
+    """Each pipeline against torch (the first one when torch did not run)."""
+    base = next((r for r in results if r['name'] == 'torch'), results[0])
+    for r in results:
+        if r is not base:
+            print(f"ratio {r['name']} / {base['name']}: {r['rate'] / base['rate']:.2f}x images/s, "
+                  f"{base['cpu_ms'] / r['cpu_ms']:.2f}x less CPU per image")
 
 
 if __name__ == '__main__':

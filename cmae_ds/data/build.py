@@ -9,6 +9,7 @@ import torch
 from .base import EpochLoader
 from .sampling import ShardPlan
 from .sources import DataSourceError, Sample, list_samples
+from .threads import data_workers
 
 log = logging.getLogger(__name__)
 
@@ -22,15 +23,22 @@ def dali_available() -> bool:
     return True
 
 
-def resolve_pipeline(pipeline: str) -> str:
-    """'auto' -> 'dali' when nvidia.dali imports, else 'torch'; 'dali' without DALI is an error."""
+PIPELINES = ('auto', 'dali', 'torch_gpu', 'torch')
+
+
+def resolve_pipeline(pipeline: str, device: torch.device | str = 'cpu') -> str:
+    """'auto' -> 'dali' when nvidia.dali imports, else 'torch_gpu' on a CUDA device, else 'torch'; 'dali' without
+    DALI is an error."""
     if pipeline == 'auto':
-        return 'dali' if dali_available() else 'torch'
+        if dali_available():
+            return 'dali'
+        return 'torch_gpu' if torch.device(device).type == 'cuda' else 'torch'
     if pipeline == 'dali' and not dali_available():
         raise ImportError("data.pipeline 'dali' but nvidia.dali (with its PyTorch plugin) does not import; install "
-                          "the [dali] extra (e.g. pip install nvidia-dali-cuda120) or set data.pipeline=torch")
-    if pipeline not in ('dali', 'torch'):
-        raise ValueError(f"data.pipeline {pipeline!r} must be 'auto', 'dali' or 'torch'")
+                          "the [dali] extra (e.g. pip install nvidia-dali-cuda120) or set data.pipeline=torch_gpu "
+                          "(GPU decoding without DALI) or torch")
+    if pipeline not in PIPELINES:
+        raise ValueError(f'data.pipeline {pipeline!r} must be one of {", ".join(PIPELINES)}')
     return pipeline
 
 
@@ -45,16 +53,21 @@ def _plan(samples_len: int, batch_size: int, rank: int, world_size: int, seed: i
 
 def _make(mode: str, data_cfg, samples: list[Sample], plan: ShardPlan, img_size: int, device,
           debug: bool) -> EpochLoader:
-    pipeline = resolve_pipeline(data_cfg.pipeline)
+    pipeline = resolve_pipeline(data_cfg.pipeline, device)
     erase = mode == 'cls_train'
+    workers = data_workers(data_cfg.num_workers, device)
     if pipeline == 'dali':
         from .dali_pipeline import DaliLoader
-        loader = DaliLoader(samples, mode, plan, device, img_size, data_cfg.master_extra, data_cfg.num_workers,
+        loader = DaliLoader(samples, mode, plan, device, img_size, data_cfg.master_extra, workers,
                             data_cfg.hw_decoder_load, debug, erase)
+    elif pipeline == 'torch_gpu':
+        from .gpu_pipeline import BytesDataset, GpuLoader
+        ds = BytesDataset(samples, mode, img_size, data_cfg.master_extra, plan.seed, debug)
+        loader = GpuLoader(ds, plan, device, workers, erase)
     else:
         from .torch_pipeline import TorchLoader, ViewDataset
         ds = ViewDataset(samples, mode, img_size, data_cfg.master_extra, plan.seed, debug)
-        loader = TorchLoader(ds, plan, device, data_cfg.num_workers, erase)
+        loader = TorchLoader(ds, plan, device, workers, erase)
     log.info('data: %s pipeline, %d images, %r', loader.name, len(samples), loader)
     return loader
 

@@ -85,7 +85,12 @@ def draw_batch(seed: int, epoch: int, indices, extra: int, scale=C.MASTER_SCALE,
 
 def draw_views(seed: int, epoch: int, index: int, extra: int, scale=C.MASTER_SCALE) -> ViewDraws:
     """One sample's draws (row 0 of draw_batch), for the torch pipeline's workers."""
-    d = {key: val[0] for key, val in draw_batch(seed, epoch, [index], extra, scale).items()}
+    return row(draw_batch(seed, epoch, [index], extra, scale), 0)
+
+
+def row(batch: dict, i: int) -> ViewDraws:
+    """Sample i of draw_batch's arrays."""
+    d = {key: val[i] for key, val in batch.items()}
     return ViewDraws(d['scale'], d['aspect'], d['u_top'], d['u_left'], bool(d['flip']), int(d['dy']), int(d['dx']),
                      bool(d['jitter']), tuple(float(f) for f in d['factors']), tuple(int(i) for i in d['order']),
                      bool(d['gray']), bool(d['blur']), float(d['sigma']))
@@ -96,28 +101,33 @@ def _round(x: np.ndarray) -> np.ndarray:
 
 
 def rrc_box(d: ViewDraws, width: int, height: int, ratio=C.RATIO) -> tuple[int, int, int, int]:
-    """-> (top, left, h, w): the first candidate that fits (torchvision's rule), else the central crop at the
-    nearest allowed aspect ratio. float32 throughout, in the DALI graph's order of operations."""
+    """-> (top, left, h, w) of one sample: rrc_boxes for a batch of one."""
+    box = rrc_boxes(d.scale[None], d.aspect[None], np.array([d.u_top]), np.array([d.u_left]), [width], [height],
+                    ratio)[0]
+    return tuple(int(v) for v in box)
+
+
+def rrc_boxes(scale, aspect, u_top, u_left, widths, heights, ratio=C.RATIO) -> np.ndarray:
+    """-> (N, 4) int64 (top, left, h, w): per sample the first candidate that fits (torchvision's rule), else the
+    central crop at the nearest allowed aspect ratio. float32 throughout, in the DALI graph's order of operations,
+    elementwise over the batch (the same IEEE operations as one sample at a time)."""
     f32 = np.float32
-    W, H = f32(width), f32(height)
-    ta = H * W * d.scale
-    w, h = _round(np.sqrt(ta * d.aspect)), _round(np.sqrt(ta / d.aspect))
-    ok = (w <= W) & (h <= H) & (w > 0) & (h > 0)
-    if ok.any():
-        i = int(np.argmax(ok))
-        w, h = w[i], h[i]
-        top = min(np.floor(d.u_top * (H - h + f32(1))), H - h)
-        left = min(np.floor(d.u_left * (W - w + f32(1))), W - w)
-        return int(top), int(left), int(h), int(w)
+    W, H = np.asarray(widths, dtype=f32), np.asarray(heights, dtype=f32)
+    ta = (H * W)[:, None] * scale
+    w, h = _round(np.sqrt(ta * aspect)), _round(np.sqrt(ta / aspect))
+    ok = (w <= W[:, None]) & (h <= H[:, None]) & (w > 0) & (h > 0)
+    pick = np.arange(len(W)), np.argmax(ok, axis=1)
+    w, h = w[pick], h[pick]
+    top = np.minimum(np.floor(np.asarray(u_top, dtype=f32) * (H - h + f32(1))), H - h)
+    left = np.minimum(np.floor(np.asarray(u_left, dtype=f32) * (W - w + f32(1))), W - w)
     in_ratio = W / H
-    r0, r1 = f32(ratio[0]), f32(ratio[1])
-    if in_ratio < r0:
-        w, h = W, _round(W / r0)
-    elif in_ratio > r1:
-        w, h = _round(H * r1), H
-    else:
-        w, h = W, H
-    return int(np.floor((H - h) / f32(2))), int(np.floor((W - w) / f32(2))), int(h), int(w)
+    narrow, wide = in_ratio < f32(ratio[0]), in_ratio > f32(ratio[1])
+    cw = np.where(wide, _round(H * f32(ratio[1])), W)
+    ch = np.where(narrow, _round(W / f32(ratio[0])), H)
+    found = ok.any(axis=1)
+    box = [np.where(found, top, np.floor((H - ch) / f32(2))), np.where(found, left, np.floor((W - cw) / f32(2))),
+           np.where(found, h, ch), np.where(found, w, cw)]
+    return np.stack(box, axis=1).astype(np.int64)
 
 
 CLS_COLUMNS = ('scale', 'aspect', 'u_top', 'u_left', 'flip')

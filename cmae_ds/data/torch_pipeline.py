@@ -1,8 +1,8 @@
 """The PyTorch pipeline: PIL decode + the views of views_torch in DataLoader workers; normalization on the device.
 
 Unreadable files are skipped: the sample is replaced by the next readable image of the dataset (so batches keep
-their size, which the all-gather of the contrastive loss needs), with that image's label, counted in
-`loader.bad_files`, and named in a warning once.
+their size, which the all-gather of the contrastive loss needs), counted in `loader.bad_files`, and named in a
+warning once.
 """
 from __future__ import annotations
 
@@ -38,19 +38,25 @@ class ViewDataset(Dataset):
 
     def __getitem__(self, key) -> dict:
         index, epoch = key
-        bad = []
-        for k in range(MAX_SUBSTITUTES):
+        i, img, bad = self.first_readable(index)
+        out = self._transform(img, epoch, index)
+        out.update(index=index, source=i, label=self.samples[i][1], bad=bad)  # the label of the image read
+        return out
+
+    def first_readable(self, index: int, start: int = 0, load=None) -> tuple[int, object, list[str]]:
+        """(dataset index, loaded image, messages for the unreadable files passed) of the first file from
+        index + start on that `load` (default: self.load) reads."""
+        load, bad = load or self.load, []
+        for k in range(start, start + MAX_SUBSTITUTES):
             i = (index + k) % len(self.samples)
             try:
-                img = V.decode_rgb(self.samples[i][0])
+                return i, load(self.samples[i][0]), bad
             except Exception as e:  # noqa: BLE001 - any decoder failure means "unreadable file"
                 bad.append(f'{self.samples[i][0]} ({type(e).__name__}: {e})')
-                continue
-            out = self._transform(img, epoch, index)
-            # the label is the one of the image actually read: a substitute from the next class keeps its own
-            out.update(index=index, label=self.samples[i][1], bad=bad)
-            return out
         raise RuntimeError(f'{MAX_SUBSTITUTES} unreadable files in a row from {self.samples[index][0]}: {bad[:3]}')
+
+    def load(self, path: str):
+        return V.decode_rgb(path)
 
     def _transform(self, img, epoch: int, index: int) -> dict:
         if self.mode == 'pretrain':
@@ -82,28 +88,41 @@ class TorchLoader(EpochLoader):
     """DataLoader over this rank's ShardPlan batches; batches are moved to `device` and normalized there."""
 
     name = 'torch'
+    collate = staticmethod(collate)
+    pin_memory = True
 
     def __init__(self, dataset: ViewDataset, plan: ShardPlan, device, num_workers: int, erase: bool = False):
         super().__init__(plan, device)
         self.dataset, self.num_workers, self.erase = dataset, num_workers, erase
         self.bad_files: list[str] = []
+        self._bad_paths: set[str] = set()
 
     def _iterate(self, epoch: int, start_batch: int) -> Iterator[dict]:
         batches = self.plan.batches(epoch, start_batch)
         keys = [[(int(i), epoch) for i in idx] for idx, _ in batches]
-        dl = DataLoader(self.dataset, batch_sampler=keys, num_workers=self.num_workers, collate_fn=collate,
-                        pin_memory=self.device.type == 'cuda',
+        dl = DataLoader(self.dataset, batch_sampler=keys, num_workers=self.num_workers, collate_fn=self.collate,
+                        pin_memory=self.pin_memory and self.device.type == 'cuda',
                         prefetch_factor=4 if self.num_workers else None)
         for b, (raw, (_, valid)) in enumerate(zip(dl, batches), start_batch):
             yield self._finish(raw, valid, epoch, b)
 
     def _finish(self, raw: dict, valid: np.ndarray, epoch: int, b: int) -> dict:
-        for msg in raw.pop('bad'):
-            if msg not in self.bad_files:
-                self.bad_files.append(msg)
-                warnings.warn(f'torch data pipeline: skipped unreadable file {msg}', stacklevel=3)
+        self._report_bad(raw.pop('bad'))
         nb = self.device.type == 'cuda'
         out = {k: C.normalize(raw[k].to(self.device, non_blocking=nb)) for k in ('img', 'img_target') if k in raw}
+        return self._complete(out, raw, valid, epoch, b)
+
+    def _report_bad(self, messages: list[str]) -> None:
+        """Each file once, however many decoders failed on it ('path (reason)' messages)."""
+        for msg in messages:
+            path = msg.split(' (')[0]
+            if path not in self._bad_paths:
+                self._bad_paths.add(path)
+                self.bad_files.append(msg)
+                warnings.warn(f'{self.name} data pipeline: skipped unreadable file {msg}', stacklevel=4)
+
+    def _complete(self, out: dict, raw: dict, valid: np.ndarray, epoch: int, b: int) -> dict:
+        """Erasing, index, labels, valid flags and debug decisions around the normalized views in `out`."""
         if self.erase:
             C.random_erasing(out['img'], C.batch_generator(self.plan.seed, epoch, self.plan.rank, b))
         out['index'] = raw['index'].to(self.device)

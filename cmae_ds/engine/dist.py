@@ -9,6 +9,8 @@ from typing import Optional
 
 import torch
 
+from ..data.threads import size_torch_threads
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -52,6 +54,7 @@ def setup_distributed(timeout_s: Optional[float] = None) -> DistContext:
         device = torch.device('cuda', local_rank)
     else:
         device = torch.device('cpu')
+    size_torch_threads(device)  # intra-op threads sized to this rank's cores (cmae_ds/data/threads.py)
     return DistContext(rank, world, local_rank, device)
 
 
