@@ -7,6 +7,7 @@
 
 A missing input (a step that failed or was skipped) becomes a line saying so; the fragment is written anyway.
 """
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -83,12 +84,16 @@ def fragment(out: Path, work: Path) -> str:
     return '\n'.join(parts)
 
 
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('out', help="gpu_checks.sh's output folder (its $OUT)")
+    parser.add_argument('work', help="gpu_checks.sh's work folder (launch/benchmark.py's JSON rows)")
+    return parser.parse_args(argv)
+
+
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print('usage: gpu_report.py OUT WORK', file=sys.stderr)
-        return 2
-    out, work = Path(argv[0]), Path(argv[1])
+    args = parse(argv)
+    out, work = Path(args.out), Path(args.work)
     (out / 'benchmarks.md').write_text(fragment(out, work))
     (out / 'results.json').write_text(json.dumps(read_rows(work), indent=1))
     print(f'wrote {out / "benchmarks.md"} and {out / "results.json"}')

@@ -7,8 +7,12 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Triton reads TRITON_INTERPRET when it is first imported, and importing torchvision's decoders or torch._dynamo
+# imports it: set it before any test module is collected, so the kernel tests run interpreted whatever the order.
+os.environ.setdefault('TRITON_INTERPRET', '1')
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,12 +13,12 @@ import torch
 from PIL import Image
 
 from cmae_ds.config import DataConfig
-from cmae_ds.data import MEAN, STD, build_classification_loader, build_pretrain_loader
+from cmae_ds.data import STD, build_classification_loader, build_pretrain_loader
 from cmae_ds.data import views_gpu as G
 from cmae_ds.data.gpu_pipeline import decode_batch, jpeg_components, read_sample
 from cmae_ds.data.threads import (cores_per_rank, data_workers, default_data_workers, size_torch_threads,
                                   torch_threads)
-from data_helpers import cfg, coord_image, plant_bad_files, random_jpegs, write_folder
+from data_helpers import cfg, coord_image, plant_bad_files, random_jpegs
 from engine_helpers import run_python, tail
 
 LEVELS = torch.tensor(STD).view(1, 3, 1, 1)  # normalized difference -> 0-255 levels

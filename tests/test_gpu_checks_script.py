@@ -9,7 +9,6 @@ import sys
 import pytest
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / 'launch' / 'gpu_checks.sh'
