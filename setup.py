@@ -2,8 +2,11 @@ from setuptools import find_namespace_packages, find_packages, setup
 
 # kernels/ is installed as cmae_ds.kernels: a bare top-level `kernels` would collide with an unrelated PyPI package.
 # Namespace discovery so that the data-only folders (presets, embedded photos) are packages too.
-PACKAGES = (find_namespace_packages(include=['cmae_ds', 'cmae_ds.*'], exclude=['*.__pycache__'])
-            + ['cmae_ds.kernels'] + ['cmae_ds.kernels.' + name for name in find_packages('kernels')])
+PACKAGES = (
+    find_namespace_packages(include=['cmae_ds', 'cmae_ds.*'], exclude=['*.__pycache__'])
+    + ['cmae_ds.kernels']
+    + ['cmae_ds.kernels.' + name for name in find_packages('kernels')]
+)
 
 setup(
     name='cmae_ds',
@@ -27,6 +30,6 @@ setup(
     ],
     extras_require={
         'dali': ['nvidia-dali-cuda120'],
-        'test': ['pytest', 'nvidia-dali-cuda120'],
+        'test': ['pytest', 'nvidia-dali-cuda120', 'ruff==0.17.6'],
     },
 )

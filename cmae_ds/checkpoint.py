@@ -3,6 +3,7 @@
 DeepSpeed training checkpoints (save/resume of a run) live in cmae_ds.engine.checkpointing; this module is about
 model weights moving between formats.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,7 +62,7 @@ def convert_official_cmae(state: dict) -> dict:
     for key, value in state.items():
         for old, new in _OFFICIAL_PREFIXES.items():
             if key.startswith(old):
-                key = new + convert_official_suffix(key[len(old):])
+                key = new + convert_official_suffix(key[len(old) :])
                 break
         out[key] = value
     return out
@@ -72,11 +73,11 @@ def convert_official_classifier(state: dict) -> dict:
     out = {}
     for key, value in state.items():
         if key.startswith('backbone.fc_norm.'):
-            out['fc_norm.' + key[len('backbone.fc_norm.'):]] = value
+            out['fc_norm.' + key[len('backbone.fc_norm.') :]] = value
         elif key.startswith('backbone.'):
-            out['encoder.' + convert_official_suffix(key[len('backbone.'):])] = value
+            out['encoder.' + convert_official_suffix(key[len('backbone.') :])] = value
         elif key.startswith('head.head.'):
-            out['head.' + key[len('head.head.'):]] = value
+            out['head.' + key[len('head.head.') :]] = value
         else:
             out[key] = value
     return out
@@ -103,8 +104,20 @@ def read_state(source: StateSource, what: str = 'checkpoint', *, trust: bool = F
 
 
 def _config_text(cfg: ModelConfig) -> str:
-    keys = ('size', 'mode', 'img_size', 'patch_size', 'embed_dim', 'depth', 'num_heads', 'decoder_embed_dim',
-            'decoder_depth', 'feature_decoder_depth', 'proj_hidden_dim', 'proj_dim')
+    keys = (
+        'size',
+        'mode',
+        'img_size',
+        'patch_size',
+        'embed_dim',
+        'depth',
+        'num_heads',
+        'decoder_embed_dim',
+        'decoder_depth',
+        'feature_decoder_depth',
+        'proj_hidden_dim',
+        'proj_dim',
+    )
     return ', '.join(f'{k}={getattr(cfg, k)}' for k in keys)
 
 
@@ -113,8 +126,11 @@ def load_strict(module: nn.Module, state: dict, *, what: str, cfg: ModelConfig, 
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    misshaped = [f'{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}'
-                 for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    misshaped = [
+        f'{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}'
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
     if missing or unexpected or misshaped:
         lines = [f'{what} does not fit {type(module).__name__}({_config_text(cfg)}):']
         for label, items in (('missing', missing), ('unexpected', unexpected), ('wrong shape', misshaped)):
@@ -128,13 +144,18 @@ def load_strict(module: nn.Module, state: dict, *, what: str, cfg: ModelConfig, 
 def load_official_cmae(source: StateSource, config: ModelConfig, *, trust: bool = False) -> CMAE:
     """An official CMAE pretraining checkpoint (bare state dict or under 'state_dict') -> our CMAE, all of it."""
     model = CMAE(config)
-    load_strict(model, convert_official_cmae(read_state(source, 'official CMAE checkpoint', trust=trust)),
-                what='official CMAE checkpoint', cfg=config)
+    load_strict(
+        model,
+        convert_official_cmae(read_state(source, 'official CMAE checkpoint', trust=trust)),
+        what='official CMAE checkpoint',
+        cfg=config,
+    )
     return model
 
 
-def load_official_classifier(source: StateSource, config: ModelConfig, num_classes: int, *,
-                             trust: bool = False) -> ViTClassifier:
+def load_official_classifier(
+    source: StateSource, config: ModelConfig, num_classes: int, *, trust: bool = False
+) -> ViTClassifier:
     """An official fine-tuned classifier -> our ViTClassifier; the position embedding is resized to
     config.img_size when the checkpoint was made at another resolution."""
     state = convert_official_classifier(read_state(source, 'official classifier checkpoint', trust=trust))
@@ -153,10 +174,11 @@ def encoder_state(source: StateSource, *, trust: bool = False) -> dict:
         return dict(source['state_dict'])
     state = read_state(source, 'pretrained checkpoint')
     if any(k.startswith('encoder.') for k in state):
-        return {k[len('encoder.'):]: v for k, v in state.items() if k.startswith('encoder.')}
+        return {k[len('encoder.') :]: v for k, v in state.items() if k.startswith('encoder.')}
     if any(k.startswith('backbone.') for k in state):
-        return {convert_official_suffix(k[len('backbone.'):]): v for k, v in state.items()
-                if k.startswith('backbone.')}
+        return {
+            convert_official_suffix(k[len('backbone.') :]): v for k, v in state.items() if k.startswith('backbone.')
+        }
     if any(k.startswith('layers.') or k.startswith('blocks.') for k in state):
         return {convert_official_suffix(k): v for k, v in state.items()}
     raise CheckpointError(f'pretrained checkpoint: no encoder found (first keys: {list(state)[:5]})')
@@ -171,9 +193,15 @@ def load_encoder(source: StateSource, config: ModelConfig, *, trust: bool = Fals
     return encoder
 
 
-def classifier_from_pretrained(source: StateSource, config: ModelConfig, num_classes: int, *,
-                               drop_path: float = 0.0, img_size: Optional[int] = None,
-                               trust: bool = False) -> ViTClassifier:
+def classifier_from_pretrained(
+    source: StateSource,
+    config: ModelConfig,
+    num_classes: int,
+    *,
+    drop_path: float = 0.0,
+    img_size: Optional[int] = None,
+    trust: bool = False,
+) -> ViTClassifier:
     """Start fine-tuning: the pretrained encoder (final norm dropped, position embedding learned from here on and
     resized to the fine-tuning resolution), a fresh fc_norm and head."""
     model = ViTClassifier(config, num_classes, drop_path=drop_path, img_size=img_size)
@@ -191,14 +219,25 @@ def extract_encoder(source: StateSource, config: Optional[ModelConfig] = None, *
     return out
 
 
-def timm_kwargs(config: ModelConfig, *, num_classes: int = 0, global_pool: str = 'token',
-                img_size: Optional[int] = None) -> dict:
+def timm_kwargs(
+    config: ModelConfig, *, num_classes: int = 0, global_pool: str = 'token', img_size: Optional[int] = None
+) -> dict:
     """Arguments of timm.models.vision_transformer.VisionTransformer that reproduce our encoder/classifier."""
     from functools import partial
-    return dict(img_size=img_size or config.img_size, patch_size=config.patch_size, in_chans=config.in_chans,
-                embed_dim=config.embed_dim, depth=config.depth, num_heads=config.num_heads,
-                mlp_ratio=config.mlp_ratio, qkv_bias=True, num_classes=num_classes, global_pool=global_pool,
-                norm_layer=partial(nn.LayerNorm, eps=1e-6))
+
+    return dict(
+        img_size=img_size or config.img_size,
+        patch_size=config.patch_size,
+        in_chans=config.in_chans,
+        embed_dim=config.embed_dim,
+        depth=config.depth,
+        num_heads=config.num_heads,
+        mlp_ratio=config.mlp_ratio,
+        qkv_bias=True,
+        num_classes=num_classes,
+        global_pool=global_pool,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+    )
 
 
 def encoder_to_timm(encoder_sd: dict) -> dict:
@@ -209,13 +248,15 @@ def encoder_to_timm(encoder_sd: dict) -> dict:
 def build_timm_vit(encoder_sd: dict, config: ModelConfig):
     """timm VisionTransformer (global_pool='token', final norm) loaded with our encoder's weights."""
     from timm.models.vision_transformer import VisionTransformer
+
     model = VisionTransformer(**timm_kwargs(config))
     load_strict(model, encoder_to_timm(encoder_sd), what='encoder exported to timm', cfg=config)
     return model
 
 
-def probe_from_pretrained(source, cfg: ModelConfig, num_classes: int, *, pool: str = 'cls',
-                          img_size: int | None = None, trust: bool = False) -> LinearProbe:
+def probe_from_pretrained(
+    source, cfg: ModelConfig, num_classes: int, *, pool: str = 'cls', img_size: int | None = None, trust: bool = False
+) -> LinearProbe:
     """A LinearProbe over the pretrained encoder (with its final norm) of any checkpoint that
     encoder_state reads; the position embedding is resized when img_size differs."""
     encoder = build_encoder(cfg, final_norm=True, img_size=img_size)

@@ -1,6 +1,7 @@
 """The self-describing classifier files that fine-tuning and linear probing write (`model_best.pt`,
 `model_last.pt`: format 'cmae_ds.classifier', fp32 weights plus the model config, classes and resolution) and
 that evaluation reads, together with official fine-tuned checkpoints and bare classifier state dicts."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,21 +11,35 @@ from typing import Optional, Union
 
 from torch import nn
 
-from .output_dir import save_atomically
 from .checkpoint import CheckpointError, load_official_classifier, load_strict, read_file, read_state
 from .config import ConfigError, ModelConfig
 from .models import ViTClassifier, resize_pos_embed
+from .output_dir import save_atomically
 
 CLASSIFIER_FORMAT = 'cmae_ds.classifier'
 BEST, LAST = 'model_best.pt', 'model_last.pt'
 
 
-def save_classifier_file(path: Path, state_dict: dict, *, kind: str, model_cfg: ModelConfig, num_classes: int,
-                         img_size: int, extra: Optional[dict] = None) -> Path:
+def save_classifier_file(
+    path: Path,
+    state_dict: dict,
+    *,
+    kind: str,
+    model_cfg: ModelConfig,
+    num_classes: int,
+    img_size: int,
+    extra: Optional[dict] = None,
+) -> Path:
     """A self-describing model file (format 'cmae_ds.classifier'): everything evaluate needs, no DeepSpeed."""
-    payload = {'format': CLASSIFIER_FORMAT, 'kind': kind, 'state_dict': state_dict,
-               'model_config': dataclasses.asdict(model_cfg), 'num_classes': num_classes, 'img_size': img_size,
-               **(extra or {})}
+    payload = {
+        'format': CLASSIFIER_FORMAT,
+        'kind': kind,
+        'state_dict': state_dict,
+        'model_config': dataclasses.asdict(model_cfg),
+        'num_classes': num_classes,
+        'img_size': img_size,
+        **(extra or {}),
+    }
     return save_atomically(payload, path)
 
 
@@ -49,8 +64,13 @@ def resolve_checkpoint(source: Union[str, Path]) -> Path:
     return path
 
 
-def load_classifier(source: Union[str, Path], model_cfg: Optional[ModelConfig] = None,
-                    num_classes: Optional[int] = None, *, trust: bool = False) -> LoadedClassifier:
+def load_classifier(
+    source: Union[str, Path],
+    model_cfg: Optional[ModelConfig] = None,
+    num_classes: Optional[int] = None,
+    *,
+    trust: bool = False,
+) -> LoadedClassifier:
     """Ours (a fine-tuning or probing run folder or its model file; a bare ViTClassifier state dict) or an official
     fine-tuned classifier .pth. The last two do not describe their model: model_cfg gives the architecture and the
     evaluation resolution (model_cfg.img_size; the position embedding is resized to it); the head's size is read
@@ -62,17 +82,24 @@ def load_classifier(source: Union[str, Path], model_cfg: Optional[ModelConfig] =
     state = read_state(obj, f'checkpoint {path}')
     head = 'head.head.weight' if 'head.head.weight' in state else 'head.weight'
     if head not in state or not any(k.startswith(('backbone.', 'encoder.')) for k in state):
-        raise CheckpointError(f'checkpoint {path} is not a fine-tuned classifier (no classification head; first keys '
-                              f'{list(state)[:4]}); fine-tune it first with launch/finetune.py')
+        raise CheckpointError(
+            f'checkpoint {path} is not a fine-tuned classifier (no classification head; first keys '
+            f'{list(state)[:4]}); fine-tune it first with launch/finetune.py'
+        )
     if model_cfg is None:
-        raise ConfigError(f'checkpoint {path} does not describe its model: give the model section (--config or '
-                          'model.* overrides)')
+        raise ConfigError(
+            f'checkpoint {path} does not describe its model: give the model section (--config or model.* overrides)'
+        )
     classes = int(state[head].shape[0])
     if num_classes is not None and num_classes != classes:
         raise ConfigError(f'num_classes {num_classes}, but checkpoint {path} has a {classes}-way head')
     if head == 'head.head.weight':
-        return LoadedClassifier(load_official_classifier(state, model_cfg, classes), model_cfg.img_size, classes,
-                                f'official classifier {path}')
+        return LoadedClassifier(
+            load_official_classifier(state, model_cfg, classes),
+            model_cfg.img_size,
+            classes,
+            f'official classifier {path}',
+        )
     model = ViTClassifier(model_cfg, classes)
     state = dict(state)
     resize_pos_embed(state, 'encoder.pos_embed', model.encoder.grid)
@@ -85,10 +112,12 @@ def _load_ours(obj: dict, path: Path) -> LoadedClassifier:
     num_classes, img_size, kind = int(obj['num_classes']), int(obj['img_size']), obj.get('kind', 'finetune')
     if kind == 'linprobe':
         from .models import build_probe
+
         model = build_probe(cfg, num_classes, pool=obj.get('pool', 'cls'), img_size=img_size)
     else:
         model = ViTClassifier(cfg, num_classes, img_size=img_size)
     load_strict(model, obj['state_dict'], what=f'{kind} model file {path}', cfg=cfg)
     epoch = obj.get('epoch')
-    return LoadedClassifier(model, img_size, num_classes,
-                            f'{kind} {path}' + (f' (epoch {epoch})' if epoch is not None else ''))
+    return LoadedClassifier(
+        model, img_size, num_classes, f'{kind} {path}' + (f' (epoch {epoch})' if epoch is not None else '')
+    )

@@ -4,6 +4,7 @@ Exit codes: 0 done; 2 a user error (bad config, data or checkpoint; one line nam
 inf; 75 preempted after writing a complete checkpoint: requeue the job with the same command and it resumes
 (75 is EX_TEMPFAIL of sysexits.h, "try again later").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,10 +19,20 @@ def add_run_arguments(parser: argparse.ArgumentParser, ds_help: str) -> None:
     """Options of a training run: the DeepSpeed JSON, resume, the launcher's --local_rank, overrides."""
     parser.add_argument('--deepspeed_config', '--ds_config', dest='ds_config', default=None, help=ds_help)
     parser.add_argument('--resume', default='auto', help="'auto' (newest complete checkpoint), 'none', or a tag")
-    parser.add_argument('--trust-checkpoint', '--trust_checkpoint', dest='trust_checkpoint', action='store_true',
-                        help='load checkpoint files that name code to run (refused by default, docs/reliability.md)')
-    parser.add_argument('--take-over-lock', '--take_over_lock', dest='take_over_lock', action='store_true',
-                        help="take over the run folder's lock from a run that is gone (see docs/reliability.md)")
+    parser.add_argument(
+        '--trust-checkpoint',
+        '--trust_checkpoint',
+        dest='trust_checkpoint',
+        action='store_true',
+        help='load checkpoint files that name code to run (refused by default, docs/reliability.md)',
+    )
+    parser.add_argument(
+        '--take-over-lock',
+        '--take_over_lock',
+        dest='take_over_lock',
+        action='store_true',
+        help="take over the run folder's lock from a run that is gone (see docs/reliability.md)",
+    )
     parser.add_argument('--local_rank', type=int, default=None, help='set by the DeepSpeed launcher')
     parser.add_argument('overrides', nargs='*', help='section.key=value')
 
@@ -29,6 +40,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, ds_help: str) -> None:
 def run_guarded(body: Callable[[], int]) -> int:
     """`body()`'s exit code, or the documented code of an ending that is not a bug, printed as one line."""
     from .errors import USER_ERRORS, NonFiniteLoss, Preempted
+
     try:
         return body()
     except USER_ERRORS as e:
@@ -44,14 +56,19 @@ def run_guarded(body: Callable[[], int]) -> int:
 
 def add_classifier_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of fine-tuning and linear probing."""
-    parser.add_argument('--config', default=None,
-                        help='YAML file or preset name (default: finetune_vit_base, or linprobe_vit_base)')
-    add_run_arguments(parser, 'DeepSpeed JSON (default: ds_configs/zero1_bf16.json on GPUs (linear probe: '
-                              'linprobe_bf16.json), ds_configs/cpu_debug.json without a GPU)')
+    parser.add_argument(
+        '--config', default=None, help='YAML file or preset name (default: finetune_vit_base, or linprobe_vit_base)'
+    )
+    add_run_arguments(
+        parser,
+        'DeepSpeed JSON (default: ds_configs/zero1_bf16.json on GPUs (linear probe: '
+        'linprobe_bf16.json), ds_configs/cpu_debug.json without a GPU)',
+    )
 
 
 def default_classifier_ds_config(task: str) -> str:
     import torch
+
     root = Path(__file__).resolve().parents[1] / 'ds_configs'
     if not torch.cuda.is_available():
         return str(root / 'cpu_debug.json')
@@ -63,9 +80,15 @@ def run_classifier(args, task: str) -> int:
     from .config import load_task_config
     from .engine.dist import is_main_process
     from .engine.finetune import train
+
     cfg = load_task_config(task, args.config or f'{task}_vit_base', args.overrides)
-    result = train(cfg, args.ds_config or default_classifier_ds_config(task), resume=args.resume,
-                   trust_checkpoint=args.trust_checkpoint, take_over_lock=args.take_over_lock)
+    result = train(
+        cfg,
+        args.ds_config or default_classifier_ds_config(task),
+        resume=args.resume,
+        trust_checkpoint=args.trust_checkpoint,
+        take_over_lock=args.take_over_lock,
+    )
     if is_main_process():
         print(f'done: {result.steps} steps' + (f', last loss {result.last_loss:.4f}' if result.last_loss else ''))
         if result.best_top1 >= 0:

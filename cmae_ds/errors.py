@@ -1,5 +1,6 @@
 """The errors a user can cause (bad config, data, checkpoint, run folder): launch scripts print them without a
 traceback."""
+
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data.sources import DataFileError, DataSourceError

@@ -13,16 +13,16 @@ Training cost per component (docs/spec.md sections 3-6):
 The contrastive logits (N x global_batch x proj_dim) are not counted: 2 * global_batch * proj_dim per image is
 ~2 MFLOP at a global batch of 4096, 0.002% of a ViT-B step, and depends on the world size.
 """
+
 from __future__ import annotations
 
 from typing import Optional
 
 from .config import DECODER_MLP_RATIO
 
-
-TRAIN_MULT = 3.0        # forward + input grad + weight grad
+TRAIN_MULT = 3.0  # forward + input grad + weight grad
 PATCH_EMBED_MULT = 2.0  # forward + weight grad (the image needs no grad)
-NO_GRAD_MULT = 1.0      # forward only
+NO_GRAD_MULT = 1.0  # forward only
 
 
 def linear_flops(tokens: int, d_in: int, d_out: int) -> float:
@@ -51,9 +51,11 @@ def _decoder_flops(cfg, depth: int, out_dim: int) -> float:
     """MAE-style decoder: embed the visible tokens (+cls), blocks and prediction over all L+1 tokens."""
     visible, full = cfg.num_visible + 1, cfg.num_patches + 1
     dec = cfg.decoder_embed_dim
-    return (linear_flops(visible, cfg.embed_dim, dec)
-            + depth * block_flops(full, dec, int(dec * DECODER_MLP_RATIO))
-            + linear_flops(full, dec, out_dim))
+    return (
+        linear_flops(visible, cfg.embed_dim, dec)
+        + depth * block_flops(full, dec, int(dec * DECODER_MLP_RATIO))
+        + linear_flops(full, dec, out_dim)
+    )
 
 
 def _mlp_head_flops(d_in: int, hidden: int, d_out: int) -> float:
@@ -67,7 +69,7 @@ def forward_flops_per_image(cfg) -> dict[str, float]:
     The patch embedding runs over all L patches (embed, then drop the hidden ones, as MAE does); the online encoder
     over the visible patches + cls; the decoders' blocks over L + 1 tokens; the target encoder over L + 1.
     """
-    patch_dim = cfg.patch_size ** 2 * cfg.in_chans
+    patch_dim = cfg.patch_size**2 * cfg.in_chans
     patch_embed = linear_flops(cfg.num_patches, patch_dim, cfg.embed_dim)
     out = {
         'patch_embed': patch_embed,
@@ -76,8 +78,9 @@ def forward_flops_per_image(cfg) -> dict[str, float]:
     }
     if cfg.mode == 'cmae':
         out['feature_decoder'] = _decoder_flops(cfg, cfg.feature_decoder_depth, cfg.embed_dim)
-        out['projector_predictor'] = (_mlp_head_flops(cfg.embed_dim, cfg.proj_hidden_dim, cfg.proj_dim)
-                                      + _mlp_head_flops(cfg.proj_dim, cfg.proj_hidden_dim, cfg.proj_dim))
+        out['projector_predictor'] = _mlp_head_flops(
+            cfg.embed_dim, cfg.proj_hidden_dim, cfg.proj_dim
+        ) + _mlp_head_flops(cfg.proj_dim, cfg.proj_hidden_dim, cfg.proj_dim)
         out['target_patch_embed'] = patch_embed
         out['target_encoder'] = _encoder_flops(cfg, cfg.num_patches + 1)
         out['target_projector'] = _mlp_head_flops(cfg.embed_dim, cfg.proj_hidden_dim, cfg.proj_dim)
@@ -113,7 +116,7 @@ def flops_per_image(cfg) -> dict[str, float]:
 # Matched as case-insensitive substrings of torch.cuda.get_device_name(), longest key first, so that
 # 'H100 PCIe' wins over 'H100', 'GH200' over 'H200', 'A100' over 'A10' and 'L40S' over 'L40' over 'L4'.
 PEAK_TFLOPS: dict[str, float] = {
-    'H100': 989.0,       # SXM ('NVIDIA H100 80GB HBM3')
+    'H100': 989.0,  # SXM ('NVIDIA H100 80GB HBM3')
     'H100 PCIe': 756.0,
     'H100 NVL': 835.0,
     'H200': 989.0,
@@ -124,7 +127,7 @@ PEAK_TFLOPS: dict[str, float] = {
     'L40S': 362.0,
     'L40': 181.0,
     'L4': 121.0,
-    'V100': 125.0,       # fp16 only; no bf16 on Volta
+    'V100': 125.0,  # fp16 only; no bf16 on Volta
 }
 
 

@@ -2,6 +2,7 @@
 (full disk, read-only file system, missing permission) turned into one line that names the path, the error and the
 free space.
 """
+
 from __future__ import annotations
 
 import errno
@@ -71,8 +72,9 @@ def is_write_failure(err: BaseException) -> bool:
     if isinstance(err, OSError):
         return True
     msg = str(err)
-    return isinstance(err, RuntimeError) and any(s in msg for s in ('inline_container', 'PytorchStreamWriter',
-                                                                     'file write failed'))
+    return isinstance(err, RuntimeError) and any(
+        s in msg for s in ('inline_container', 'PytorchStreamWriter', 'file write failed')
+    )
 
 
 def _reason(err: BaseException, directory: Path) -> str:
@@ -89,8 +91,9 @@ def write_error(what: str, path: Path, err: BaseException) -> OutputWriteError:
     """One line: what could not be written where, the file system's reason, and the free space there."""
     path = Path(path)
     directory = path if path.is_dir() else path.parent
-    return OutputWriteError(f'cannot write {what} {path}: {_reason(err, directory)}; {free_space(directory)} on '
-                            f'that file system')
+    return OutputWriteError(
+        f'cannot write {what} {path}: {_reason(err, directory)}; {free_space(directory)} on that file system'
+    )
 
 
 def write_atomically(path: Path, write: Callable, what: str = 'file') -> Path:
@@ -102,6 +105,7 @@ def write_atomically(path: Path, write: Callable, what: str = 'file') -> Path:
 def save_atomically(obj, path: Path, what: str = 'model file') -> Path:
     """torch.save through write_atomically."""
     import torch
+
     return write_atomically(path, lambda f: torch.save(obj, f), what)
 
 
@@ -116,13 +120,17 @@ def check_output_dir(run_dir: Path, need_bytes: int = MIN_FREE_BYTES, key: str =
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise OutputWriteError(f'{key} {run_dir}: cannot create the run folder: {_reason(e, run_dir)}; '
-                               f'{free_space(run_dir)}') from None
+        raise OutputWriteError(
+            f'{key} {run_dir}: cannot create the run folder: {_reason(e, run_dir)}; {free_space(run_dir)}'
+        ) from None
     problem = _probe(run_dir)
     if problem is not None:
-        raise OutputWriteError(f'{key} {run_dir}: the run folder is not writable: {_reason(problem, run_dir)}; '
-                               f'{free_space(run_dir)}') from None
+        raise OutputWriteError(
+            f'{key} {run_dir}: the run folder is not writable: {_reason(problem, run_dir)}; {free_space(run_dir)}'
+        ) from None
     free = shutil.disk_usage(run_dir).free
     if free < need_bytes:
-        raise OutputWriteError(f'{key} {run_dir}: only {human(free)} free on its file system, a checkpoint needs '
-                               f'about {human(need_bytes)}; free some space or choose another folder')
+        raise OutputWriteError(
+            f'{key} {run_dir}: only {human(free)} free on its file system, a checkpoint needs '
+            f'about {human(need_bytes)}; free some space or choose another folder'
+        )

@@ -10,6 +10,7 @@ which become inert placeholders and are never imported. The file is then read by
 with exactly those globals added, so two independent checks stand between a file and code execution.
 `trust=True` (`--trust-checkpoint` on the launch scripts) skips both, loudly, for files the user vouches for.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -36,15 +37,27 @@ class UnsafeCheckpoint(CheckpointError):
 
     def __init__(self, path: Path, names: list[str]):
         self.path, self.names = path, names
-        super().__init__(f'{path}: refused, not unpickled: it names {", ".join(names)}, which loading would import '
-                         f'and could call to run code. Only if you trust where the file comes from: {OPT_OUT}')
+        super().__init__(
+            f'{path}: refused, not unpickled: it names {", ".join(names)}, which loading would import '
+            f'and could call to run code. Only if you trust where the file comes from: {OPT_OUT}'
+        )
 
 
 # Loaded as the real objects (besides torch's weights-only defaults); each only rebuilds data.
-_NUMPY = ('numpy._core.multiarray._reconstruct', 'numpy._core.multiarray.scalar', 'numpy.ndarray', 'numpy.dtype',
-          'numpy.core.multiarray._reconstruct', 'numpy.core.multiarray.scalar')  # numpy 2 and numpy 1 names
-_DEEPSPEED = ('deepspeed.runtime.fp16.loss_scaler.LossScaler', 'deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler',
-              'deepspeed.runtime.zero.config.ZeroStageEnum', 'deepspeed.utils.tensor_fragment.fragment_address')
+_NUMPY = (
+    'numpy._core.multiarray._reconstruct',
+    'numpy._core.multiarray.scalar',
+    'numpy.ndarray',
+    'numpy.dtype',
+    'numpy.core.multiarray._reconstruct',
+    'numpy.core.multiarray.scalar',
+)  # numpy 2 and numpy 1 names
+_DEEPSPEED = (
+    'deepspeed.runtime.fp16.loss_scaler.LossScaler',
+    'deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler',
+    'deepspeed.runtime.zero.config.ZeroStageEnum',
+    'deepspeed.utils.tensor_fragment.fragment_address',
+)
 # Official (mmengine-based) checkpoints' metadata: placeholders that keep the state they are given.
 PLACEHOLDER_PACKAGES = ('mmengine', 'mmcv', 'mmselfsup', 'mmpretrain', 'mmcls')
 UNRESOLVED = '<a global whose name is computed while unpickling>'
@@ -103,6 +116,7 @@ def _torch_allowed() -> set[str]:
     """Tensor rebuilders, containers, dtypes. One, _rebuild_from_type_v2 (ZeRO-3's flat fp32 groups, tensors with
     an attribute), calls a function the file names: that function must pass the same check."""
     from torch import _weights_only_unpickler
+
     return set(_weights_only_unpickler._get_allowed_globals())
 
 
@@ -160,7 +174,7 @@ def scan(path: Union[str, Path]) -> set[str]:
 def _resolve(name: str) -> Any:
     module, attr = name.rsplit('.', 1)
     if module.startswith('numpy.core.'):  # numpy 1's name of numpy 2's numpy._core
-        module = 'numpy._core.' + module[len('numpy.core.'):]
+        module = 'numpy._core.' + module[len('numpy.core.') :]
     return getattr(importlib.import_module(module), attr)
 
 
@@ -176,12 +190,14 @@ def _safe_globals(names: set[str]) -> list:
             extra.append((_resolve(name), name))
     if any(n.startswith('numpy.') for n in names):
         import numpy as np
+
         extra += [(cls, f'numpy.dtypes.{n}') for n, cls in vars(np.dtypes).items() if n.endswith('DType')]
     return extra
 
 
-def load_checkpoint_file(path: Union[str, Path], *, trust: bool = False, map_location: Any = 'cpu',
-                         mmap: bool = False) -> Any:
+def load_checkpoint_file(
+    path: Union[str, Path], *, trust: bool = False, map_location: Any = 'cpu', mmap: bool = False
+) -> Any:
     """The object saved in a checkpoint file, after `scan` passed, read weights-only. `trust=True`: plain
     torch.load, which runs whatever the file's pickle calls; for files whose source the user vouches for."""
     path = Path(path)
@@ -209,8 +225,11 @@ def scan_folder(folder: Union[str, Path], *, trust: bool = False) -> list[Path]:
     """Scan every torch file under `folder` (a DeepSpeed checkpoint tag: model and optimizer states, per-rank state,
     universal checkpoint shards), whatever its name; the files found. DeepSpeed's NVMe swap copies
     (offloaded_tensors/) are raw tensor bytes, copied back and never unpickled."""
-    files = [p for p in sorted(Path(folder).rglob('*')) if p.is_file() and 'offloaded_tensors' not in
-             p.relative_to(folder).parts[:-1] and _is_torch_file(p)]
+    files = [
+        p
+        for p in sorted(Path(folder).rglob('*'))
+        if p.is_file() and 'offloaded_tensors' not in p.relative_to(folder).parts[:-1] and _is_torch_file(p)
+    ]
     if trust:
         log.warning(f'{folder}: {len(files)} checkpoint files not checked (trusted by {OPT_OUT})')
         return files

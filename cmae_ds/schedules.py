@@ -3,6 +3,7 @@
 Every function takes the step count (0-based, counted in optimizer steps, i.e. after gradient accumulation) and
 returns a float; nothing here holds state, so resuming at step k gives exactly the value a straight run had.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,15 @@ def scaled_lr(base_lr: float, global_batch: int) -> float:
     return base_lr * global_batch / 256
 
 
-def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int,
-          warmup_start_factor: float = 1e-4, min_lr: float = 0.0) -> float:
+def lr_at(
+    step: int,
+    *,
+    base_lr: float,
+    total_steps: int,
+    warmup_steps: int,
+    warmup_start_factor: float = 1e-4,
+    min_lr: float = 0.0,
+) -> float:
     """Learning rate at optimizer step `step`: linear warmup, then cosine decay (per iteration).
 
     - `0 <= step < warmup_steps`: linear from `warmup_start_factor * base_lr` (at step 0) towards `base_lr`
@@ -65,6 +73,7 @@ def _check_steps(step: int, total_steps: int, warmup_steps: int) -> None:
 @dataclass(frozen=True)
 class Schedule:
     """The learning rate of a run as a pure function of the optimizer step, with the run's step arithmetic."""
+
     peak_lr: float
     total_steps: int
     warmup_steps: int
@@ -73,8 +82,14 @@ class Schedule:
     min_lr: float
 
     def lr(self, step: int) -> float:
-        return lr_at(step, base_lr=self.peak_lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
-                     warmup_start_factor=self.warmup_start_factor, min_lr=self.min_lr)
+        return lr_at(
+            step,
+            base_lr=self.peak_lr,
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            warmup_start_factor=self.warmup_start_factor,
+            min_lr=self.min_lr,
+        )
 
 
 def make_schedule(opt, global_batch: int, grad_accum: int, batches_per_epoch: int, where: str) -> Schedule:
@@ -83,9 +98,17 @@ def make_schedule(opt, global_batch: int, grad_accum: int, batches_per_epoch: in
     steps_per_epoch = batches_per_epoch // grad_accum
     if steps_per_epoch == 0:
         from .config import ConfigError
-        raise ConfigError(f'{where}: {batches_per_epoch} micro-batches per rank per epoch are fewer than '
-                          f'gradient_accumulation_steps {grad_accum}: the dataset is too small for a '
-                          f'global batch of {global_batch}')
-    return Schedule(peak_lr=scaled_lr(opt.base_lr, global_batch), total_steps=opt.epochs * steps_per_epoch,
-                    warmup_steps=opt.warmup_epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch,
-                    warmup_start_factor=opt.warmup_start_factor, min_lr=opt.min_lr)
+
+        raise ConfigError(
+            f'{where}: {batches_per_epoch} micro-batches per rank per epoch are fewer than '
+            f'gradient_accumulation_steps {grad_accum}: the dataset is too small for a '
+            f'global batch of {global_batch}'
+        )
+    return Schedule(
+        peak_lr=scaled_lr(opt.base_lr, global_batch),
+        total_steps=opt.epochs * steps_per_epoch,
+        warmup_steps=opt.warmup_epochs * steps_per_epoch,
+        steps_per_epoch=steps_per_epoch,
+        warmup_start_factor=opt.warmup_start_factor,
+        min_lr=opt.min_lr,
+    )

@@ -9,6 +9,7 @@ Engine streams (this module):
 Data streams are keyed by (seed, epoch, dataset index) in `cmae_ds.data.draws` (view decisions) and
 `cmae_ds.data.sampling` (order, per-sample generators), so they do not depend on ranks, workers or resumes.
 """
+
 from __future__ import annotations
 
 import random
@@ -33,6 +34,6 @@ def resumed_rank_seeds(seed: int, rank: int, step: int) -> tuple[int, int]:
 def seed_classifier_rank(seed: int, rank: int, step: int) -> None:
     """Per-rank streams for drop path (torch) and Mixup (numpy, python) of a classification run at `step`."""
     key = (seed * 1_000_003 + rank) * 1_000_003 + step
-    torch.manual_seed(key % 2 ** 63)
-    np.random.seed(key % 2 ** 32)
+    torch.manual_seed(key % 2**63)
+    np.random.seed(key % 2**32)
     random.seed(key)

@@ -6,12 +6,13 @@ one op (ATTENTION, ADAMW, RECON_LOSS, EMA, VISIBLE_EMBED), `CMAE_ATTN_BACKEND=fa
 backend). At import the defaults plus the environment apply, so a plain script honours the variables too.
 `configured(...)` switches temporarily (benchmarks comparing fused with unfused, tests).
 """
+
 import dataclasses
 import os
 from contextlib import contextmanager
 
-OPS = ("attention", "adamw", "recon_loss", "ema", "visible_embed")
-_OFF = {"0", "false", "off", "no"}
+OPS = ('attention', 'adamw', 'recon_loss', 'ema', 'visible_embed')
+_OFF = {'0', 'false', 'off', 'no'}
 _last: dict = {}
 
 
@@ -21,28 +22,28 @@ class KernelSettings:
     """False: every op runs its plain PyTorch reference (attention: 'math')."""
     off: frozenset = frozenset()
     """Ops (of OPS) whose fusion is off."""
-    attention_backend: str = "auto"
+    attention_backend: str = 'auto'
 
 
 def _env_off(name: str) -> bool:
-    return os.environ.get(name, "1").strip().lower() in _OFF
+    return os.environ.get(name, '1').strip().lower() in _OFF
 
 
 def _with_environment(s: KernelSettings) -> KernelSettings:
-    off = set(s.off) | {op for op in OPS if _env_off(f"CMAE_FUSED_{op.upper()}")}
-    backend = os.environ.get("CMAE_ATTN_BACKEND", "").strip().lower() or s.attention_backend
-    return KernelSettings(fused=s.fused and not _env_off("CMAE_FUSED"), off=frozenset(off), attention_backend=backend)
+    off = set(s.off) | {op for op in OPS if _env_off(f'CMAE_FUSED_{op.upper()}')}
+    backend = os.environ.get('CMAE_ATTN_BACKEND', '').strip().lower() or s.attention_backend
+    return KernelSettings(fused=s.fused and not _env_off('CMAE_FUSED'), off=frozenset(off), attention_backend=backend)
 
 
 _settings = _with_environment(KernelSettings())
 
 
-def configure(fused: bool = True, off=(), attention_backend: str = "auto", environment: bool = True) -> KernelSettings:
+def configure(fused: bool = True, off=(), attention_backend: str = 'auto', environment: bool = True) -> KernelSettings:
     """Set the switches of this process; the environment, when `environment`, overrides the arguments."""
     global _settings
     unknown = set(off) - set(OPS)
     if unknown:
-        raise ValueError(f"unknown kernel op(s) {sorted(unknown)}; ops: {OPS}")
+        raise ValueError(f'unknown kernel op(s) {sorted(unknown)}; ops: {OPS}')
     s = KernelSettings(fused=fused, off=frozenset(off), attention_backend=attention_backend.strip().lower())
     _settings = _with_environment(s) if environment else s
     return _settings

@@ -4,6 +4,7 @@ Triton decides at decoration time whether a kernel is compiled for the GPU or ru
 (`TRITON_INTERPRET=1`), so the kernel modules are imported lazily and the decision is read off the kernel object
 itself rather than off the environment, which may have changed since.
 """
+
 import functools
 import importlib
 
@@ -11,7 +12,7 @@ import importlib
 @functools.lru_cache(maxsize=None)
 def has_triton() -> bool:
     try:
-        importlib.import_module("triton")
+        importlib.import_module('triton')
         return True
     except ImportError:
         return False
@@ -42,5 +43,5 @@ def load_fused(op: str, package: str, *tensors):
 
     if not (fused_enabled(op) and has_triton()):
         return None
-    mod = importlib.import_module(".fused", package)
+    mod = importlib.import_module('.fused', package)
     return mod if can_run(mod.KERNEL, *tensors) else None

@@ -6,6 +6,7 @@ with inputs rotated over enough copies to overflow L2 so the cache does not flat
 must move at minimum and is compared with the measured device-to-device copy bandwidth.
 On the CPU it only checks the fused kernels against the references (set TRITON_INTERPRET=1 to run Triton).
 """
+
 import argparse
 import datetime
 import os
@@ -19,7 +20,7 @@ from .ema import FlatEMA, ema_flat_reference
 from .recon_loss import recon_loss, recon_loss_reference
 from .visible_embed import gather_visible, gather_visible_reference
 
-L2_BYTES = 50 * 2 ** 20 * 2  # twice the largest L2 we run on (H100/H200: 50 MB)
+L2_BYTES = 50 * 2**20 * 2  # twice the largest L2 we run on (H100/H200: 50 MB)
 
 
 def _time_cuda(fn, inputs, iters):
@@ -36,9 +37,9 @@ def _time_cuda(fn, inputs, iters):
     return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
-def copy_bandwidth_gbs(nbytes=2 ** 30, iters=50):
+def copy_bandwidth_gbs(nbytes=2**30, iters=50):
     """Device copy bandwidth: bytes read + written by dst.copy_(src), per second."""
-    src = torch.empty(nbytes // 4, device="cuda", dtype=torch.float32)
+    src = torch.empty(nbytes // 4, device='cuda', dtype=torch.float32)
     dst = torch.empty_like(src)
     ms = _time_cuda(lambda: dst.copy_(src), [()], iters)
     return 2 * nbytes / ms / 1e6
@@ -70,6 +71,7 @@ def _recon_step(fn):
     def step(img, pred, mask, p):
         pred.grad = None
         fn(img, pred, mask, p).backward()
+
     return step
 
 
@@ -110,24 +112,33 @@ def _visible_step(fn):
     def step(x, pos, ids):
         x.grad = None
         fn(x, pos, ids).sum().backward()
+
     return step
 
 
 CASES = {
-    "recon_loss": (_recon_case, _recon_step(recon_loss), _recon_step(recon_loss_reference), recon_loss_reference),
-    "ema": (_ema_case, lambda e: e.update(0.996),
-            lambda e: ema_flat_reference(e.target_flat, e.online_flat, 0.004), ema_flat_reference),
-    "visible_embed": (_visible_case, _visible_step(gather_visible), _visible_step(gather_visible_reference),
-                      gather_visible_reference),
+    'recon_loss': (_recon_case, _recon_step(recon_loss), _recon_step(recon_loss_reference), recon_loss_reference),
+    'ema': (
+        _ema_case,
+        lambda e: e.update(0.996),
+        lambda e: ema_flat_reference(e.target_flat, e.online_flat, 0.004),
+        ema_flat_reference,
+    ),
+    'visible_embed': (
+        _visible_case,
+        _visible_step(gather_visible),
+        _visible_step(gather_visible_reference),
+        gather_visible_reference,
+    ),
 }
 
 
 def _compiled_step(op):
     ref = CASES[op][3]
     compiled = torch.compile(ref)
-    if op == "ema":
+    if op == 'ema':
         return lambda e: compiled(e.target_flat, e.online_flat, 0.004)
-    return (_recon_step if op == "recon_loss" else _visible_step)(compiled)
+    return (_recon_step if op == 'recon_loss' else _visible_step)(compiled)
 
 
 def bench_gpu(ops, iters):
@@ -135,33 +146,33 @@ def bench_gpu(ops, iters):
     rows = []
     for op in ops:
         build, fused, ref, _ = CASES[op]
-        inputs, nbytes = build("cuda", small=False)
-        times = {"fused": _time_cuda(fused, inputs, iters), "reference": _time_cuda(ref, inputs, iters)}
+        inputs, nbytes = build('cuda', small=False)
+        times = {'fused': _time_cuda(fused, inputs, iters), 'reference': _time_cuda(ref, inputs, iters)}
         try:
-            times["compiled"] = _time_cuda(_compiled_step(op), inputs, iters)
+            times['compiled'] = _time_cuda(_compiled_step(op), inputs, iters)
         except Exception as e:  # report, do not hide the other numbers
-            print(f"torch.compile failed for {op}: {e!r}", file=sys.stderr)
-            times["compiled"] = float("nan")
-        gbs = nbytes / times["fused"] / 1e6
-        rows.append((op, times["fused"], times["reference"], times["compiled"], gbs, gbs / bw))
+            print(f'torch.compile failed for {op}: {e!r}', file=sys.stderr)
+            times['compiled'] = float('nan')
+        gbs = nbytes / times['fused'] / 1e6
+        rows.append((op, times['fused'], times['reference'], times['compiled'], gbs, gbs / bw))
     return bw, rows
 
 
-def check(ops, device="cpu"):
+def check(ops, device='cpu'):
     """Correctness: fused vs reference on small inputs. Returns {op: (impl that ran, max abs error)}. On a GPU this
     is the compiled kernel's check (the test suite runs Triton only under its CPU interpreter)."""
     results = {}
     for op in ops:
         build, fused, ref, _ = CASES[op]
         inputs, _ = build(device, small=True)
-        if op == "ema":
+        if op == 'ema':
             ema = inputs[0][0]
             want = ema.target_flat.clone().lerp_(ema.online_flat.float(), 0.004)
             ema.update(0.996)
-            results[op] = (last_impl("ema"), (ema.target_flat - want).abs().max().item())
+            results[op] = (last_impl('ema'), (ema.target_flat - want).abs().max().item())
             continue
         args = inputs[0]
-        leaf = args[0] if op == "visible_embed" else args[1]
+        leaf = args[0] if op == 'visible_embed' else args[1]
         fused(*args)
         impl = last_impl(op)
         got = leaf.grad.clone()
@@ -172,33 +183,37 @@ def check(ops, device="cpu"):
 
 def _markdown(bw, rows, command):
     card = torch.cuda.get_device_name()
-    lines = [f"\n### {card}, {datetime.date.today()}, `{command}`", f"copy bandwidth: {bw:.0f} GB/s\n",
-             "| op | fused ms | reference ms | compiled ms | fused GB/s | of copy bw |", "|---|---|---|---|---|---|"]
-    lines += [f"| {op} | {f:.3f} | {r:.3f} | {c:.3f} | {g:.0f} | {frac:.0%} |" for op, f, r, c, g, frac in rows]
-    return "\n".join(lines) + "\n"
+    lines = [
+        f'\n### {card}, {datetime.date.today()}, `{command}`',
+        f'copy bandwidth: {bw:.0f} GB/s\n',
+        '| op | fused ms | reference ms | compiled ms | fused GB/s | of copy bw |',
+        '|---|---|---|---|---|---|',
+    ]
+    lines += [f'| {op} | {f:.3f} | {r:.3f} | {c:.3f} | {g:.0f} | {frac:.0%} |' for op, f, r, c, g, frac in rows]
+    return '\n'.join(lines) + '\n'
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ops", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--iters", type=int, default=100)
-    parser.add_argument("--out", help="append the GPU results table (markdown) to this file")
+    parser.add_argument('--ops', nargs='+', default=list(CASES), choices=list(CASES))
+    parser.add_argument('--iters', type=int, default=100)
+    parser.add_argument('--out', help='append the GPU results table (markdown) to this file')
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            print("no GPU: Triton kernels run only with TRITON_INTERPRET=1; checking the references alone")
+        if os.environ.get('TRITON_INTERPRET') != '1':
+            print('no GPU: Triton kernels run only with TRITON_INTERPRET=1; checking the references alone')
         for op, (impl, err) in check(args.ops).items():
-            print(f"{op}: ran {impl}, max abs error vs reference {err:.3g}")
+            print(f'{op}: ran {impl}, max abs error vs reference {err:.3g}')
         return
-    for op, (impl, err) in check(args.ops, "cuda").items():
-        print(f"{op}: ran {impl} on {torch.cuda.get_device_name()}, max abs error vs reference {err:.3g}")
+    for op, (impl, err) in check(args.ops, 'cuda').items():
+        print(f'{op}: ran {impl} on {torch.cuda.get_device_name()}, max abs error vs reference {err:.3g}')
     bw, rows = bench_gpu(args.ops, args.iters)
-    table = _markdown(bw, rows, "python -m cmae_ds.kernels.bench " + " ".join(argv or sys.argv[1:]))
+    table = _markdown(bw, rows, 'python -m cmae_ds.kernels.bench ' + ' '.join(argv or sys.argv[1:]))
     print(table)
     if args.out:
-        with open(args.out, "a") as f:
+        with open(args.out, 'a') as f:
             f.write(table)
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
     main()

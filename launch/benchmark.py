@@ -12,6 +12,7 @@ A sweep runs every (size, ds_config, micro-batch) cell, records a cell's failure
 For a sweep the micro-batch of each cell replaces the JSON's train_micro_batch_size_per_gpu in a copy (the file on
 disk is not touched). Results: a table on stdout and JSON at --out.
 """
+
 import argparse
 import copy
 import json
@@ -28,16 +29,24 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--mode', choices=['model', 'data', 'e2e'], default='model')
     p.add_argument('--config', default='debug', help='YAML file or preset name')
-    p.add_argument('--deepspeed_config', '--ds_config', dest='ds_configs', nargs='+',
-                   default=[str(ROOT / 'ds_configs' / 'cpu_debug.json')])
-    p.add_argument('--sizes', nargs='+', default=None, help='model sizes to sweep (default: the config\'s)')
+    p.add_argument(
+        '--deepspeed_config',
+        '--ds_config',
+        dest='ds_configs',
+        nargs='+',
+        default=[str(ROOT / 'ds_configs' / 'cpu_debug.json')],
+    )
+    p.add_argument('--sizes', nargs='+', default=None, help="model sizes to sweep (default: the config's)")
     p.add_argument('--micro', nargs='+', type=int, default=None, help='micro-batch sizes to sweep')
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--steps', type=int, default=10)
     p.add_argument('--peak-tflops', type=float, default=None, help='override the device peak used for MFU')
-    p.add_argument('--compare-fusion', action='store_true',
-                   help='run each cell with fused paths on, then with every fusion off (math attention, '
-                        'reference kernels, per-tensor EMA), and report the ratio')
+    p.add_argument(
+        '--compare-fusion',
+        action='store_true',
+        help='run each cell with fused paths on, then with every fusion off (math attention, '
+        'reference kernels, per-tensor EMA), and report the ratio',
+    )
     p.add_argument('--out', default='benchmark.json')
     p.add_argument('--local_rank', type=int, default=None)
     p.add_argument('overrides', nargs='*')
@@ -46,6 +55,7 @@ def parse(argv=None):
 
 def cells(args, base_cfg_overrides):
     from cmae_ds.ds_config import load_ds_config
+
     sizes = args.sizes or [None]
     for ds_path in args.ds_configs:
         ds_file = load_ds_config(ds_path)
@@ -62,6 +72,7 @@ def cells(args, base_cfg_overrides):
 def run_one(args, ds_name, ds, overrides, ctx):
     from cmae_ds.config import load_config
     from cmae_ds.engine.benchmark import BenchResult, run_cell
+
     cfg = load_config(args.config, overrides)
     try:
         return run_cell(args.mode, cfg, ds, ds_name, ctx, args.warmup, args.steps, args.peak_tflops)
@@ -69,15 +80,26 @@ def run_one(args, ds_name, ds, overrides, ctx):
         if os.environ.get('CMAE_BENCH_DEBUG'):
             traceback.print_exc()
         _free_memory()
-        r = BenchResult(args.mode, cfg.model.size, cfg.model.mode, ds_name, ds.get('train_micro_batch_size_per_gpu', 0),
-                        ctx.world_size, '-', -1, str(ctx.device))
+        r = BenchResult(
+            args.mode,
+            cfg.model.size,
+            cfg.model.mode,
+            ds_name,
+            ds.get('train_micro_batch_size_per_gpu', 0),
+            ctx.world_size,
+            '-',
+            -1,
+            str(ctx.device),
+        )
         r.error = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'
         return r
 
 
 def _free_memory():
     import gc
+
     import torch
+
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -86,6 +108,7 @@ def _free_memory():
 def unfused(fn):
     """`fn()` with every fusion off: math attention, reference kernels, per-tensor EMA."""
     from cmae_ds.kernels import configured
+
     with configured(**FUSION_OFF):
         return fn()
 
@@ -95,17 +118,19 @@ def main(argv=None) -> int:
     from cmae_ds.engine.benchmark import format_table
     from cmae_ds.engine.dist import setup_distributed
     from cmae_ds.errors import USER_ERRORS
+
     ctx = setup_distributed()
     results = []
     try:
         from cmae_ds.config import load_config
         from cmae_ds.kernels import configure
+
         configure(**load_config(args.config, args.overrides).kernels.switches())
         for ds_name, ds, overrides in cells(args, args.overrides):
             fused = run_one(args, ds_name, ds, overrides, ctx)
             results.append(fused)
             if args.compare_fusion and args.mode != 'data':
-                plain = unfused(lambda: run_one(args, ds_name, ds, overrides, ctx))
+                plain = unfused(lambda cell=(ds_name, ds, overrides): run_one(args, *cell, ctx))
                 plain.extra['fusion'] = 'off'
                 fused.extra['fusion'] = 'on'
                 if plain.step_ms_median and fused.step_ms_median:
@@ -118,8 +143,10 @@ def main(argv=None) -> int:
         print(format_table(results))
         for r in results:
             if 'speedup_vs_unfused' in r.extra:
-                print(f"{r.size} {r.ds_config} micro {r.micro_batch}: fused step is "
-                      f"{r.extra['speedup_vs_unfused']:.2f}x the unfused one (median step time ratio)")
+                print(
+                    f'{r.size} {r.ds_config} micro {r.micro_batch}: fused step is '
+                    f'{r.extra["speedup_vs_unfused"]:.2f}x the unfused one (median step time ratio)'
+                )
         Path(args.out).write_text(json.dumps([r.to_dict() for r in results], indent=2))
         print(f'wrote {args.out}')
     return 0

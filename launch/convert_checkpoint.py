@@ -9,13 +9,13 @@
 
 Model fields default to ViT-B/16 at 224; pass model.size=... or the individual fields for other models.
 """
+
 import argparse
 import sys
 
 import torch
 
-from cmae_ds.checkpoint import (CheckpointError, encoder_state, encoder_to_timm, extract_encoder,
-                                load_official_cmae)
+from cmae_ds.checkpoint import CheckpointError, encoder_state, encoder_to_timm, extract_encoder, load_official_cmae
 from cmae_ds.config import ConfigError, load_config
 
 
@@ -24,8 +24,13 @@ def parse(argv=None):
     parser.add_argument('action', choices=['official-to-ours', 'extract-encoder', 'to-timm', 'to-universal'])
     parser.add_argument('src')
     parser.add_argument('out', nargs='?', default=None)
-    parser.add_argument('--trust-checkpoint', '--trust_checkpoint', dest='trust_checkpoint', action='store_true',
-                        help='load checkpoint files that name code to run (refused by default, docs/reliability.md)')
+    parser.add_argument(
+        '--trust-checkpoint',
+        '--trust_checkpoint',
+        dest='trust_checkpoint',
+        action='store_true',
+        help='load checkpoint files that name code to run (refused by default, docs/reliability.md)',
+    )
     parser.add_argument('overrides', nargs='*', help='model.key=value')
     return parser.parse_args(argv)
 
@@ -58,6 +63,7 @@ def to_universal(run: str, tag=None) -> int:
 
     from cmae_ds.engine.checkpointing import find_resume_tag
     from cmae_ds.engine.elastic import convert
+
     ckpt = Path(run) / 'checkpoints'
     tag = tag or find_resume_tag(ckpt)
     if tag is None or not (ckpt / tag / 'complete.json').is_file():

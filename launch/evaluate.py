@@ -10,6 +10,7 @@ Our files describe their model; an official fine-tuned .pth takes the architectu
 section (--config, model.* overrides). The validation set is val_data (from --config, else from the run folder's
 config.yaml). Every image counts once whatever the number of ranks. Prints a table and writes JSON (--out).
 """
+
 import argparse
 import dataclasses
 import json
@@ -20,16 +21,29 @@ from pathlib import Path
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('checkpoint', help='fine-tuning/probing run folder, its model file, or an official .pth')
-    parser.add_argument('--config', default=None, help='YAML file or preset (sections model, val_data); default: '
-                        "the run folder's config.yaml, else finetune_vit_base")
+    parser.add_argument(
+        '--config',
+        default=None,
+        help='YAML file or preset (sections model, val_data); default: '
+        "the run folder's config.yaml, else finetune_vit_base",
+    )
     parser.add_argument('--num_classes', type=int, default=None, help='check the head has this many classes')
     parser.add_argument('--batch_size', type=int, default=64, help='images per rank per forward')
-    parser.add_argument('--precision', choices=('auto', 'bf16', 'fp32'), default='auto',
-                        help='auto: bf16 autocast on GPUs, fp32 on the CPU')
+    parser.add_argument(
+        '--precision',
+        choices=('auto', 'bf16', 'fp32'),
+        default='auto',
+        help='auto: bf16 autocast on GPUs, fp32 on the CPU',
+    )
     parser.add_argument('--out', default=None, help='JSON result (default: <checkpoint>.eval.json)')
-    parser.add_argument('--predictions', action='store_true', help='add every image\'s prediction to the JSON')
-    parser.add_argument('--trust-checkpoint', '--trust_checkpoint', dest='trust_checkpoint', action='store_true',
-                        help='load checkpoint files that name code to run (refused by default, docs/reliability.md)')
+    parser.add_argument('--predictions', action='store_true', help="add every image's prediction to the JSON")
+    parser.add_argument(
+        '--trust-checkpoint',
+        '--trust_checkpoint',
+        dest='trust_checkpoint',
+        action='store_true',
+        help='load checkpoint files that name code to run (refused by default, docs/reliability.md)',
+    )
     parser.add_argument('--local_rank', type=int, default=None, help='set by the DeepSpeed launcher')
     parser.add_argument('overrides', nargs='*', help='section.key=value (model.*, val_data.*)')
     return parser.parse_intermixed_args(argv)
@@ -38,6 +52,7 @@ def parse(argv=None):
 def _config(args):
     """The run folder's own config.yaml when no --config is given (its task section says which task it was)."""
     from cmae_ds.config import load_task_config, read_yaml
+
     path = args.config
     ckpt = Path(args.checkpoint)
     run_cfg = (ckpt if ckpt.is_dir() else ckpt.parent) / 'config.yaml'
@@ -49,18 +64,28 @@ def _config(args):
 
 def run(args) -> dict:
     import torch
+
+    from cmae_ds.classifier_files import load_classifier, resolve_checkpoint
     from cmae_ds.data import build_classification_loader, list_samples
     from cmae_ds.engine.dist import setup_distributed
-    from cmae_ds.classifier_files import load_classifier, resolve_checkpoint
     from cmae_ds.engine.evaluate import check_labels, evaluate
+
     cfg = _config(args)
     ctx = setup_distributed()
     loaded = load_classifier(args.checkpoint, cfg.model, args.num_classes, trust=args.trust_checkpoint)
     samples = list_samples(cfg.val_data)
     check_labels(samples, loaded.num_classes, 'val_data')
-    loader = build_classification_loader(cfg.val_data, train=False, img_size=loaded.img_size,
-                                         batch_size=args.batch_size, rank=ctx.rank, world_size=ctx.world_size,
-                                         seed=0, device=ctx.device, samples=samples)
+    loader = build_classification_loader(
+        cfg.val_data,
+        train=False,
+        img_size=loaded.img_size,
+        batch_size=args.batch_size,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        seed=0,
+        device=ctx.device,
+        samples=samples,
+    )
     model = loaded.model.to(ctx.device).eval()
     bf16 = args.precision == 'bf16' or (args.precision == 'auto' and ctx.device.type == 'cuda')
 
@@ -72,19 +97,34 @@ def run(args) -> dict:
     result = evaluate(forward, loader, ctx.device, keep_predictions=args.predictions)
     if result.images != len(samples):  # the padding rule of the loader broke: never report such a number
         raise RuntimeError(f'counted {result.images} images, the validation set has {len(samples)}')
-    out = {'checkpoint': str(resolve_checkpoint(args.checkpoint)), 'model': loaded.description,
-           'img_size': loaded.img_size, 'num_classes': loaded.num_classes, 'world_size': ctx.world_size,
-           'precision': 'bf16' if bf16 else 'fp32', 'val_data': dataclasses.asdict(cfg.val_data), **result.as_dict()}
+    out = {
+        'checkpoint': str(resolve_checkpoint(args.checkpoint)),
+        'model': loaded.description,
+        'img_size': loaded.img_size,
+        'num_classes': loaded.num_classes,
+        'world_size': ctx.world_size,
+        'precision': 'bf16' if bf16 else 'fp32',
+        'val_data': dataclasses.asdict(cfg.val_data),
+        **result.as_dict(),
+    }
     if result.predictions is not None:
-        out['predictions'] = [{'index': i, 'path': str(samples[i][0]), 'pred': p, 'label': t}
-                              for i, p, t in result.predictions]
+        out['predictions'] = [
+            {'index': i, 'path': str(samples[i][0]), 'pred': p, 'label': t} for i, p, t in result.predictions
+        ]
     return out
 
 
 def report(out: dict, path: Path) -> None:
-    rows = [('checkpoint', out['model']), ('images', out['images']), ('ranks', out['world_size']),
-            ('resolution', out['img_size']), ('precision', out['precision']), ('top-1', f"{out['top1']:.2f}"),
-            ('top-5', f"{out['top5']:.2f}"), ('loss', f"{out['loss']:.4f}")]
+    rows = [
+        ('checkpoint', out['model']),
+        ('images', out['images']),
+        ('ranks', out['world_size']),
+        ('resolution', out['img_size']),
+        ('precision', out['precision']),
+        ('top-1', f'{out["top1"]:.2f}'),
+        ('top-5', f'{out["top5"]:.2f}'),
+        ('loss', f'{out["loss"]:.4f}'),
+    ]
     width = max(len(k) for k, _ in rows)
     print('\n'.join(f'{k:<{width}}  {v}' for k, v in rows))
     path.write_text(json.dumps(out, indent=2))
@@ -94,14 +134,17 @@ def report(out: dict, path: Path) -> None:
 def main(argv=None) -> int:
     args = parse(argv)
     from cmae_ds.errors import USER_ERRORS
+
     try:
         out = run(args)
     except USER_ERRORS as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
     from cmae_ds.engine.dist import is_main_process
+
     if is_main_process():
         from cmae_ds.classifier_files import resolve_checkpoint
+
         ckpt = resolve_checkpoint(args.checkpoint)
         report(out, Path(args.out) if args.out else ckpt.with_name(ckpt.stem + '.eval.json'))
     return 0

@@ -10,6 +10,7 @@
 Trailing `section.key=value` arguments override the config (sections: model, data, val_data, finetune or linprobe).
 The run folder gets model_best.pt and model_last.pt for launch/evaluate.py; see docs/finetune.md.
 """
+
 import argparse
 import sys
 
@@ -18,8 +19,13 @@ from cmae_ds.cli import add_classifier_arguments, run_classifier, run_guarded
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--linear-probe', '--linear_probe', dest='linear_probe', action='store_true',
-                        help='linear probing (MAE protocol) instead of fine-tuning')
+    parser.add_argument(
+        '--linear-probe',
+        '--linear_probe',
+        dest='linear_probe',
+        action='store_true',
+        help='linear probing (MAE protocol) instead of fine-tuning',
+    )
     add_classifier_arguments(parser)
     return parser.parse_intermixed_args(argv)
 

@@ -7,6 +7,7 @@
 
 A missing input (a step that failed or was skipped) becomes a line saying so; the fragment is written anyway.
 """
+
 import argparse
 import json
 import sys
@@ -30,14 +31,18 @@ def _fmt(v, spec: str = '.1f', scale: float = 1.0) -> str:
 
 
 def model_table(rows: list[dict], ckpt: str = '') -> list[str]:
-    lines = ['| size | ZeRO | micro | act. ckpt | images/s | step ms (median) | TFLOP/s | MFU | peak GiB | note |',
-             '|---|---|---|---|---|---|---|---|---|---|']
+    lines = [
+        '| size | ZeRO | micro | act. ckpt | images/s | step ms (median) | TFLOP/s | MFU | peak GiB | note |',
+        '|---|---|---|---|---|---|---|---|---|---|',
+    ]
     for r in rows:
         note = r.get('error') or ('fusion off' if r.get('extra', {}).get('fusion') == 'off' else '')
-        lines.append(f"| {r['size']} | {r['zero_stage']} | {r['micro_batch']} | {ckpt or 'off'} | "
-                     f"{_fmt(r['images_per_s_per_device'])} | {_fmt(r['step_ms_median'])} | "
-                     f"{_fmt(r.get('tflops_per_device'), '.2f')} | {_fmt(r.get('mfu'), '.1f', 100)}% | "
-                     f"{_fmt(r.get('peak_mem_gib'), '.1f')} | {note} |")
+        lines.append(
+            f'| {r["size"]} | {r["zero_stage"]} | {r["micro_batch"]} | {ckpt or "off"} | '
+            f'{_fmt(r["images_per_s_per_device"])} | {_fmt(r["step_ms_median"])} | '
+            f'{_fmt(r.get("tflops_per_device"), ".2f")} | {_fmt(r.get("mfu"), ".1f", 100)}% | '
+            f'{_fmt(r.get("peak_mem_gib"), ".1f")} | {note} |'
+        )
     return lines
 
 
@@ -48,8 +53,10 @@ def data_section(out: Path) -> list[str]:
     lines = []
     for r in json.loads(path.read_text()):
         verdict = 'meets' if r['rate'] >= GOAL_DATA else 'misses'
-        lines.append(f"{r['name']}: **{r['rate']:.0f} images/s** (both views, {r['images']} images timed, "
-                     f"{r['cpu_ms']:.2f} CPU ms/image); {verdict} the {GOAL_DATA:,} images/s goal.")
+        lines.append(
+            f'{r["name"]}: **{r["rate"]:.0f} images/s** (both views, {r["images"]} images timed, '
+            f'{r["cpu_ms"]:.2f} CPU ms/image); {verdict} the {GOAL_DATA:,} images/s goal.'
+        )
     return lines
 
 
@@ -61,26 +68,55 @@ def e2e_section(rows: dict) -> list[str]:
     m, e = model[0], e2e[0]
     ratio = e['images_per_s_per_device'] / m['images_per_s_per_device']
     verdict = 'within' if ratio >= GOAL_E2E else 'outside'
-    return [f"{m['size']} ZeRO-{m['zero_stage']} {m['precision']} micro {m['micro_batch']}: model only {m['images_per_s_per_device']:.0f} images/s, "
-            f"fed by torch_gpu {e['images_per_s_per_device']:.0f} images/s = **{ratio:.2f}x** ({verdict} the 10% goal), "
-            f"data-wait fraction {_fmt(e.get('data_wait_fraction'), '.2f')}."]
+    return [
+        f'{m["size"]} ZeRO-{m["zero_stage"]} {m["precision"]} micro {m["micro_batch"]}: '
+        f'model only {m["images_per_s_per_device"]:.0f} images/s, '
+        f'fed by torch_gpu {e["images_per_s_per_device"]:.0f} images/s = **{ratio:.2f}x** ({verdict} the 10% goal), '
+        f'data-wait fraction {_fmt(e.get("data_wait_fraction"), ".2f")}.'
+    ]
 
 
 def fragment(out: Path, work: Path) -> str:
     rows = read_rows(work)
     env = (out / 'env.txt').read_text().strip() if (out / 'env.txt').is_file() else 'env.txt missing'
     summary = (out / 'summary.txt').read_text().strip() if (out / 'summary.txt').is_file() else ''
-    parts = ['## GPU run (launch/gpu_checks.sh)', '', '```', env, '```', '', '### Steps', '', '```', summary, '```',
-             '', '### torch_gpu data pipeline alone', '', *data_section(out), '',
-             '### e2e step against model only', '', *e2e_section(rows), '',
-             '### Model throughput, bf16, ZeRO-1/2/3', '', *model_table(rows['model_b'] + rows['sweep_bl']
-                                                                        + rows['sweep_h']), '',
-             '### ViT-H activation checkpointing (ZeRO-2; the rows without it are in the table above)', '',
-             *model_table(rows['ckpt_h'], ckpt='on'), '']
+    parts = [
+        '## GPU run (launch/gpu_checks.sh)',
+        '',
+        '```',
+        env,
+        '```',
+        '',
+        '### Steps',
+        '',
+        '```',
+        summary,
+        '```',
+        '',
+        '### torch_gpu data pipeline alone',
+        '',
+        *data_section(out),
+        '',
+        '### e2e step against model only',
+        '',
+        *e2e_section(rows),
+        '',
+        '### Model throughput, bf16, ZeRO-1/2/3',
+        '',
+        *model_table(rows['model_b'] + rows['sweep_bl'] + rows['sweep_h']),
+        '',
+        '### ViT-H activation checkpointing (ZeRO-2; the rows without it are in the table above)',
+        '',
+        *model_table(rows['ckpt_h'], ckpt='on'),
+        '',
+    ]
     kernels = out / 'kernels.md'
-    parts += ['### Compiled Triton kernels', '',
-              kernels.read_text().strip() if kernels.is_file() else 'kernels.md missing (step failed or skipped).',
-              '']
+    parts += [
+        '### Compiled Triton kernels',
+        '',
+        kernels.read_text().strip() if kernels.is_file() else 'kernels.md missing (step failed or skipped).',
+        '',
+    ]
     return '\n'.join(parts)
 
 

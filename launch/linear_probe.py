@@ -6,6 +6,7 @@ See docs/finetune.md.
       --deepspeed_config ds_configs/linprobe_bf16.json linprobe.pretrained=runs/cmae_vit_base_300e/model.pt \\
       data.root=/data/imagenet/train val_data.root=/data/imagenet/val
 """
+
 import argparse
 import sys
 

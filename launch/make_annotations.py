@@ -5,6 +5,7 @@
 Entries are {"prefix": P, "filename": "<class>/<image>", "label": i} (labels by sorted class folder); the
 official loader reads data_root/prefix/filename, so with --prefix train set data.root to data/ImageNet.
 """
+
 import argparse
 import sys
 from pathlib import Path

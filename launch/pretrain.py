@@ -8,6 +8,7 @@
 
 Trailing `section.key=value` arguments override any config field (values are parsed as YAML).
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -33,6 +34,7 @@ def knn_monitor(cfg):
     if cfg.knn.every_steps <= 0:
         return None
     from cmae_ds.engine.knn import KnnMonitor
+
     return KnnMonitor(cfg.knn, cfg.knn_train, cfg.knn_val, cfg.model.img_size, run_dir=Path(cfg.train.output_dir))
 
 
@@ -44,18 +46,29 @@ def main(argv=None) -> int:
 def run(args) -> int:
     from cmae_ds.config import load_config
     from cmae_ds.engine.pretrain import train
+
     cfg = load_config(args.config, args.overrides)
     observer = knn_monitor(cfg)
     try:
-        result = train(cfg, args.ds_config or default_ds_config(), resume=args.resume, observer=observer,
-                       trust_checkpoint=args.trust_checkpoint, take_over_lock=args.take_over_lock)
+        result = train(
+            cfg,
+            args.ds_config or default_ds_config(),
+            resume=args.resume,
+            observer=observer,
+            trust_checkpoint=args.trust_checkpoint,
+            take_over_lock=args.take_over_lock,
+        )
     finally:
         if observer is not None:
             observer.close()
     from cmae_ds.engine.dist import is_main_process
+
     if is_main_process():
-        print(f'done: {result.steps} steps, loss {result.first_loss:.4f} -> {result.last_loss:.4f}'
-              if result.first_loss is not None else f'done: {result.steps} steps')
+        print(
+            f'done: {result.steps} steps, loss {result.first_loss:.4f} -> {result.last_loss:.4f}'
+            if result.first_loss is not None
+            else f'done: {result.steps} steps'
+        )
         print(f'checkpoint:  {result.checkpoint}')
         print(f'model file:  {result.model_file}')
         print(f'tensorboard: tensorboard --logdir {result.run_dir / "tensorboard"}')

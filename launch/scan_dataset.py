@@ -3,6 +3,7 @@ parallel, and write a clean file list (data.source=filelist, data.root=ROOT) plu
 
     python launch/scan_dataset.py data/ImageNet/train --out train_clean.txt --workers 16
 """
+
 import argparse
 import sys
 import time
@@ -27,8 +28,10 @@ def main() -> None:
     t = time.time()
     result = scan_folder(args.root, args.out, args.workers, args.report)
     report = args.report or f'{args.out}.bad.txt'
-    print(f'scanned {len(result.good) + len(result.bad)} files in {time.time() - t:.1f}s: {len(result.good)} '
-          f'readable -> {args.out}; {len(result.bad)} unreadable -> {report}')
+    print(
+        f'scanned {len(result.good) + len(result.bad)} files in {time.time() - t:.1f}s: {len(result.good)} '
+        f'readable -> {args.out}; {len(result.bad)} unreadable -> {report}'
+    )
     for path, reason in result.bad[:20]:
         print(f'  {path}: {reason}')
     if len(result.bad) > 20:

@@ -3,6 +3,7 @@
 Lanes (markers, registered in pytest.ini): `slow` (multi-process or longer than ~10 s), `dist` (several ranks),
 `gpu` (needs CUDA). The everyday lane is `python -m pytest -q -m "not slow" tests`.
 """
+
 import os
 import sys
 from pathlib import Path
@@ -30,8 +31,10 @@ def fixture_a():
     where the fixture comes from; under CI (CI=true), where shared/ is always laid beside the checkout, a missing
     fixture fails."""
     if not FIXTURE_A.exists():
-        message = (f'official parity fixture not found at {FIXTURE_A}: it is made by the official CMAE code '
-                   '(shared/fixtures/README.md); place the shared/ folder beside the checkout or set CMAE_SHARED')
+        message = (
+            f'official parity fixture not found at {FIXTURE_A}: it is made by the official CMAE code '
+            '(shared/fixtures/README.md); place the shared/ folder beside the checkout or set CMAE_SHARED'
+        )
         if os.environ.get('CI', '').lower() == 'true':
             pytest.fail(message)
         pytest.skip(message)
@@ -47,6 +50,7 @@ def _seed():
 def _kernel_switches():
     """Tests that switch fusion off or force an attention backend leave the process as they found it."""
     from cmae_ds.kernels import _switch
+
     saved = _switch.settings()
     yield
     _switch._settings = saved

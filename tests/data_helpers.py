@@ -1,4 +1,5 @@
 """Real image files for the data tests (written with PIL into tmp dirs) and small config helpers."""
+
 from __future__ import annotations
 
 import os
@@ -47,15 +48,16 @@ def random_jpegs(root: Path, n: int, classes: int = 2, size=(96, 72), seed: int 
 
 
 def cfg(root: Path, pipeline: str, workers: int = 2, extra: int = 32, source: str = 'folder', ann: str = ''):
-    return DataConfig(source=source, root=str(root), ann_file=ann, pipeline=pipeline, num_workers=workers,
-                      master_extra=extra)
+    return DataConfig(
+        source=source, root=str(root), ann_file=ann, pipeline=pipeline, num_workers=workers, master_extra=extra
+    )
 
 
 def plant_bad_files(cls_dir: Path, good_jpeg: str) -> list[str]:
     """Four kinds of unreadable file with image names: truncated JPEG, corrupt bytes, text, zero bytes."""
     data = Path(good_jpeg).read_bytes()
     bad = {
-        'truncated.jpg': data[:len(data) // 3],
+        'truncated.jpg': data[: len(data) // 3],
         'corrupt.jpg': data[:200] + bytes(np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8)),
         'text.jpg': b'this is not an image\n' * 20,
         'empty.jpg': b'',

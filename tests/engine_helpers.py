@@ -1,4 +1,5 @@
 """Helpers for tests that run the real DeepSpeed launcher and engine on the CPU (gloo)."""
+
 import json
 import os
 import subprocess
@@ -9,13 +10,26 @@ from helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).parent / 'deepspeed')
-TINY = ['model.size=debug', 'model.img_size=32', 'model.patch_size=8', 'model.decoder_depth=1', 'train.progress_bar=false',
-        'train.log_every_steps=1', 'train.image_every_steps=0', 'data.source=synthetic']
+TINY = [
+    'model.size=debug',
+    'model.img_size=32',
+    'model.patch_size=8',
+    'model.decoder_depth=1',
+    'train.progress_bar=false',
+    'train.log_every_steps=1',
+    'train.image_every_steps=0',
+    'data.source=synthetic',
+]
 
 
 def write_ds(tmp: Path, name: str = 'ds.json', **overrides) -> str:
-    ds = {'train_micro_batch_size_per_gpu': 4, 'gradient_accumulation_steps': 1, 'zero_optimization': {'stage': 0},
-          'gradient_clipping': 0.0, 'steps_per_print': 10 ** 9}
+    ds = {
+        'train_micro_batch_size_per_gpu': 4,
+        'gradient_accumulation_steps': 1,
+        'zero_optimization': {'stage': 0},
+        'gradient_clipping': 0.0,
+        'steps_per_print': 10**9,
+    }
     ds.update(overrides)
     path = tmp / name
     path.write_text(json.dumps(ds))
@@ -33,8 +47,9 @@ def env() -> dict:
 TIMEOUT = 900
 
 
-def run_deepspeed(script_args: list, *, num_gpus: int = 2, timeout: int = TIMEOUT,
-                  extra: list = ()) -> subprocess.CompletedProcess:
+def run_deepspeed(
+    script_args: list, *, num_gpus: int = 2, timeout: int = TIMEOUT, extra: list = ()
+) -> subprocess.CompletedProcess:
     cmd = [DEEPSPEED, '--num_gpus', str(num_gpus), '--master_port', str(free_port()), *extra, *script_args]
     return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
 

@@ -1,4 +1,5 @@
 """Generated labeled JPEG folders for the fine-tuning, evaluation and kNN tests."""
+
 from pathlib import Path
 
 import torch

@@ -1,4 +1,5 @@
 """Small shared test helpers."""
+
 import contextlib
 import socket
 import sys
@@ -61,9 +62,18 @@ def importable(*classes):
 def save_official_like(path, state_dict: dict, **extra_meta) -> None:
     """An official pretraining .pth as mmengine writes it: weights plus metadata objects and numpy scalars."""
     import numpy as np
-    meta = {'epoch': np.int64(300), 'lr': np.float64(1e-3), 'mmengine_version': '0.7.3',
-            'message_hub': {'log_scalars': {'train/loss': HistoryBuffer(log_history=np.array([1.0, 0.5]),
-                                                                        count_history=np.array([1, 2]))},
-                            'runtime_info': MessageHub(epoch=300)}, **extra_meta}
+
+    meta = {
+        'epoch': np.int64(300),
+        'lr': np.float64(1e-3),
+        'mmengine_version': '0.7.3',
+        'message_hub': {
+            'log_scalars': {
+                'train/loss': HistoryBuffer(log_history=np.array([1.0, 0.5]), count_history=np.array([1, 2]))
+            },
+            'runtime_info': MessageHub(epoch=300),
+        },
+        **extra_meta,
+    }
     with importable(MessageHub, HistoryBuffer):
         torch.save({'meta': meta, 'state_dict': state_dict}, path)

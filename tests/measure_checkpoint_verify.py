@@ -5,6 +5,7 @@ save) and cold (the checkpoint's pages evicted with posix_fadvise, as after a re
 
   PYTHONPATH=. python tests/measure_checkpoint_verify.py /tmp/ckpt_bench [--size vit_base] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,12 @@ def main() -> None:
     ctx = setup_distributed()
     # a small image keeps the one CPU step cheap; the parameter count is the size's (but for the position table)
     cfg = load_config('debug', [f'model.size={args.size}', 'model.img_size=64', 'model.patch_size=16'])
-    ds = {'train_micro_batch_size_per_gpu': 2, 'gradient_accumulation_steps': 1, 'zero_optimization': {'stage': 0},
-          'steps_per_print': 10 ** 9}
+    ds = {
+        'train_micro_batch_size_per_gpu': 2,
+        'gradient_accumulation_steps': 1,
+        'zero_optimization': {'stage': 0},
+        'steps_per_print': 10**9,
+    }
     engine, model, _ = build_engine(cfg, ds, validate(ds, cfg, 1, path='bench'), ctx, 1e-4)
     img = torch.randn(2, 3, 64, 64)
     train_step(engine, {'img': img, 'img_target': img}, torch.float32)
@@ -83,13 +88,18 @@ def main() -> None:
         rows['load_cold'].append(timed(load))
     med = {k: statistics.median(v) for k, v in rows.items()}
     params = sum(p.numel() for p in model.parameters())
-    result = {'size': args.size, 'params_M': round(params / 1e6, 1), 'checkpoint_MB': round(total / 2 ** 20, 1),
-              'files': len(files), 'save_s': round(save_s, 2), 'checksums_at_save_s': round(sums_s, 2),
-              **{f'{k}_s': round(v, 2) for k, v in med.items()},
-              'verify/load warm': round(med['verify_warm'] / med['load_warm'], 3),
-              'verify/load cold': round(med['verify_cold'] / med['load_cold'], 3),
-              'resume cold with/without verify': round((med['verify_cold'] + med['load_after_verify'])
-                                                       / med['load_cold'], 3)}
+    result = {
+        'size': args.size,
+        'params_M': round(params / 1e6, 1),
+        'checkpoint_MB': round(total / 2**20, 1),
+        'files': len(files),
+        'save_s': round(save_s, 2),
+        'checksums_at_save_s': round(sums_s, 2),
+        **{f'{k}_s': round(v, 2) for k, v in med.items()},
+        'verify/load warm': round(med['verify_warm'] / med['load_warm'], 3),
+        'verify/load cold': round(med['verify_cold'] / med['load_cold'], 3),
+        'resume cold with/without verify': round((med['verify_cold'] + med['load_after_verify']) / med['load_cold'], 3),
+    }
     print(json.dumps(result, indent=1))
     shutil.rmtree(out, ignore_errors=True)
 

@@ -4,6 +4,7 @@
 runs the launch script unchanged except that torch.save raises that OSError for any path containing the substring
 (DeepSpeed's checkpoint engine, the rank files and model.pt all write through torch.save).
 """
+
 from __future__ import annotations
 
 import errno
@@ -21,9 +22,19 @@ HERE = Path(__file__).resolve().parent
 def pretrain(tmp_path: Path, run_dir: Path, *extra, env=None, inject: str = '', image_root: Path = None):
     """A tiny synthetic pretraining run (one process, real DeepSpeed, ZeRO-0 fp32) writing into `run_dir`."""
     ds = write_ds(tmp_path)
-    args = ['launch/pretrain.py', '--deepspeed_config', ds, *TINY, 'data.num_workers=0', 'train.epochs=100',
-            'train.warmup_epochs=1', 'train.save_every_steps=2', 'train.keep_last=3', f'train.output_dir={run_dir}',
-            *extra]
+    args = [
+        'launch/pretrain.py',
+        '--deepspeed_config',
+        ds,
+        *TINY,
+        'data.num_workers=0',
+        'train.epochs=100',
+        'train.warmup_epochs=1',
+        'train.save_every_steps=2',
+        'train.keep_last=3',
+        f'train.output_dir={run_dir}',
+        *extra,
+    ]
     if inject:
         env = dict(env or {}, CMAE_TEST_FAIL_SAVE=inject)
         args = [str(HERE / 'reliability_helpers.py'), *args]
@@ -43,11 +54,13 @@ def _failing(real_save, pattern: str, code: int):
         if pattern in str(f):
             raise OSError(code, os.strerror(code), str(f))
         return real_save(obj, f, *args, **kwargs)
+
     return save
 
 
 if __name__ == '__main__':
     import torch
+
     pattern, name = os.environ['CMAE_TEST_FAIL_SAVE'].rsplit(':', 1)
     torch.save = _failing(torch.save, pattern, getattr(errno, name))
     sys.argv = sys.argv[1:]

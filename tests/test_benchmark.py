@@ -1,5 +1,6 @@
 """CPU smoke runs of launch/benchmark.py on the debug size: every mode, a sweep with a failing cell, fusion on/off.
 No timing assertions: speed is measured by the benchmark, not by tests."""
+
 import json
 
 import pytest
@@ -14,8 +15,9 @@ SMALL = ['--warmup', '1', '--steps', '2', 'model.img_size=32', 'model.patch_size
 @pytest.mark.parametrize('mode', ['model', 'data', 'e2e'])
 def test_each_mode_reports_its_fields(tmp_path, mode):
     out = tmp_path / 'bench.json'
-    proc = run_python(['launch/benchmark.py', '--mode', mode, '--out', str(out), *SMALL, 'data.pipeline=torch',
-                       'data.num_workers=0'])
+    proc = run_python(
+        ['launch/benchmark.py', '--mode', mode, '--out', str(out), *SMALL, 'data.pipeline=torch', 'data.num_workers=0']
+    )
     assert proc.returncode == 0, tail(proc)
     [row] = json.loads(out.read_text())
     assert row['error'] is None and row['mode'] == mode

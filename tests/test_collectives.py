@@ -1,4 +1,5 @@
 """Two gloo ranks must compute what one rank computes on the joined batch (docs/spec.md section 5)."""
+
 import os
 
 import pytest
@@ -8,6 +9,7 @@ import torch.multiprocessing as mp
 
 from cmae_ds.models import CMAE
 from cmae_ds.models.batchnorm import SyncBatchNorm1d
+
 from helpers import debug_cfg, free_port
 
 
@@ -37,9 +39,15 @@ def _worker(rank, world, port, state, batch, result_path):
     loss = out['loss'].detach().clone()
     dist.all_reduce(loss)
     if rank == 0:
-        torch.save({'loss': loss / world, 'grads': grads,
-                    'running_var': model.projector.bn0.running_var.clone(),
-                    'target_running_mean': model.target.projector.bn0.running_mean.clone()}, result_path)
+        torch.save(
+            {
+                'loss': loss / world,
+                'grads': grads,
+                'running_var': model.projector.bn0.running_var.clone(),
+                'target_running_mean': model.target.projector.bn0.running_mean.clone(),
+            },
+            result_path,
+        )
     # Both ranks leave together: a rank tearing gloo down while its peer still works aborts the peer's process.
     dist.barrier()
     dist.destroy_process_group()

@@ -1,4 +1,5 @@
 """Planted unreadable files: the scanner finds exactly them, DALI stops naming the file, torch skips and counts."""
+
 from __future__ import annotations
 
 import subprocess
@@ -12,6 +13,7 @@ from cmae_ds.data import build_pretrain_loader
 from cmae_ds.data.dali_pipeline import DataFileError
 from cmae_ds.data.scan import scan_folder
 from cmae_ds.data.sources import filelist_samples
+
 from data_helpers import cfg, plant_bad_files, random_jpegs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,8 +40,12 @@ def test_scanner_finds_every_bad_file_and_nothing_else(dirty, tmp_path_factory):
 def test_scan_dataset_cli(dirty, tmp_path_factory):
     root, good, bad = dirty
     out = tmp_path_factory.mktemp('cli') / 'clean.txt'
-    res = subprocess.run([sys.executable, str(REPO / 'launch/scan_dataset.py'), str(root), '--out', str(out),
-                          '--workers', '2'], capture_output=True, text=True, check=True)
+    res = subprocess.run(
+        [sys.executable, str(REPO / 'launch/scan_dataset.py'), str(root), '--out', str(out), '--workers', '2'],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert f'{len(good)} readable' in res.stdout and f'{len(bad)} unreadable' in res.stdout
     # the clean list is a valid 'filelist' source with the folder labels
     labels = [lab for _, lab in filelist_samples(out, str(root))]

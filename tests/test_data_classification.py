@@ -1,4 +1,5 @@
 """Fine-tuning and evaluation loaders (docs/spec.md section 9) on both pipelines."""
+
 from __future__ import annotations
 
 import math
@@ -10,6 +11,7 @@ from PIL import Image
 
 from cmae_ds.data import MEAN, STD, build_classification_loader
 from cmae_ds.data.common import eval_resize_size, random_erasing
+
 from data_helpers import PIPELINES, cfg, coord_image, random_jpegs, write_folder
 
 S = 56
@@ -40,8 +42,9 @@ def test_eval_padding_flagged_invalid(tmp_path, pipeline):
     random_jpegs(tmp_path, 10, classes=3, size=(40, 32))
     seen, invalid = [], 0
     for rank in range(3):
-        loader = build_classification_loader(cfg(tmp_path, pipeline), train=False, img_size=16, batch_size=3,
-                                             rank=rank, world_size=3)
+        loader = build_classification_loader(
+            cfg(tmp_path, pipeline), train=False, img_size=16, batch_size=3, rank=rank, world_size=3
+        )
         for b in loader:
             seen += b['index'][b['valid']].tolist()
             invalid += int((~b['valid']).sum())
@@ -54,6 +57,7 @@ def test_train_loader_labels_and_augmentation(tmp_path, pipeline):
     random_jpegs(tmp_path, 12, classes=3, size=(64, 48))
     loader = build_classification_loader(cfg(tmp_path, pipeline), train=True, img_size=32, batch_size=4, seed=3)
     from cmae_ds.data import list_samples
+
     labels = [lab for _, lab in list_samples(cfg(tmp_path, pipeline))]
     loader.set_epoch(1)
     batches = list(loader)
@@ -83,6 +87,7 @@ def test_torch_rand_augment_survives_the_largest_magnitudes():
     from PIL import Image as PILImage
 
     from cmae_ds.data.views_torch import _rand_augment
+
     random.seed(0)
     augment = _rand_augment(16)
     img = PILImage.new('RGB', (16, 16), (120, 60, 200))
@@ -99,11 +104,13 @@ def test_probe_augmentation_is_crop_and_flip_only(tmp_path, pipeline):
         d = tmp_path / f'class_{i % 2}'
         d.mkdir(exist_ok=True)
         Image.new('RGB', (60, 44), colour).save(d / f'{i}.png')
-    loader = build_classification_loader(cfg(tmp_path, pipeline), train=True, img_size=32, batch_size=4, seed=0,
-                                         augment='probe')
+    loader = build_classification_loader(
+        cfg(tmp_path, pipeline), train=True, img_size=32, batch_size=4, seed=0, augment='probe'
+    )
     loader.set_epoch(0)
     mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
     from cmae_ds.data import list_samples
+
     paths = [p for p, _ in list_samples(cfg(tmp_path, pipeline))]
     for batch in loader:
         for img, index in zip(batch['img'], batch['index'].tolist()):
@@ -117,8 +124,9 @@ def test_probe_views_are_the_same_crop_in_both_pipelines_and_resume_exactly(tmp_
     write_folder(tmp_path, {'wide': [coord_image(160, 120)] * 8, 'tall': [coord_image(120, 160)] * 8})
     runs = {}
     for pipeline in PIPELINES:
-        loader = build_classification_loader(cfg(tmp_path, pipeline), train=True, img_size=32, batch_size=4, seed=3,
-                                             augment='probe')
+        loader = build_classification_loader(
+            cfg(tmp_path, pipeline), train=True, img_size=32, batch_size=4, seed=3, augment='probe'
+        )
         loader.set_epoch(1)
         runs[pipeline] = list(loader)
         if pipeline != 'torch':

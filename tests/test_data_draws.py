@@ -1,5 +1,6 @@
 """The shared per-sample draws (cmae_ds.data.draws): keyed, uniform, independent, and the same one at a time as in a
 batch (the torch workers draw per sample, the DALI feed per batch)."""
+
 import numpy as np
 
 from cmae_ds.data import common as C
@@ -30,7 +31,8 @@ def test_one_sample_equals_its_row_of_the_batch():
     one = draw_views(7, 2, 40, extra=32)
     assert np.array_equal(one.scale, batch['scale'][1]) and np.array_equal(one.aspect, batch['aspect'][1])
     assert (one.flip, one.dy, one.dx, one.jitter, one.gray, one.blur) == tuple(
-        batch[k][1].item() for k in ('flip', 'dy', 'dx', 'jitter', 'gray', 'blur'))
+        batch[k][1].item() for k in ('flip', 'dy', 'dx', 'jitter', 'gray', 'blur')
+    )
     assert one.order == tuple(batch['order'][1].tolist()) and sorted(one.order) == [0, 1, 2, 3]
 
 

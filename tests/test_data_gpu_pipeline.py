@@ -1,6 +1,7 @@
 """The torch_gpu pipeline (bytes in workers, batched decode and views on the device), on CPU tensors here; the CUDA
 run against the CPU run when a GPU is present. The checks it shares with the other pipelines (geometry, rates,
 sharding, resume, formats) run through data_helpers.PIPELINES in the other test_data_* files."""
+
 from __future__ import annotations
 
 import io
@@ -16,8 +17,8 @@ from cmae_ds.config import DataConfig
 from cmae_ds.data import STD, build_classification_loader, build_pretrain_loader
 from cmae_ds.data import views_gpu as G
 from cmae_ds.data.gpu_pipeline import decode_batch, jpeg_components, read_sample
-from cmae_ds.data.threads import (cores_per_rank, data_workers, default_data_workers, size_torch_threads,
-                                  torch_threads)
+from cmae_ds.data.threads import cores_per_rank, data_workers, default_data_workers, size_torch_threads, torch_threads
+
 from data_helpers import cfg, coord_image, plant_bad_files, random_jpegs
 from engine_helpers import run_python, tail
 
@@ -45,15 +46,19 @@ def test_jpeg_components_reads_the_frame_header():
 def test_workers_send_rgb_jpeg_bytes_and_decode_everything_else(tmp_path):
     img = coord_image(64, 48)
     paths = {}
-    for name, im, kw in [('rgb.jpg', img, {}), ('cmyk.jpg', img.convert('CMYK'), {}), ('gray.jpg', img.convert('L'), {}),
-                         ('rgba.png', img.convert('RGBA'), {})]:
+    for name, im, kw in [
+        ('rgb.jpg', img, {}),
+        ('cmyk.jpg', img.convert('CMYK'), {}),
+        ('gray.jpg', img.convert('L'), {}),
+        ('rgba.png', img.convert('RGBA'), {}),
+    ]:
         paths[name] = tmp_path / name
         im.save(paths[name], **kw)
     assert read_sample(str(paths['rgb.jpg'])).dim() == 1  # encoded: for the batched decoder
     for name in ('cmyk.jpg', 'gray.jpg', 'rgba.png'):
         assert read_sample(str(paths[name])).shape == (3, 48, 64), name
     (tmp_path / 'text.jpg').write_text('not an image')
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - whatever the decoders raise: the pipeline treats any as unreadable
         read_sample(str(tmp_path / 'text.jpg'))
 
 
@@ -72,8 +77,9 @@ def test_a_refused_jpeg_costs_only_itself(tmp_path):
 def _pretrain_runs(pipelines, img_size, batch, epochs=1, **kw):
     runs = {}
     for p in pipelines:
-        loader = build_pretrain_loader(DataConfig(pipeline=p, num_workers=1), img_size=img_size, batch_size=batch,
-                                       debug=True, **kw)
+        loader = build_pretrain_loader(
+            DataConfig(pipeline=p, num_workers=1), img_size=img_size, batch_size=batch, debug=True, **kw
+        )
         runs[p] = []
         for epoch in range(epochs):
             loader.set_epoch(epoch)
@@ -105,6 +111,7 @@ def test_views_within_a_few_levels_of_the_torch_pipeline_on_the_shipped_photos()
 def test_color_jitter_applies_each_samples_ops_in_its_drawn_order():
     """Against torchvision's tensor ops, one sample at a time in the drawn order (up to the per-op rounding)."""
     import torchvision.transforms.functional as tvF
+
     gen = torch.Generator().manual_seed(0)
     x = torch.rand((6, 3, 20, 24), generator=gen) * 255
     factors = np.array([[1.3, 0.7, 1.2, 0.05], [0.8, 1.4, 0.6, -0.08], [1.1, 1.0, 0.7, 0.1]] * 2)
@@ -122,6 +129,7 @@ def test_color_jitter_applies_each_samples_ops_in_its_drawn_order():
 
 def test_gaussian_blur_is_torchvisions_per_sample_sigma():
     import torchvision.transforms.functional as tvF
+
     x = torch.rand((3, 3, 30, 30), generator=torch.Generator().manual_seed(1)) * 255
     sigma = np.array([0.3, 1.0, 2.0])
     got = G.gaussian_blur(x.clone(), np.array([True, False, True]), sigma)
@@ -158,8 +166,9 @@ def test_unreadable_files_are_skipped_and_labels_follow_the_images(bad_class, pi
 @pytest.mark.parametrize('augment', ['finetune', 'probe'])
 def test_classification_training_views_resume_exactly(tmp_path, augment):
     random_jpegs(tmp_path, 12, classes=3, size=(64, 48))
-    loader = build_classification_loader(cfg(tmp_path, 'torch_gpu', workers=1), train=True, img_size=32,
-                                         batch_size=4, seed=3, augment=augment)
+    loader = build_classification_loader(
+        cfg(tmp_path, 'torch_gpu', workers=1), train=True, img_size=32, batch_size=4, seed=3, augment=augment
+    )
     loader.set_epoch(1)
     full = list(loader)
     loader.skip_batches(1)
@@ -172,6 +181,7 @@ def test_classification_training_views_resume_exactly(tmp_path, augment):
 
 def test_auto_takes_torch_gpu_on_a_cuda_device_without_dali(monkeypatch):
     from cmae_ds.data import build
+
     monkeypatch.setattr(build, 'dali_available', lambda: False)
     assert build.resolve_pipeline('auto', 'cuda') == 'torch_gpu'
     assert build.resolve_pipeline('auto', 'cpu') == 'torch'
@@ -210,10 +220,26 @@ def test_threads_sized_to_the_cores_of_a_rank(monkeypatch):
 @pytest.mark.parametrize('mode', ['data', 'e2e'])
 def test_benchmark_runs_on_torch_gpu(tmp_path, mode):
     import json
+
     out = tmp_path / 'bench.json'
-    proc = run_python(['launch/benchmark.py', '--mode', mode, '--out', str(out), '--warmup', '1', '--steps', '2',
-                       'model.img_size=32', 'model.patch_size=8', 'train.progress_bar=false',
-                       'data.pipeline=torch_gpu', 'data.num_workers=1'])
+    proc = run_python(
+        [
+            'launch/benchmark.py',
+            '--mode',
+            mode,
+            '--out',
+            str(out),
+            '--warmup',
+            '1',
+            '--steps',
+            '2',
+            'model.img_size=32',
+            'model.patch_size=8',
+            'train.progress_bar=false',
+            'data.pipeline=torch_gpu',
+            'data.num_workers=1',
+        ]
+    )
     assert proc.returncode == 0, tail(proc)
     [row] = json.loads(out.read_text())
     assert row['error'] is None and row['extra']['data'] == 'torch_gpu-cpu'
@@ -230,8 +256,9 @@ def test_cuda_run_makes_the_cpu_runs_views(tmp_path):
     coord_image(100, 80).save(tmp_path / 'c1' / 'coord.png')
     got = {}
     for device in ('cpu', 'cuda'):
-        loader = build_pretrain_loader(cfg(tmp_path, 'torch_gpu', workers=2), img_size=64, batch_size=32,
-                                       device=device, debug=True)
+        loader = build_pretrain_loader(
+            cfg(tmp_path, 'torch_gpu', workers=2), img_size=64, batch_size=32, device=device, debug=True
+        )
         loader.set_epoch(0)
         got[device] = next(iter(loader))
     cpu, gpu = got['cpu'], got['cuda']

@@ -1,12 +1,13 @@
 """Sharding, epochs and resume: the contract the engine relies on, for both pipelines."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
 
 from cmae_ds.data import build_pretrain_loader
 from cmae_ds.data.sampling import ShardPlan
+
 from data_helpers import PIPELINES, cfg, random_jpegs
 
 N = 23  # prime: never divides the world size or the batch
@@ -20,8 +21,9 @@ def root(tmp_path_factory):
 
 
 def _run(root, pipeline, rank, world, epoch=0, seed=0, drop_last=False, skip=0, batch=4):
-    loader = build_pretrain_loader(cfg(root, pipeline), img_size=16, batch_size=batch, rank=rank, world_size=world,
-                                   seed=seed, drop_last=drop_last)
+    loader = build_pretrain_loader(
+        cfg(root, pipeline), img_size=16, batch_size=batch, rank=rank, world_size=world, seed=seed, drop_last=drop_last
+    )
     loader.set_epoch(epoch)
     if skip:
         loader.skip_batches(skip)

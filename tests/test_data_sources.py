@@ -1,4 +1,5 @@
 """Sources (folder, official JSON, mmengine JSON, file list, embedded, synthetic) and pipeline selection."""
+
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ import torch
 from cmae_ds.config import DataConfig
 from cmae_ds.data import DataSourceError, build_pretrain_loader, list_samples, resolve_pipeline
 from cmae_ds.data.sources import embedded_samples
+
 from data_helpers import cfg, random_jpegs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,8 +30,11 @@ def test_make_annotations_roundtrip_official_json(tmp_path):
     train = tmp_path / 'ImageNet' / 'train'
     random_jpegs(train, 6, classes=2, size=(20, 20))
     ann = tmp_path / 'ImageNet' / 'ImageNet_train.json'
-    subprocess.run([sys.executable, str(REPO / 'launch/make_annotations.py'), str(train), str(ann),
-                    '--prefix', 'train'], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(REPO / 'launch/make_annotations.py'), str(train), str(ann), '--prefix', 'train'],
+        check=True,
+        capture_output=True,
+    )
     entries = json.loads(ann.read_text())
     assert set(entries[0]) == {'prefix', 'filename', 'label'} and entries[0]['prefix'] == 'train'
     # the official configs name the annotation file relative to data_root
@@ -40,14 +45,20 @@ def test_make_annotations_roundtrip_official_json(tmp_path):
 def test_mmengine_json_and_filelist(tmp_path):
     paths = random_jpegs(tmp_path, 4, classes=2, size=(20, 20))
     rel = [str(Path(p).relative_to(tmp_path)) for p in paths]
-    mm = {'metainfo': {'classes': ['c0', 'c1']},
-          'data_list': [{'img_path': r, 'gt_label': i % 2} for i, r in enumerate(rel)]}
+    mm = {
+        'metainfo': {'classes': ['c0', 'c1']},
+        'data_list': [{'img_path': r, 'gt_label': i % 2} for i, r in enumerate(rel)],
+    }
     (tmp_path / 'mm.json').write_text(json.dumps(mm))
-    assert list_samples(DataConfig(source='json', root=str(tmp_path), ann_file=str(tmp_path / 'mm.json'))) == \
-        [(p, i % 2) for i, p in enumerate(paths)]
+    assert list_samples(DataConfig(source='json', root=str(tmp_path), ann_file=str(tmp_path / 'mm.json'))) == [
+        (p, i % 2) for i, p in enumerate(paths)
+    ]
     (tmp_path / 'list.txt').write_text(f'# comment\n{rel[0]} 5\n\n{rel[1]}\n{paths[2]}\t1\n')
-    assert list_samples(DataConfig(source='filelist', root=str(tmp_path), ann_file=str(tmp_path / 'list.txt'))) == \
-        [(paths[0], 5), (paths[1], -1), (paths[2], 1)]
+    assert list_samples(DataConfig(source='filelist', root=str(tmp_path), ann_file=str(tmp_path / 'list.txt'))) == [
+        (paths[0], 5),
+        (paths[1], -1),
+        (paths[2], 1),
+    ]
 
 
 def test_errors_name_the_file(tmp_path):
@@ -90,6 +101,7 @@ def test_pipeline_choice():
 
 def test_without_dali_auto_falls_back_to_torch(monkeypatch):
     from cmae_ds.data import build
+
     monkeypatch.setattr(build, 'dali_available', lambda: False)
     assert resolve_pipeline('auto') == 'torch'
     with pytest.raises(ImportError, match='dali'):

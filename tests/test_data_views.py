@@ -1,13 +1,14 @@
 """docs/spec.md section 7 geometry and augmentation rates, the same checks on the torch and the DALI CPU pipeline."""
+
 from __future__ import annotations
 
 import math
-
 
 import pytest
 import torch
 
 from cmae_ds.data import MEAN, STD, build_pretrain_loader
+
 from data_helpers import PIPELINES, cfg, coord_image, solid_image, write_folder
 
 S, EXTRA, EPOCHS = 32, 8, 8  # master 40; 8 epochs x 64 images = 512 samples per pipeline
@@ -22,12 +23,12 @@ def coord_root(tmp_path_factory):
 
 # torch_gpu on CPU tensors: 512 samples of many small ops take 4-12 s in the test process on this shared 2-core
 # machine; its decisions and pixels are compared with torch's in the fast suite below.
-@pytest.fixture(scope='module', params=[pytest.param(p, marks=pytest.mark.slow) if p == 'torch_gpu' else p
-                                        for p in PIPELINES])
+@pytest.fixture(
+    scope='module', params=[pytest.param(p, marks=pytest.mark.slow) if p == 'torch_gpu' else p for p in PIPELINES]
+)
 def views(request, coord_root):
     """All samples of EPOCHS epochs: dict of online (N,3,S,S), target (N,3,S,S), debug decisions (N,)."""
-    loader = build_pretrain_loader(cfg(coord_root, request.param, extra=EXTRA), img_size=S, batch_size=64,
-                                   debug=True)
+    loader = build_pretrain_loader(cfg(coord_root, request.param, extra=EXTRA), img_size=S, batch_size=64, debug=True)
     batches = []
     for epoch in range(EPOCHS):
         loader.set_epoch(epoch)
@@ -45,7 +46,7 @@ def _shift_diff(views) -> torch.Tensor:
     diffs = []
     for i in range(len(on)):
         dy, dx = int(d['dy'][i]), int(d['dx'][i])
-        diffs.append(((tg[i, :, :S - dy, :S - dx] - on[i, :, dy:, dx:]) * std).abs().amax())
+        diffs.append(((tg[i, :, : S - dy, : S - dx] - on[i, :, dy:, dx:]) * std).abs().amax())
     return torch.stack(diffs)
 
 
@@ -83,7 +84,7 @@ def test_offsets_uniform(views):
 def test_flip_rate_inferred_from_pixels(views):
     """Red encodes x: it grows to the right unless the master was flipped."""
     red = views['img'][:, 0]
-    slope = (red[:, :, S // 2:].mean((1, 2)) - red[:, :, :S // 2].mean((1, 2)))
+    slope = red[:, :, S // 2 :].mean((1, 2)) - red[:, :, : S // 2].mean((1, 2))
     flipped = slope < 0
     assert torch.equal(flipped, views['debug']['flip'])
     assert _rate_ok(flipped, 0.5)
@@ -158,8 +159,10 @@ def test_every_pipeline_makes_the_torch_pipelines_views_of_a_sample(tmp_path):
     """The draws are shared (draws.py): every decision and crop box of DALI and torch_gpu equals torch's, and the
     pixels differ only by the libraries' resampling (and, on the target, their color ops, so that is compared where
     none was drawn). A panorama exercises the central-crop fallback when no candidate box fits."""
-    write_folder(tmp_path, {'wide': [coord_image(160, 120)] * 8, 'tall': [coord_image(120, 160)] * 8,
-                            'pano': [coord_image(400, 60)] * 8})
+    write_folder(
+        tmp_path,
+        {'wide': [coord_image(160, 120)] * 8, 'tall': [coord_image(120, 160)] * 8, 'pano': [coord_image(400, 60)] * 8},
+    )
     runs = {}
     for pipeline in PIPELINES:
         loader = build_pretrain_loader(cfg(tmp_path, pipeline, extra=EXTRA), img_size=S, batch_size=8, debug=True)
@@ -188,6 +191,7 @@ def test_crop_boxes_follow_torchvision_rules():
     torchvision's sampler's, positions spread over the free range; an image no candidate fits takes the central crop
     at the nearest allowed ratio."""
     from cmae_ds.data.draws import draw_views, rrc_box
+
     boxes = torch.tensor([rrc_box(draw_views(0, 0, i, 32), 500, 375) for i in range(2000)]).double()
     top, left, h, w = boxes.unbind(1)
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= 375).all() and (left + w <= 500).all()
@@ -196,6 +200,7 @@ def test_crop_boxes_follow_torchvision_rules():
     # Rejection favours small boxes (large ones overflow more often): compare with torchvision's own sampler.
     from PIL import Image
     from torchvision.transforms import RandomResizedCrop
+
     torch.manual_seed(0)
     img = Image.new('RGB', (500, 375))
     tv = torch.tensor([RandomResizedCrop.get_params(img, [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(2000)]).double()
@@ -204,7 +209,7 @@ def test_crop_boxes_follow_torchvision_rules():
     assert abs((w / h).mean().item() - (tv[:, 3] / tv[:, 2]).mean().item()) < 0.02
     aspect = w / h
     assert aspect.min() > 0.74 and aspect.max() < 1.35
-    free = (500 - w)
+    free = 500 - w
     u = (left / free.clamp_min(1))[free > 50]
     assert abs(u.mean().item() - 0.5) < 0.05
     pano = rrc_box(draw_views(0, 0, 1, 32), 400, 60)
@@ -217,12 +222,14 @@ def test_dali_gpu_graph_makes_the_cpu_graphs_views(tmp_path):
     """Same draws, so the same decisions and boxes; pixels within nvJPEG-vs-libjpeg and kernel rounding. The hardware
     decoder is on by default (hw_decoder_load 0.65), so both decoders are exercised on a batch of 32."""
     pytest.importorskip('nvidia.dali')
-    write_folder(tmp_path, {'wide': [coord_image(160, 120)] * 16, 'tall': [coord_image(120, 160)] * 16}, ext='.jpg',
-                 quality=95)
+    write_folder(
+        tmp_path, {'wide': [coord_image(160, 120)] * 16, 'tall': [coord_image(120, 160)] * 16}, ext='.jpg', quality=95
+    )
     got = {}
     for device in ('cpu', 'cuda'):
-        loader = build_pretrain_loader(cfg(tmp_path, 'dali', extra=EXTRA), img_size=S, batch_size=32, device=device,
-                                       debug=True)
+        loader = build_pretrain_loader(
+            cfg(tmp_path, 'dali', extra=EXTRA), img_size=S, batch_size=32, device=device, debug=True
+        )
         loader.set_epoch(0)
         got[device] = next(iter(loader))
     cpu, gpu = got['cpu'], got['cuda']

@@ -9,6 +9,7 @@ value: argparse takes it, an elided override value is a string), `[--opt value]`
 `a|b|c` in one word is checked once per alternative. Under `deepspeed` the script also gets `--local_rank=0`, as
 the DeepSpeed launcher passes it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -52,6 +53,7 @@ class CommandError(Exception):
 
 # --- extraction ------------------------------------------------------------------------------------------------------
 
+
 def logical_lines(lines: list[str], first: int) -> Iterator[tuple[int, str]]:
     """(line number, text) with backslash continuations joined."""
     buf, start = [], None
@@ -81,7 +83,7 @@ def commands_in(text: str, where: str, line: int, inline: bool = False) -> Itera
         if not hits:
             continue
         i = hits[0]
-        args = list(itertools.takewhile(lambda t: not re.match(r'^\d?[<>]', t), seg[i + 1:]))
+        args = list(itertools.takewhile(lambda t: not re.match(r'^\d?[<>]', t), seg[i + 1 :]))
         if inline and not args:
             continue
         if 'deepspeed' in seg[:i]:
@@ -98,9 +100,10 @@ def commands_in_prose(lines: list[str], where: str, first: int) -> Iterator[Comm
             yield from commands_in(text, where, number)
     joined = '\n'.join(lines)
     for m in INLINE_CODE.finditer(joined):
-        if not LAUNCHER_START.match(joined[joined.rfind('\n', 0, m.start()) + 1:].strip()):
-            yield from commands_in(m.group(1).replace('\n', ' '), where, first + joined.count('\n', 0, m.start()),
-                                   inline=True)
+        if not LAUNCHER_START.match(joined[joined.rfind('\n', 0, m.start()) + 1 :].strip()):
+            yield from commands_in(
+                m.group(1).replace('\n', ' '), where, first + joined.count('\n', 0, m.start()), inline=True
+            )
 
 
 def markdown_commands(path: Path, where: Optional[str] = None) -> Iterator[Command]:
@@ -143,6 +146,7 @@ def all_commands() -> list[Command]:
 
 
 # --- checking ---------------------------------------------------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=None)
 def launch_module(name: str):
@@ -243,21 +247,38 @@ def test_documented_command_parses(cmd):
 def test_every_source_and_script_is_covered():
     """The extraction itself: a change that made it find nothing would pass every case above."""
     sources = {c.where.rsplit(':', 1)[0] for c in COMMANDS}
-    expected = {'README.md', 'docs/finetune.md', 'docs/data.md', 'docs/benchmarks.md', 'launch/pretrain.py',
-                'launch/evaluate.py', 'launch/knn.py', 'launch/finetune.py', 'launch/linear_probe.py',
-                'launch/benchmark.py', 'launch/make_annotations.py', 'launch/scan_dataset.py'}
+    expected = {
+        'README.md',
+        'docs/finetune.md',
+        'docs/data.md',
+        'docs/benchmarks.md',
+        'launch/pretrain.py',
+        'launch/evaluate.py',
+        'launch/knn.py',
+        'launch/finetune.py',
+        'launch/linear_probe.py',
+        'launch/benchmark.py',
+        'launch/make_annotations.py',
+        'launch/scan_dataset.py',
+    }
     assert expected <= sources, sorted(expected - sources)
     scripts = {c.script for c in COMMANDS}
     assert {p.stem for p in LAUNCH.glob('*.py')} <= scripts, sorted({p.stem for p in LAUNCH.glob('*.py')} - scripts)
     assert len(COMMANDS) >= 40
 
 
-@pytest.mark.parametrize('line,message', [
-    ('deepspeed --num_gpus 8 launch/evaluate.py ckpt.pth --no_such_flag 3', 'unrecognized arguments: --no_such_flag'),
-    ('python launch/pretrain.py --config debug train.no_such_key=1', "unknown key(s) ['no_such_key']"),
-    ('python launch/knn.py ckpt.pth knn.k=many', 'knn.k'),
-    ('python launch/finetune.py --deepspeed_config ds_configs/missing.json', 'ds_configs/missing.json'),
-])
+@pytest.mark.parametrize(
+    'line,message',
+    [
+        (
+            'deepspeed --num_gpus 8 launch/evaluate.py ckpt.pth --no_such_flag 3',
+            'unrecognized arguments: --no_such_flag',
+        ),
+        ('python launch/pretrain.py --config debug train.no_such_key=1', "unknown key(s) ['no_such_key']"),
+        ('python launch/knn.py ckpt.pth knn.k=many', 'knn.k'),
+        ('python launch/finetune.py --deepspeed_config ds_configs/missing.json', 'ds_configs/missing.json'),
+    ],
+)
 def test_a_broken_command_is_reported_with_file_and_line(tmp_path, line, message):
     doc = tmp_path / 'broken.md'
     doc.write_text(f'# Title\n\nRun it:\n\n```bash\n{line}\n```\n')
@@ -267,18 +288,24 @@ def test_a_broken_command_is_reported_with_file_and_line(tmp_path, line, message
 
 def test_notation_continuations_alternatives_and_optional_groups(tmp_path):
     doc = tmp_path / 'README.md'
-    doc.write_text('Use `launch/benchmark.py --mode model|data` or\n`python launch/make_annotations.py ROOT OUT.json\n'
-                   '[--prefix train]`.\n\n```\ndeepspeed --num_gpus 2 launch/pretrain.py \\\n'
-                   '    train.epochs=2  # a comment\n```\n')
+    doc.write_text(
+        'Use `launch/benchmark.py --mode model|data` or\n`python launch/make_annotations.py ROOT OUT.json\n'
+        '[--prefix train]`.\n\n```\ndeepspeed --num_gpus 2 launch/pretrain.py \\\n'
+        '    train.epochs=2  # a comment\n```\n'
+    )
     found = [(c.where, c.script, c.argv) for c in markdown_commands(doc, 'README.md')]
-    assert found == [('README.md:1', 'benchmark', ['--mode', 'model']),
-                     ('README.md:1', 'benchmark', ['--mode', 'data']),
-                     ('README.md:2', 'make_annotations', ['ROOT', 'OUT.json', '--prefix', 'train']),
-                     ('README.md:6', 'pretrain', ['--local_rank=0', 'train.epochs=2'])]
+    assert found == [
+        ('README.md:1', 'benchmark', ['--mode', 'model']),
+        ('README.md:1', 'benchmark', ['--mode', 'data']),
+        ('README.md:2', 'make_annotations', ['ROOT', 'OUT.json', '--prefix', 'train']),
+        ('README.md:6', 'pretrain', ['--local_rank=0', 'train.epochs=2']),
+    ]
 
 
-@pytest.mark.parametrize('script,first', [('pretrain', []), ('finetune', []), ('benchmark', []),
-                                          ('evaluate', ['ckpt.pth']), ('knn', ['ckpt.pth'])])
+@pytest.mark.parametrize(
+    'script,first',
+    [('pretrain', []), ('finetune', []), ('benchmark', []), ('evaluate', ['ckpt.pth']), ('knn', ['ckpt.pth'])],
+)
 def test_overrides_may_come_before_and_after_options(script, first):
     args = parse(script, [*first, 'model.size=debug', '--config', 'debug', 'model.img_size=96'])
     assert args.config == 'debug' and args.overrides == ['model.size=debug', 'model.img_size=96']

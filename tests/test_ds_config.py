@@ -1,5 +1,7 @@
 """DeepSpeed JSON validation: every rule names its key and the file, and the user's dict is never written."""
+
 import copy
+import dataclasses
 import json
 import os
 import socket
@@ -18,8 +20,12 @@ PATH = 'ds_configs/test.json'
 
 
 def base(**extra):
-    ds = {'train_micro_batch_size_per_gpu': 16, 'gradient_accumulation_steps': 2, 'bf16': {'enabled': True},
-          'zero_optimization': {'stage': 2}}
+    ds = {
+        'train_micro_batch_size_per_gpu': 16,
+        'gradient_accumulation_steps': 2,
+        'bf16': {'enabled': True},
+        'zero_optimization': {'stage': 2},
+    }
     ds.update(extra)
     return ds
 
@@ -40,20 +46,24 @@ def fails(ds, *words, world=4, cfg=None):
 
 def test_resolved_values():
     r = check(base())
-    assert r == ResolvedBatch(micro_batch=16, grad_accum=2, global_batch=128, precision='bf16', zero_stage=2,
-                              offload_optimizer=False)
-    with pytest.raises(Exception):
-        r.micro_batch = 3  # frozen
+    assert r == ResolvedBatch(
+        micro_batch=16, grad_accum=2, global_batch=128, precision='bf16', zero_stage=2, offload_optimizer=False
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.micro_batch = 3
 
 
-@pytest.mark.parametrize('keys, expect', [
-    (dict(train_batch_size=128, train_micro_batch_size_per_gpu=16, gradient_accumulation_steps=2), (16, 2, 128)),
-    (dict(train_batch_size=128, train_micro_batch_size_per_gpu=16), (16, 2, 128)),
-    (dict(train_batch_size=128, gradient_accumulation_steps=2), (16, 2, 128)),
-    (dict(train_micro_batch_size_per_gpu=16, gradient_accumulation_steps=2), (16, 2, 128)),
-    (dict(train_batch_size=128), (32, 1, 128)),
-    (dict(train_micro_batch_size_per_gpu=16), (16, 1, 64)),
-])
+@pytest.mark.parametrize(
+    'keys, expect',
+    [
+        (dict(train_batch_size=128, train_micro_batch_size_per_gpu=16, gradient_accumulation_steps=2), (16, 2, 128)),
+        (dict(train_batch_size=128, train_micro_batch_size_per_gpu=16), (16, 2, 128)),
+        (dict(train_batch_size=128, gradient_accumulation_steps=2), (16, 2, 128)),
+        (dict(train_micro_batch_size_per_gpu=16, gradient_accumulation_steps=2), (16, 2, 128)),
+        (dict(train_batch_size=128), (32, 1, 128)),
+        (dict(train_micro_batch_size_per_gpu=16), (16, 1, 64)),
+    ],
+)
 def test_two_of_three_derive_the_third_without_writing(keys, expect):
     ds = {'zero_optimization': {'stage': 1}, **keys}
     before = copy.deepcopy(ds)
@@ -63,8 +73,12 @@ def test_two_of_three_derive_the_third_without_writing(keys, expect):
 
 
 def test_input_never_mutated_even_on_error():
-    for ds in (base(), base(train_batch_size=999), base(fp16={'enabled': True}),
-               {'train_batch_size': 64, 'zero_optimization': {'stage': 3, 'offload_optimizer': {'device': 'cpu'}}}):
+    for ds in (
+        base(),
+        base(train_batch_size=999),
+        base(fp16={'enabled': True}),
+        {'train_batch_size': 64, 'zero_optimization': {'stage': 3, 'offload_optimizer': {'device': 'cpu'}}},
+    ):
         before = copy.deepcopy(ds)
         try:
             check(ds)
@@ -74,8 +88,13 @@ def test_input_never_mutated_even_on_error():
 
 
 def test_batch_mismatch_names_keys():
-    fails(base(train_batch_size=100), 'train_batch_size 100', 'train_micro_batch_size_per_gpu 16',
-          'gradient_accumulation_steps 2', 'world size 4')
+    fails(
+        base(train_batch_size=100),
+        'train_batch_size 100',
+        'train_micro_batch_size_per_gpu 16',
+        'gradient_accumulation_steps 2',
+        'world size 4',
+    )
 
 
 def test_batch_not_divisible():
@@ -124,19 +143,29 @@ def test_offload_rules():
     for stage in (1, 2, 3):
         r = check(base(zero_optimization={'stage': stage, 'offload_optimizer': off}))
         assert r.offload_optimizer and r.zero_stage == stage
-    fails(base(zero_optimization={'stage': 0, 'offload_optimizer': off}), 'zero_optimization.offload_optimizer',
-          'stage is 0')
-    fails(base(zero_optimization={'stage': 2, 'offload_optimizer': {'device': 'nvme'}}),
-          'zero_optimization.offload_optimizer.device')
+    fails(
+        base(zero_optimization={'stage': 0, 'offload_optimizer': off}),
+        'zero_optimization.offload_optimizer',
+        'stage is 0',
+    )
+    fails(
+        base(zero_optimization={'stage': 2, 'offload_optimizer': {'device': 'nvme'}}),
+        'zero_optimization.offload_optimizer.device',
+    )
     for stage in (0, 1, 2):
-        fails(base(zero_optimization={'stage': stage, 'offload_param': off}), 'zero_optimization.offload_param',
-              f'stage is {stage}')
+        fails(
+            base(zero_optimization={'stage': stage, 'offload_param': off}),
+            'zero_optimization.offload_param',
+            f'stage is {stage}',
+        )
     assert check(base(zero_optimization={'stage': 3, 'offload_param': off})).zero_stage == 3
     # device "none" is DeepSpeed's way of writing "no offload"
     r = check(base(zero_optimization={'stage': 0, 'offload_optimizer': {'device': 'none'}}))
     assert not r.offload_optimizer
-    fails(base(zero_optimization={'stage': 3, 'offload_param': {'device': 'gpu'}}),
-          'zero_optimization.offload_param.device')
+    fails(
+        base(zero_optimization={'stage': 3, 'offload_param': {'device': 'gpu'}}),
+        'zero_optimization.offload_param.device',
+    )
 
 
 def test_typos_get_a_suggestion():
@@ -147,8 +176,14 @@ def test_typos_get_a_suggestion():
     check(base(some_future_deepspeed_section={'x': 1}))
 
 
-@pytest.mark.parametrize('section, hint', [('optimizer', 'train.'), ('scheduler', 'cmae_ds.schedules'),
-                                           ('activation_checkpointing', 'model.activation_checkpointing')])
+@pytest.mark.parametrize(
+    'section, hint',
+    [
+        ('optimizer', 'train.'),
+        ('scheduler', 'cmae_ds.schedules'),
+        ('activation_checkpointing', 'model.activation_checkpointing'),
+    ],
+)
 def test_sections_owned_by_yaml(section, hint):
     fails(base(**{section: {'type': 'AdamW', 'params': {}}}), f'"{section}"', 'remove', hint)
 
@@ -186,7 +221,7 @@ def test_load_ds_config_errors(tmp_path):
     assert load_ds_config(str(good)) == base()
 
 
-_ENGINE_SCRIPT = textwrap.dedent('''
+_ENGINE_SCRIPT = textwrap.dedent("""
     import copy, json, sys
     import torch, deepspeed
     from cmae_ds.config import load_config
@@ -211,7 +246,7 @@ _ENGINE_SCRIPT = textwrap.dedent('''
     print('RESULT', json.dumps(dict(losses=losses, micro=engine.train_micro_batch_size_per_gpu(),
                                     accum=engine.gradient_accumulation_steps(),
                                     global_batch=engine.train_batch_size(), resolved=resolved.__dict__)))
-''')
+""")
 
 
 def _free_port():
@@ -222,13 +257,27 @@ def _free_port():
 
 def test_cpu_debug_builds_a_real_engine():
     """cpu_debug.json drives a real DeepSpeed engine on the CPU (gloo, one process) and agrees with validate()."""
-    env = dict(os.environ, MASTER_ADDR='127.0.0.1', MASTER_PORT=str(_free_port()), RANK='0', WORLD_SIZE='1',
-               LOCAL_RANK='0', PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES='')
-    proc = subprocess.run([sys.executable, '-c', _ENGINE_SCRIPT, 'ds_configs/cpu_debug.json'], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+    env = dict(
+        os.environ,
+        MASTER_ADDR='127.0.0.1',
+        MASTER_PORT=str(_free_port()),
+        RANK='0',
+        WORLD_SIZE='1',
+        LOCAL_RANK='0',
+        PYTHONPATH=str(REPO),
+        CUDA_VISIBLE_DEVICES='',
+    )
+    proc = subprocess.run(
+        [sys.executable, '-c', _ENGINE_SCRIPT, 'ds_configs/cpu_debug.json'],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = next(l for l in proc.stdout.splitlines() if l.startswith('RESULT '))
-    out = json.loads(line[len('RESULT '):])
+    out = json.loads(line[len('RESULT ') :])
     assert out['losses'][-1] < out['losses'][0]
     r = out['resolved']
     assert (out['micro'], out['accum'], out['global_batch']) == (r['micro_batch'], r['grad_accum'], r['global_batch'])
@@ -249,13 +298,25 @@ class _Accel:
         return 'cpu'
 
 
-@pytest.mark.parametrize('precision,accel,ok', [
-    ('fp16', _Accel(fp16=False, bf16=True), False), ('fp16', _Accel(fp16=True, bf16=True), True),
-    ('bf16', _Accel(fp16=True, bf16=False), False), ('bf16', _Accel(fp16=False, bf16=True), True),
-    ('fp32', _Accel(fp16=False, bf16=False), True)])
+@pytest.mark.parametrize(
+    'precision,accel,ok',
+    [
+        ('fp16', _Accel(fp16=False, bf16=True), False),
+        ('fp16', _Accel(fp16=True, bf16=True), True),
+        ('bf16', _Accel(fp16=True, bf16=False), False),
+        ('bf16', _Accel(fp16=False, bf16=True), True),
+        ('fp32', _Accel(fp16=False, bf16=False), True),
+    ],
+)
 def test_precision_the_accelerator_cannot_run_is_a_config_error(precision, accel, ok):
-    resolved = validate({'train_micro_batch_size_per_gpu': 4, precision: {'enabled': True}} if precision != 'fp32'
-                        else {'train_micro_batch_size_per_gpu': 4}, None, 1, path='x.json')
+    resolved = validate(
+        {'train_micro_batch_size_per_gpu': 4, precision: {'enabled': True}}
+        if precision != 'fp32'
+        else {'train_micro_batch_size_per_gpu': 4},
+        None,
+        1,
+        path='x.json',
+    )
     assert resolved.precision == precision
     if ok:
         check_precision_supported(resolved, 'x.json', accel)
@@ -266,9 +327,11 @@ def test_precision_the_accelerator_cannot_run_is_a_config_error(precision, accel
 
 def test_fp16_on_this_cpu_stops_with_the_file_named(tmp_path):
     from deepspeed.accelerator import get_accelerator
+
     if get_accelerator().is_fp16_supported():
         pytest.skip('this machine runs fp16')
     from engine_helpers import TINY, run_python, write_ds
+
     ds = write_ds(tmp_path, fp16={'enabled': True})
     proc = run_python(['launch/pretrain.py', '--deepspeed_config', ds, *TINY, f'train.output_dir={tmp_path / "r"}'])
     assert proc.returncode == 2 and 'ds.json: fp16.enabled is true' in proc.stderr, proc.stderr[-2000:]

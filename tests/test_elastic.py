@@ -3,8 +3,10 @@
 One chain of real DeepSpeed runs on the CPU (gloo), shared by every assertion (module-scoped): A trains 6 steps on
 2 ranks with ZeRO-2 and saves every 2; B resumes A's step 2 on 1 rank with accumulation 2 (same global batch) and
 takes 2 steps; C resumes B's step 4 on 2 ranks with ZeRO-1 and takes 2 steps. Right after each resume the state
-must equal the saved one exactly (weights, target, buffers, Adam moments and step, group weight decay). Masks are keyed by image content in these runs (tests/dist_scripts/elastic_probe.py).
+must equal the saved one exactly (weights, target, buffers, Adam moments and step, group weight decay). Masks are
+keyed by image content in these runs (tests/dist_scripts/elastic_probe.py).
 """
+
 import json
 import shutil
 from pathlib import Path
@@ -12,13 +14,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine_helpers import TINY, run_deepspeed, run_python, tail, write_ds
-
 from cmae_ds.config import ConfigError, load_config
 from cmae_ds.engine.elastic import Layout, carry_position, check_model_config, needs_universal
 
-ARGS = TINY + ['model.loss_con_weight=0', 'train.warmup_epochs=0', 'train.base_lr=0.05', 'train.momentum_base=0.9',
-               'train.momentum_end=0.9', 'train.save_every_steps=2', 'train.keep_last=0']
+from engine_helpers import TINY, run_deepspeed, run_python, tail, write_ds
+
+ARGS = TINY + [
+    'model.loss_con_weight=0',
+    'train.warmup_epochs=0',
+    'train.base_lr=0.05',
+    'train.momentum_base=0.9',
+    'train.momentum_end=0.9',
+    'train.save_every_steps=2',
+    'train.keep_last=0',
+]
 
 
 def _ds(tmp, name, ranks, stage, accum):
@@ -27,9 +36,21 @@ def _ds(tmp, name, ranks, stage, accum):
 
 def _run(tmp, name, ranks, stage, accum, run_dir, extra=(), record='', expect_ok=True):
     out = tmp / f'{name}.pt'
-    proc = run_deepspeed(['tests/dist_scripts/elastic_probe.py', '--deepspeed_config',
-                          _ds(tmp, f'{name}.json', ranks, stage, accum), '--out', str(out), '--record', record,
-                          *ARGS, f'train.output_dir={run_dir}', *extra], num_gpus=ranks)
+    proc = run_deepspeed(
+        [
+            'tests/dist_scripts/elastic_probe.py',
+            '--deepspeed_config',
+            _ds(tmp, f'{name}.json', ranks, stage, accum),
+            '--out',
+            str(out),
+            '--record',
+            record,
+            *ARGS,
+            f'train.output_dir={run_dir}',
+            *extra,
+        ],
+        num_gpus=ranks,
+    )
     assert proc.returncode == 0 or not expect_ok, tail(proc)
     return proc, (torch.load(out, weights_only=False) if proc.returncode == 0 else None)
 
@@ -81,7 +102,7 @@ def test_two_ranks_to_one_with_accumulation_resumes_everything(chain):
 @pytest.mark.dist
 def test_one_rank_to_two_and_zero2_to_zero1(chain):
     tmp, runs = chain
-    (proc, c), (_, b) = runs["C"], runs["B"]
+    (proc, c), (_, b) = runs['C'], runs['B']
     assert 'ZeRO-2, resumed on 2 rank(s)' in proc.stdout + proc.stderr
     _assert_equal(c[4], b[4])
     # rank 1 had no RNG file in a 1-rank checkpoint: reseeded, and its own file is written now
@@ -96,8 +117,10 @@ def test_changed_global_batch_moves_to_the_first_step_boundary(chain):
     tmp, _ = chain
     _copy_checkpoint(tmp / 'A', 'step_00000002', tmp / 'E')
     proc, e = _run(tmp, 'E', 1, 2, 1, tmp / 'E', ['train.max_steps=1'])
-    assert 'global batch 8 -> 4: resuming at image 16 of epoch 0 (the first unseen one); step 2 -> 4' \
+    assert (
+        'global batch 8 -> 4: resuming at image 16 of epoch 0 (the first unseen one); step 2 -> 4'
         in proc.stdout + proc.stderr
+    )
     assert e['start'] == 4
 
 
@@ -116,8 +139,16 @@ def test_zero3_to_zero1_on_one_rank(tmp_path):
 def test_other_model_config_fails_with_one_line(chain):
     tmp, _ = chain
     _copy_checkpoint(tmp / 'A', 'step_00000002', tmp / 'F')
-    proc = run_python(['launch/pretrain.py', '--deepspeed_config', _ds(tmp, 'F.json', 1, 2, 2), *ARGS,
-                       'model.depth=3', f'train.output_dir={tmp / "F"}'])
+    proc = run_python(
+        [
+            'launch/pretrain.py',
+            '--deepspeed_config',
+            _ds(tmp, 'F.json', 1, 2, 2),
+            *ARGS,
+            'model.depth=3',
+            f'train.output_dir={tmp / "F"}',
+        ]
+    )
     assert proc.returncode == 2, tail(proc)
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith('error:')]
     assert len(lines) == 1 and 'model.depth=2 there, 3 here' in lines[0], tail(proc)
@@ -149,6 +180,6 @@ def test_what_needs_a_conversion():
 def test_model_mismatch_names_the_fields():
     cfg = load_config(None, ['model.size=debug']).model
     saved = {**json.loads(json.dumps(cfg.__dict__)), 'depth': 7, 'activation_checkpointing': True}
-    with pytest.raises(ConfigError, match=r"model.depth=7 there, 2 here\)?") as e:
+    with pytest.raises(ConfigError, match=r'model.depth=7 there, 2 here\)?') as e:
         check_model_config(saved, cfg, 'ckpt')
     assert 'activation_checkpointing' not in str(e.value)

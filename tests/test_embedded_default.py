@@ -1,4 +1,5 @@
 """`python launch/pretrain.py` with no arguments: the README's first command, end to end (about 1-2 minutes)."""
+
 import re
 
 import pytest

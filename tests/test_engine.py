@@ -1,4 +1,5 @@
 """Single-process runs of launch/pretrain.py: resume, kill during save, non-finite loss, config errors."""
+
 import json
 
 import pytest
@@ -25,9 +26,22 @@ def image_folder(tmp_path_factory):
 
 def pretrain(tmp_path, run, folder, *extra, env=None, script=('launch/pretrain.py',)):
     ds = write_ds(tmp_path)
-    args = [*script, '--deepspeed_config', ds, *TINY, 'data.source=folder', f'data.root={folder}',
-            'data.pipeline=torch', 'data.num_workers=0', 'train.epochs=10', 'train.warmup_epochs=1',
-            'train.save_every_steps=2', 'train.keep_last=2', f'train.output_dir={tmp_path / run}', *extra]
+    args = [
+        *script,
+        '--deepspeed_config',
+        ds,
+        *TINY,
+        'data.source=folder',
+        f'data.root={folder}',
+        'data.pipeline=torch',
+        'data.num_workers=0',
+        'train.epochs=10',
+        'train.warmup_epochs=1',
+        'train.save_every_steps=2',
+        'train.keep_last=2',
+        f'train.output_dir={tmp_path / run}',
+        *extra,
+    ]
     return run_python(args, extra_env=env)
 
 
@@ -48,8 +62,13 @@ def test_resume_continues_exactly_and_survives_a_kill_during_save(tmp_path, imag
     straight = pretrain(tmp_path, 'straight', image_folder, 'train.max_steps=8')
     assert straight.returncode == 0, tail(straight)
     # a run killed while writing step 6: files on disk, no completion marker
-    killed = pretrain(tmp_path, 'split', image_folder, 'train.max_steps=8',
-                      script=('tests/dist_scripts/kill_during_save.py', 'step_00000006'))
+    killed = pretrain(
+        tmp_path,
+        'split',
+        image_folder,
+        'train.max_steps=8',
+        script=('tests/dist_scripts/kill_during_save.py', 'step_00000006'),
+    )
     assert killed.returncode != 0
     ckpts = tmp_path / 'split' / 'checkpoints'
     assert (ckpts / 'step_00000006').is_dir() and not (ckpts / 'step_00000006' / 'complete.json').exists()
@@ -71,8 +90,15 @@ def test_existing_run_is_never_overwritten(tmp_path, image_folder):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, image_folder):
-    proc = pretrain(tmp_path, 'nan', image_folder, 'train.max_steps=8', 'train.base_lr=1e30',
-                    'train.warmup_epochs=0', 'train.save_every_steps=1')
+    proc = pretrain(
+        tmp_path,
+        'nan',
+        image_folder,
+        'train.max_steps=8',
+        'train.base_lr=1e30',
+        'train.warmup_epochs=0',
+        'train.save_every_steps=1',
+    )
     assert proc.returncode == 3, tail(proc)
     assert 'NaN or inf' in proc.stderr
     ckpts = tmp_path / 'nan' / 'checkpoints'
@@ -110,9 +136,20 @@ def test_bf16_on_one_process_trains_and_resumes(tmp_path, image_folder):
     weights and fp32 buffers (this once failed with "expected scalar type BFloat16 but found Float"). ZeRO-2: the
     same DeepSpeed optimizer class as ZeRO-1; the fine-tuning tests cover bf16 without ZeRO."""
     ds = write_ds(tmp_path, bf16={'enabled': True}, zero_optimization={'stage': 2})
-    args = ['launch/pretrain.py', '--deepspeed_config', ds, *TINY, 'data.source=folder', f'data.root={image_folder}',
-            'data.pipeline=torch', 'data.num_workers=0', 'train.epochs=10', 'train.warmup_epochs=1',
-            'train.save_every_steps=2', f'train.output_dir={tmp_path / "run"}']
+    args = [
+        'launch/pretrain.py',
+        '--deepspeed_config',
+        ds,
+        *TINY,
+        'data.source=folder',
+        f'data.root={image_folder}',
+        'data.pipeline=torch',
+        'data.num_workers=0',
+        'train.epochs=10',
+        'train.warmup_epochs=1',
+        'train.save_every_steps=2',
+        f'train.output_dir={tmp_path / "run"}',
+    ]
     first = run_python(args + ['train.max_steps=2'])
     assert first.returncode == 0, tail(first)
     again = run_python(args + ['train.max_steps=2', '--resume', 'auto'])

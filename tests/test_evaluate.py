@@ -1,11 +1,12 @@
 """Evaluation: the official fine-tuned classifier of the fixture gives the fixture's logits through the evaluate
 path; padded samples are not counted; our model files round-trip; wrong checkpoints give clear errors."""
+
 import pytest
 import torch
 
 from cmae_ds.checkpoint import CheckpointError
-from cmae_ds.config import ConfigError, ModelConfig
 from cmae_ds.classifier_files import load_classifier, save_classifier_file
+from cmae_ds.config import ConfigError, ModelConfig
 from cmae_ds.engine.evaluate import check_labels, evaluate
 from cmae_ds.models import ViTClassifier
 
@@ -32,8 +33,12 @@ def test_official_classifier_gives_the_fixture_logits(official_file, fixture_a):
         return seen[-1]
 
     ranked = want.argsort(dim=1, descending=True)
-    result = evaluate(forward, [{'img': img, 'label': ranked[:, 0], 'index': torch.arange(8)}], torch.device('cpu'),
-                      keep_predictions=True)
+    result = evaluate(
+        forward,
+        [{'img': img, 'label': ranked[:, 0], 'index': torch.arange(8)}],
+        torch.device('cpu'),
+        keep_predictions=True,
+    )
     assert rel(seen[0], want) < 1e-4
     assert (result.top1, result.top5, result.images) == (100.0, 100.0, 8)
     assert [p for _, p, _ in result.predictions] == ranked[:, 0].tolist()
@@ -46,8 +51,10 @@ def test_official_classifier_gives_the_fixture_logits(official_file, fixture_a):
 
 def test_padded_samples_are_not_counted():
     logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [2.0, 0.0]])
-    batches = [{'img': logits[:2], 'label': torch.tensor([0, 1]), 'valid': torch.tensor([True, True])},
-               {'img': logits[2:], 'label': torch.tensor([0, 1]), 'valid': torch.tensor([True, False])}]
+    batches = [
+        {'img': logits[:2], 'label': torch.tensor([0, 1]), 'valid': torch.tensor([True, True])},
+        {'img': logits[2:], 'label': torch.tensor([0, 1]), 'valid': torch.tensor([True, False])},
+    ]
     result = evaluate(lambda x: x, batches, torch.device('cpu'))
     assert (result.images, result.top1) == (3, 100.0)
 
@@ -55,8 +62,15 @@ def test_padded_samples_are_not_counted():
 def test_our_model_file_round_trips(tmp_path):
     cfg = ModelConfig(size='debug', img_size=32, patch_size=8)
     model = ViTClassifier(cfg, 3, img_size=48)
-    path = save_classifier_file(tmp_path / 'model_best.pt', model.state_dict(), kind='finetune', model_cfg=cfg,
-                                num_classes=3, img_size=48, extra={'epoch': 4})
+    save_classifier_file(
+        tmp_path / 'model_best.pt',
+        model.state_dict(),
+        kind='finetune',
+        model_cfg=cfg,
+        num_classes=3,
+        img_size=48,
+        extra={'epoch': 4},
+    )
     loaded = load_classifier(tmp_path)  # a run folder means its model_best.pt; the file describes the model
     assert (loaded.img_size, loaded.num_classes) == (48, 3) and 'epoch 4' in loaded.description
     x = torch.randn(2, 3, 48, 48)

@@ -1,5 +1,6 @@
 """End to end on the CPU: pretrain the debug model a few steps, fine-tune from its run folder (at another
 resolution, with a stop and a resume), evaluate on 1 and 2 ranks, probe linearly; user errors exit 2."""
+
 import json
 
 import pytest
@@ -12,8 +13,16 @@ pytestmark = [pytest.mark.slow]
 
 # The debug encoder of TINY, fine-tuned at 48 px (6x6 patches instead of 4x4: the position embedding is resized).
 # finetune.seed=1: see the report on timm's RandAugment posterize with Pillow >= 11 (bits 0 raises).
-FT = ['model.size=debug', 'model.img_size=32', 'model.patch_size=8', 'finetune.img_size=48', 'finetune.seed=1',
-      'data.num_workers=0', 'val_data.num_workers=0', 'finetune.progress_bar=false']
+FT = [
+    'model.size=debug',
+    'model.img_size=32',
+    'model.patch_size=8',
+    'finetune.img_size=48',
+    'finetune.seed=1',
+    'data.num_workers=0',
+    'val_data.num_workers=0',
+    'finetune.progress_bar=false',
+]
 
 
 @pytest.fixture(scope='module')
@@ -22,17 +31,41 @@ def setup(tmp_path_factory):
     train = write_class_folder(root / 'train', [8, 8], seed=1)
     val = write_class_folder(root / 'val', [4, 3], seed=2)  # 7 images: not divisible by 2 ranks
     ds = write_ds(root)
-    proc = run_python(['launch/pretrain.py', '--deepspeed_config', ds, *TINY, 'data.source=folder',
-                       f'data.root={train}', 'data.pipeline=torch', 'data.num_workers=0', 'train.epochs=1',
-                       'train.warmup_epochs=0', 'train.max_steps=2', f'train.output_dir={root / "pre"}'])
+    proc = run_python(
+        [
+            'launch/pretrain.py',
+            '--deepspeed_config',
+            ds,
+            *TINY,
+            'data.source=folder',
+            f'data.root={train}',
+            'data.pipeline=torch',
+            'data.num_workers=0',
+            'train.epochs=1',
+            'train.warmup_epochs=0',
+            'train.max_steps=2',
+            f'train.output_dir={root / "pre"}',
+        ]
+    )
     assert proc.returncode == 0, tail(proc)
     assert (root / 'pre' / 'model.pt').is_file()
     return dict(root=root, train=train, val=val, ds=ds, pre=root / 'pre')
 
 
 def finetune(s, out, *extra, script='launch/finetune.py', config='finetune_debug', ds=None):
-    return run_python([script, '--config', config, '--deepspeed_config', ds or s['ds'], *FT, f'data.root={s["train"]}',
-                       f'val_data.root={s["val"]}', *extra])
+    return run_python(
+        [
+            script,
+            '--config',
+            config,
+            '--deepspeed_config',
+            ds or s['ds'],
+            *FT,
+            f'data.root={s["train"]}',
+            f'val_data.root={s["val"]}',
+            *extra,
+        ]
+    )
 
 
 def metrics(run):
@@ -66,8 +99,9 @@ def test_finetune_resume_and_evaluate_on_one_and_two_ranks(setup):
     assert (r1['images'], r1['img_size'], r1['world_size']) == (7, 48, 1)
     assert r1['top1'] == pytest.approx(best['top1']) and r1['loss'] == pytest.approx(best['loss'], rel=1e-5)
 
-    two = run_deepspeed(['launch/evaluate.py', str(run), '--batch_size', '3', '--predictions', '--out',
-                         str(s['root'] / 'eval2.json')])
+    two = run_deepspeed(
+        ['launch/evaluate.py', str(run), '--batch_size', '3', '--predictions', '--out', str(s['root'] / 'eval2.json')]
+    )
     assert two.returncode == 0, tail(two)
     r2 = json.loads((s['root'] / 'eval2.json').read_text())
     assert (r2['images'], r2['world_size']) == (7, 2)
@@ -76,17 +110,37 @@ def test_finetune_resume_and_evaluate_on_one_and_two_ranks(setup):
 
 
 def test_linear_probe_writes_an_evaluable_probe(setup):
+    from cmae_ds.classifier_files import load_classifier
     from cmae_ds.config import DataConfig
     from cmae_ds.data import build_classification_loader
-    from cmae_ds.classifier_files import load_classifier
     from cmae_ds.engine.evaluate import evaluate
+
     s, run = setup, setup['root'] / 'lp'
-    proc = run_python(['launch/linear_probe.py', '--config', 'linprobe_vit_base', '--deepspeed_config', s['ds'],
-                       'model.size=debug', 'model.img_size=32', 'model.patch_size=8', 'linprobe.num_classes=2',
-                       f'linprobe.pretrained={s["pre"] / "model.pt"}', 'linprobe.epochs=1', 'linprobe.warmup_epochs=0',
-                       'linprobe.seed=1', 'linprobe.progress_bar=false', f'linprobe.output_dir={run}',
-                       f'data.root={s["train"]}', f'val_data.root={s["val"]}', 'data.num_workers=0',
-                       'val_data.num_workers=0', 'data.pipeline=torch', 'val_data.pipeline=torch'])
+    proc = run_python(
+        [
+            'launch/linear_probe.py',
+            '--config',
+            'linprobe_vit_base',
+            '--deepspeed_config',
+            s['ds'],
+            'model.size=debug',
+            'model.img_size=32',
+            'model.patch_size=8',
+            'linprobe.num_classes=2',
+            f'linprobe.pretrained={s["pre"] / "model.pt"}',
+            'linprobe.epochs=1',
+            'linprobe.warmup_epochs=0',
+            'linprobe.seed=1',
+            'linprobe.progress_bar=false',
+            f'linprobe.output_dir={run}',
+            f'data.root={s["train"]}',
+            f'val_data.root={s["val"]}',
+            'data.num_workers=0',
+            'val_data.num_workers=0',
+            'data.pipeline=torch',
+            'val_data.pipeline=torch',
+        ]
+    )
     assert proc.returncode == 0, tail(proc)
     assert 'optimizer lars' in proc.stdout
     loaded = load_classifier(run)
@@ -94,8 +148,12 @@ def test_linear_probe_writes_an_evaluable_probe(setup):
     state = torch.load(run / 'model_best.pt', weights_only=True)['state_dict']
     pre = torch.load(s['pre'] / 'model.pt', weights_only=True)['state_dict']
     assert torch.equal(state['encoder.blocks.0.attn.qkv.weight'], pre['encoder.blocks.0.attn.qkv.weight'])  # frozen
-    loader = build_classification_loader(DataConfig(source='folder', root=str(s['val']), pipeline='torch',
-                                                    num_workers=0), train=False, img_size=32, batch_size=4)
+    loader = build_classification_loader(
+        DataConfig(source='folder', root=str(s['val']), pipeline='torch', num_workers=0),
+        train=False,
+        img_size=32,
+        batch_size=4,
+    )
     loader.set_epoch(0)
     result = evaluate(loaded.model.eval(), loader, torch.device('cpu'))
     assert result.images == 7 and result.top1 == pytest.approx(metrics(run)[-1]['top1'])
@@ -108,8 +166,9 @@ def test_user_errors_exit_2_without_traceback(setup):
     assert proc.returncode == 2 and 'must be even' in proc.stderr and 'Traceback' not in proc.stderr, tail(proc)
     missing = s['root'] / 'missing.pt'
     proc = finetune(s, None, f'finetune.pretrained={missing}', f'finetune.output_dir={s["root"] / "m"}')
-    assert proc.returncode == 2 and 'missing.pt: no such file' in proc.stderr and 'Traceback' not in proc.stderr, \
-        tail(proc)
+    assert proc.returncode == 2 and 'missing.pt: no such file' in proc.stderr and 'Traceback' not in proc.stderr, tail(
+        proc
+    )
 
 
 @pytest.mark.parametrize('stage', [0, 2])
@@ -118,16 +177,41 @@ def test_bf16_finetune_and_linear_probe_on_one_process(setup, stage):
     next to DeepSpeed's bf16 weights and fp32 buffers."""
     s = setup
     ds = write_ds(s['root'], f'bf16_{stage}.json', bf16={'enabled': True}, zero_optimization={'stage': stage})
-    ft = finetune(s, None, f'finetune.pretrained={s["pre"]}', f'finetune.output_dir={s["root"] / f"ft16_{stage}"}',
-                  'finetune.max_steps=2', ds=ds)
+    ft = finetune(
+        s,
+        None,
+        f'finetune.pretrained={s["pre"]}',
+        f'finetune.output_dir={s["root"] / f"ft16_{stage}"}',
+        'finetune.max_steps=2',
+        ds=ds,
+    )
     assert ft.returncode == 0, tail(ft)
     run = s['root'] / f'lp16_{stage}'
-    lp = run_python(['launch/linear_probe.py', '--config', 'linprobe_vit_base', '--deepspeed_config', ds,
-                     'model.size=debug', 'model.img_size=32', 'model.patch_size=8', 'linprobe.num_classes=2',
-                     f'linprobe.pretrained={s["pre"] / "model.pt"}', 'linprobe.epochs=1', 'linprobe.warmup_epochs=0',
-                     'linprobe.max_steps=2', 'linprobe.progress_bar=false', f'linprobe.output_dir={run}',
-                     f'data.root={s["train"]}', f'val_data.root={s["val"]}', 'data.num_workers=0',
-                     'val_data.num_workers=0', 'data.pipeline=torch', 'val_data.pipeline=torch'])
+    lp = run_python(
+        [
+            'launch/linear_probe.py',
+            '--config',
+            'linprobe_vit_base',
+            '--deepspeed_config',
+            ds,
+            'model.size=debug',
+            'model.img_size=32',
+            'model.patch_size=8',
+            'linprobe.num_classes=2',
+            f'linprobe.pretrained={s["pre"] / "model.pt"}',
+            'linprobe.epochs=1',
+            'linprobe.warmup_epochs=0',
+            'linprobe.max_steps=2',
+            'linprobe.progress_bar=false',
+            f'linprobe.output_dir={run}',
+            f'data.root={s["train"]}',
+            f'val_data.root={s["val"]}',
+            'data.num_workers=0',
+            'val_data.num_workers=0',
+            'data.pipeline=torch',
+            'val_data.pipeline=torch',
+        ]
+    )
     if stage != 0:  # LARS is not a DeepSpeed-tested ZeRO optimizer: a user error before any engine is built
         assert lp.returncode == 2 and 'zero_allow_untested_optimizer' in lp.stderr and 'Traceback' not in lp.stderr
         return

@@ -1,4 +1,5 @@
 """Linear-probe pieces: MAE's LARS step, the frozen encoder, the BatchNorm head."""
+
 import torch
 
 from cmae_ds.config import ModelConfig

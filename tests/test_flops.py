@@ -1,13 +1,13 @@
 """Analytic FLOP model: hand counts for ViT-B, and an independent count of the real model with FlopCounterMode."""
+
 import math
 
 import pytest
-
-from cmae_ds.kernels import configure as configure_kernels
 import torch
 
 from cmae_ds.config import ModelConfig
 from cmae_ds.flops import PEAK_TFLOPS, flops_per_image, forward_flops_per_image, mfu, peak_tflops
+from cmae_ds.kernels import configure as configure_kernels
 
 
 def block(n, d, hidden):
@@ -66,8 +66,19 @@ SMALL = [
     dict(size='debug', img_size=96, mode='mae'),
     # Encoder MLP ratio left at 4: the decoders' ratio is 4 by docs/spec.md section 4 whatever the encoder's
     # (see flops.py).
-    dict(size='debug', img_size=64, mode='cmae', embed_dim=48, num_heads=4, decoder_embed_dim=32,
-         decoder_num_heads=2, decoder_depth=2, feature_decoder_depth=2, proj_hidden_dim=40, proj_dim=24),
+    dict(
+        size='debug',
+        img_size=64,
+        mode='cmae',
+        embed_dim=48,
+        num_heads=4,
+        decoder_embed_dim=32,
+        decoder_num_heads=2,
+        decoder_depth=2,
+        feature_decoder_depth=2,
+        proj_hidden_dim=40,
+        proj_dim=24,
+    ),
 ]
 
 
@@ -80,6 +91,7 @@ def test_matches_flop_counter_on_the_real_model(kw, monkeypatch):
     """
     models = pytest.importorskip('cmae_ds.models')
     from torch.utils.flop_counter import FlopCounterMode
+
     monkeypatch.setenv('CMAE_FUSED', '0')
     configure_kernels()  # the environment overrides the switches when they are set
     monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention', _math_sdpa)
@@ -107,6 +119,7 @@ def test_matches_flop_counter_on_the_real_model(kw, monkeypatch):
 def test_training_multipliers_with_flop_counter():
     """3x forward for a layer whose input needs a gradient, 2x for the patch embedding (image: no grad)."""
     from torch.utils.flop_counter import FlopCounterMode
+
     lin, conv = torch.nn.Linear(32, 48), torch.nn.Conv2d(3, 32, 16, stride=16)
     x, img = torch.randn(5, 32, requires_grad=True), torch.randn(2, 3, 32, 32)
     for module, inp, mult in ((lin, x, 3), (conv, img, 2)):
@@ -125,10 +138,20 @@ def test_forward_components_cmae_vs_mae():
     assert cmae['patch_embed'] == cmae['target_patch_embed']
 
 
-@pytest.mark.parametrize('name, peak', [
-    ('NVIDIA H100 80GB HBM3', 989), ('NVIDIA H100 PCIe', 756), ('NVIDIA H100 NVL', 835), ('NVIDIA H200', 989), ('NVIDIA GH200 480GB', 989),
-    ('NVIDIA A100-SXM4-80GB', 312), ('NVIDIA A10', 125), ('NVIDIA L40S', 362), ('NVIDIA L4', 121),
-])
+@pytest.mark.parametrize(
+    'name, peak',
+    [
+        ('NVIDIA H100 80GB HBM3', 989),
+        ('NVIDIA H100 PCIe', 756),
+        ('NVIDIA H100 NVL', 835),
+        ('NVIDIA H200', 989),
+        ('NVIDIA GH200 480GB', 989),
+        ('NVIDIA A100-SXM4-80GB', 312),
+        ('NVIDIA A10', 125),
+        ('NVIDIA L40S', 362),
+        ('NVIDIA L4', 121),
+    ],
+)
 def test_peak_by_device_name(name, peak):
     assert peak_tflops(name) == peak
 

@@ -1,14 +1,14 @@
 """launch/gpu_checks.sh, the one prepared run for a session lent a GPU: it cannot run here, so what is checked is
 what would waste a short lease: syntax, files it names, and that a failing or hanging step does not stop the rest."""
+
 import json
 import os
 import re
 import subprocess
 import sys
-
-import pytest
 from pathlib import Path
 
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / 'launch' / 'gpu_checks.sh'
@@ -32,10 +32,18 @@ def test_every_file_and_preset_it_names_exists():
 
 @pytest.mark.slow
 def test_a_failing_or_hanging_step_is_logged_and_the_next_still_runs(tmp_path):
-    body = ('source "$1"; fails() { echo inside; return 3; }; export -f fails; '
-            'step one 5 fails; step two 1 sleep 5; step three 5 echo ok')
-    proc = subprocess.run(['bash', '-c', body, 'bash', str(SCRIPT)], cwd=tmp_path, capture_output=True, text=True,
-                          env={'OUT': str(tmp_path), 'PATH': '/usr/bin:/bin'}, timeout=60)
+    body = (
+        'source "$1"; fails() { echo inside; return 3; }; export -f fails; '
+        'step one 5 fails; step two 1 sleep 5; step three 5 echo ok'
+    )
+    proc = subprocess.run(
+        ['bash', '-c', body, 'bash', str(SCRIPT)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={'OUT': str(tmp_path), 'PATH': '/usr/bin:/bin'},
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     summary = (tmp_path / 'summary.txt').read_text().splitlines()
     assert [line.split(' in ')[0] for line in summary] == ['one: rc=3', 'two: rc=124', 'three: rc=0']
@@ -44,9 +52,14 @@ def test_a_failing_or_hanging_step_is_logged_and_the_next_still_runs(tmp_path):
 
 
 def _source(body: str, tmp_path, **env):
-    return subprocess.run(['bash', '-c', 'source "$1"; ' + body, 'bash', str(SCRIPT)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60,
-                          env={'OUT': str(tmp_path), 'PATH': '/usr/bin:/bin', **env})
+    return subprocess.run(
+        ['bash', '-c', 'source "$1"; ' + body, 'bash', str(SCRIPT)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={'OUT': str(tmp_path), 'PATH': '/usr/bin:/bin', **env},
+    )
 
 
 def test_the_budget_caps_every_step_and_skips_what_no_longer_fits(tmp_path):
@@ -72,8 +85,12 @@ def test_report_names_what_is_missing(tmp_path):
     out.mkdir()
     work.mkdir()
     (out / 'summary.txt').write_text('install: rc=0 in 20 s\n')
-    proc = subprocess.run([sys.executable, str(ROOT / 'launch' / 'gpu_report.py'), str(out), str(work)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / 'launch' / 'gpu_report.py'), str(out), str(work)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     md = (out / 'benchmarks.md').read_text()
     assert 'install: rc=0' in md and 'No data result' in md and 'No e2e comparison' in md
@@ -84,8 +101,13 @@ def test_report_names_what_is_missing(tmp_path):
 def test_dry_run_runs_every_cpu_step_and_writes_the_fragment(tmp_path):
     """The same steps on the debug model, tiny JPEGs and the CPU: argument plumbing, files, the report."""
     out, work = tmp_path / 'out', tmp_path / 'work'
-    env = {**os.environ, 'OUT': str(out), 'WORK': str(work),
-           'PATH': f'{Path(sys.executable).parent}:{os.environ["PATH"]}', 'PYTHONPATH': str(ROOT)}
+    env = {
+        **os.environ,
+        'OUT': str(out),
+        'WORK': str(work),
+        'PATH': f'{Path(sys.executable).parent}:{os.environ["PATH"]}',
+        'PYTHONPATH': str(ROOT),
+    }
     proc = subprocess.run(['bash', str(SCRIPT), 'dry-run'], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr
     summary = dict(line.split(': ', 1) for line in (out / 'summary.txt').read_text().splitlines())

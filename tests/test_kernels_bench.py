@@ -1,8 +1,9 @@
 """The benchmark's CPU mode: a correctness pass of every Triton kernel against its reference."""
+
 import math
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before the first kernel is decorated: kernels are imported lazily
+os.environ['TRITON_INTERPRET'] = '1'  # before the first kernel is decorated: kernels are imported lazily
 
 import pytest
 
@@ -12,11 +13,11 @@ from cmae_ds.kernels._triton import has_triton
 
 def test_cpu_correctness_pass():
     if not has_triton():
-        pytest.skip("triton is not installed")
+        pytest.skip('triton is not installed')
     results = bench.check(list(bench.CASES))
-    assert set(results) == {"recon_loss", "ema", "visible_embed"}
+    assert set(results) == {'recon_loss', 'ema', 'visible_embed'}
     for op, (impl, err) in results.items():
-        assert impl == "triton", op
+        assert impl == 'triton', op
         assert err < 1e-4, (op, err)
 
 

@@ -1,4 +1,5 @@
 """kNN evaluator: high accuracy on separable classes, chance with shuffled labels; the pretraining monitor."""
+
 import json
 
 import pytest
@@ -39,9 +40,11 @@ def test_weighted_vote_follows_dino():
 def test_clusters_are_found_and_shuffled_labels_are_chance():
     gen = torch.Generator().manual_seed(0)
     centers = F.normalize(torch.randn(10, 32, generator=gen), dim=1)
+
     def sample(n):
         y = torch.arange(n) % 10
         return F.normalize(centers[y] + 0.1 * torch.randn(n, 32, generator=gen), dim=1), y
+
     (xt, yt), (xv, yv) = sample(500), sample(200)
     assert knn_accuracy((xt, yt), (xv, yv), 10).top1 > 95
     shuffled = yt[torch.randperm(500, generator=gen)]
@@ -51,8 +54,9 @@ def test_clusters_are_found_and_shuffled_labels_are_chance():
 def test_encoder_features_of_separable_images(folders, tmp_path):
     train_root, val_root = folders
     encoder = CMAE(CFG).encoder.eval()  # untrained: the colours alone separate the classes
-    evaluator = KnnEvaluator(KnnConfig(batch_size=16), folder_cfg(train_root), folder_cfg(val_root), 32, 0, 1,
-                             torch.device('cpu'))
+    evaluator = KnnEvaluator(
+        KnnConfig(batch_size=16), folder_cfg(train_root), folder_cfg(val_root), 32, 0, 1, torch.device('cpu')
+    )
     result = evaluator(mean_patch_features(encoder))
     assert (result.images, result.train_images, evaluator.num_classes) == (24, 40, 4)
     assert result.top1 >= 90
@@ -62,9 +66,15 @@ def test_encoder_features_of_separable_images(folders, tmp_path):
     labels = torch.tensor([int(y) for _, y in lines])[order]
     shuffled = tmp_path / 'shuffled.txt'
     shuffled.write_text(''.join(f'{p} {int(y)}\n' for (p, _), y in zip(lines, labels)))
-    bad = KnnEvaluator(KnnConfig(batch_size=16), DataConfig(source='filelist', ann_file=str(shuffled),
-                                                            pipeline='torch', num_workers=0),
-                       folder_cfg(val_root), 32, 0, 1, torch.device('cpu'))
+    bad = KnnEvaluator(
+        KnnConfig(batch_size=16),
+        DataConfig(source='filelist', ann_file=str(shuffled), pipeline='torch', num_workers=0),
+        folder_cfg(val_root),
+        32,
+        0,
+        1,
+        torch.device('cpu'),
+    )
     assert bad(mean_patch_features(encoder)).top1 <= 50  # chance is 25
 
 
@@ -75,8 +85,13 @@ def _filelist(root):
 def test_monitor_logs_every_n_steps_and_restores_training_mode(folders, tmp_path):
     train_root, val_root = folders
     model = CMAE(CFG).train()
-    monitor = KnnMonitor(KnnMonitorConfig(every_steps=3, batch_size=16), folder_cfg(train_root), folder_cfg(val_root), 32,
-                         run_dir=tmp_path)
+    monitor = KnnMonitor(
+        KnnMonitorConfig(every_steps=3, batch_size=16),
+        folder_cfg(train_root),
+        folder_cfg(val_root),
+        32,
+        run_dir=tmp_path,
+    )
     engine = type('Engine', (), {'device': torch.device('cpu')})()
     results = [monitor(step, engine, model) for step in range(7)]
     monitor.close()
@@ -96,9 +111,22 @@ def test_monitor_inside_real_pretraining(folders, tmp_path):
     knn = ['knn.every_steps=2', 'knn.batch_size=8']
     for split, root in (('knn_train', train_root), ('knn_val', val_root)):
         knn += [f'{split}.source=folder', f'{split}.root={root}', f'{split}.pipeline=torch', f'{split}.num_workers=0']
-    proc = run_python(['launch/pretrain.py', '--deepspeed_config', ds, *TINY, *knn,
-                       'data.source=folder', f'data.root={train_root}', 'data.pipeline=torch', 'data.num_workers=0',
-                       'train.epochs=1', 'train.warmup_epochs=0', f'train.output_dir={run}'])
+    proc = run_python(
+        [
+            'launch/pretrain.py',
+            '--deepspeed_config',
+            ds,
+            *TINY,
+            *knn,
+            'data.source=folder',
+            f'data.root={train_root}',
+            'data.pipeline=torch',
+            'data.num_workers=0',
+            'train.epochs=1',
+            'train.warmup_epochs=0',
+            f'train.output_dir={run}',
+        ]
+    )
     assert proc.returncode == 0, tail(proc)
     history = [json.loads(x) for x in (run / 'knn.jsonl').read_text().splitlines()]
     assert [h['step'] for h in history] == [2, 4, 6, 8, 10]  # 40 images / batch 4 = 10 steps

@@ -1,4 +1,5 @@
 """Layer-wise lr decay groups: the formula per parameter, the no-decay rules, agreement with timm's reference."""
+
 import pytest
 import torch
 
@@ -42,7 +43,7 @@ def test_each_parameter_gets_decay_to_the_power_of_its_distance_from_the_head():
         assert g['weight_decay'] == (0.0 if expected_no_decay(name, p) else 0.05), name
     assert table['head.weight']['lr_scale'] == 1.0 and table['head.weight']['weight_decay'] == 0.05
     assert table['encoder.pos_embed']['weight_decay'] == 0.0
-    assert table['encoder.patch_embed.proj.weight']['lr_scale'] == pytest.approx(0.65 ** 4)
+    assert table['encoder.patch_embed.proj.weight']['lr_scale'] == pytest.approx(0.65**4)
 
 
 def test_set_lr_gives_each_group_its_scaled_rate():
@@ -58,16 +59,26 @@ def test_matches_timm_layer_decay_reference():
     """timm's param_groups_layer_decay on a timm ViT with the same names (ours are timm's, under encoder.)."""
     from timm.models.vision_transformer import VisionTransformer
     from timm.optim._param_groups import param_groups_layer_decay
-    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=DEPTH, num_heads=4, num_classes=7,
-                            global_pool='avg', fc_norm=True, class_token=True)
-    ref = param_groups_layer_decay(vit, weight_decay=0.05, no_weight_decay_list=vit.no_weight_decay(),
-                                   layer_decay=0.65)
+
+    vit = VisionTransformer(
+        img_size=32,
+        patch_size=8,
+        embed_dim=64,
+        depth=DEPTH,
+        num_heads=4,
+        num_classes=7,
+        global_pool='avg',
+        fc_norm=True,
+        class_token=True,
+    )
+    ref = param_groups_layer_decay(vit, weight_decay=0.05, no_weight_decay_list=vit.no_weight_decay(), layer_decay=0.65)
     names = {id(p): n for n, p in vit.named_parameters()}
     ref_table = {names[id(p)]: (g['lr_scale'], g['weight_decay']) for g in ref for p in g['params']}
-    ours = by_name(layer_decay_groups(ViTClassifier(CFG, num_classes=7), weight_decay=0.05, layer_decay=0.65,
-                                      depth=DEPTH))
+    ours = by_name(
+        layer_decay_groups(ViTClassifier(CFG, num_classes=7), weight_decay=0.05, layer_decay=0.65, depth=DEPTH)
+    )
     for name, g in ours.items():
-        timm_name = name[len('encoder.'):] if name.startswith('encoder.') else name
+        timm_name = name[len('encoder.') :] if name.startswith('encoder.') else name
         scale, wd = ref_table[timm_name]
         assert (g['lr_scale'], g['weight_decay']) == (pytest.approx(scale), wd), name
 

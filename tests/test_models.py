@@ -4,9 +4,19 @@ import pytest
 import torch
 
 from cmae_ds.config import ENCODER_SIZES, ConfigError, ModelConfig
-from cmae_ds.models import (CMAE, ViTClassifier, block_mask, interpolate_pos_embed, patch_mask, patchify,
-                            sincos_pos_embed_2d, unpatchify, visible_ids)
+from cmae_ds.models import (
+    CMAE,
+    ViTClassifier,
+    block_mask,
+    interpolate_pos_embed,
+    patch_mask,
+    patchify,
+    sincos_pos_embed_2d,
+    unpatchify,
+    visible_ids,
+)
 from cmae_ds.models.cmae import build_encoder
+
 from helpers import debug_cfg, rel
 
 
@@ -72,13 +82,15 @@ def test_forward_backward_debug(mode):
         assert not hasattr(model, 'feature_decoder')
         assert cfg.mask_ratio == 0.75
     else:
-        assert float(out['loss'].detach()) == pytest.approx(float((out['loss_rec'] + out['loss_con']).detach()), rel=1e-6)
+        assert float(out['loss'].detach()) == pytest.approx(
+            float((out['loss_rec'] + out['loss_con']).detach()), rel=1e-6
+        )
 
 
 def encoder_params_by_hand(s) -> int:
     d, h = s.embed_dim, int(s.embed_dim * s.mlp_ratio)
     block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * h + h) + (h * d + d)
-    return s.patch_size ** 2 * 3 * d + d + d + s.depth * block + 2 * d  # patch conv, cls, blocks, final norm
+    return s.patch_size**2 * 3 * d + d + d + s.depth * block + 2 * d  # patch conv, cls, blocks, final norm
 
 
 @pytest.mark.parametrize('size', list(ENCODER_SIZES))

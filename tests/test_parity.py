@@ -1,14 +1,15 @@
 """The model against outputs of the official CMAE code (../shared/fixtures/official_cmae_parity_a.pt)."""
+
 import os
 import subprocess
 import sys
 
 import pytest
-
-from cmae_ds.kernels import configure as configure_kernels
 import torch
 
-from cmae_ds.checkpoint import load_official_cmae, load_official_classifier
+from cmae_ds.checkpoint import load_official_classifier, load_official_cmae
+from cmae_ds.kernels import configure as configure_kernels
+
 from conftest import FIXTURE_A, ROOT
 from helpers import fixture_config, rel
 
@@ -57,6 +58,7 @@ def test_visible_token_order_does_not_matter(fixture_a):
     """docs/spec.md section 2 allows any order of the visible set; ours is grid order, a shuffled one must agree."""
     model = load_official_cmae(fixture_a['state_dict'], fixture_config(fixture_a)).train()
     from cmae_ds.models.masking import visible_ids
+
     ids = visible_ids(fixture_a['mask'])
     perm = torch.randperm(ids.shape[1])
     a = model.encoder.forward_visible(fixture_a['img'], ids)
@@ -75,6 +77,7 @@ def test_classifier_logits_match_official(fixture_a):
 @pytest.mark.parametrize('backend', ['math', 'sdpa'])
 def test_parity_with_each_attention_backend(fixture_a, backend, monkeypatch):
     from cmae_ds.kernels import last_impl
+
     monkeypatch.setenv('CMAE_ATTN_BACKEND', backend)
     configure_kernels()  # the environment overrides the switches when they are set
     _, out = _run(fixture_a)
@@ -99,17 +102,21 @@ print(','.join(str(last_impl(k)) for k in ('recon_loss', 'visible_embed', 'ema',
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('env,expected', [({'TRITON_INTERPRET': '1'}, 'triton,triton,triton,sdpa'),
-                                          ({'CMAE_FUSED': '0'}, 'reference,reference,loop,math')])
+@pytest.mark.parametrize(
+    'env,expected',
+    [({'TRITON_INTERPRET': '1'}, 'triton,triton,triton,sdpa'), ({'CMAE_FUSED': '0'}, 'reference,reference,loop,math')],
+)
 def test_official_parity_tool_with_fusion_on_and_off(env, expected, fixture_a):
     """The shared parity tool, run as CI would, with the Triton kernels (interpreted on the CPU) and with every
     fusion switched off; a second process reports which implementation actually ran."""
     run_env = {**os.environ, **env}
-    tool = subprocess.run([sys.executable, str(PARITY_TOOL), str(FIXTURE_A)], capture_output=True, text=True,
-                          env=run_env, cwd=ROOT)
+    tool = subprocess.run(
+        [sys.executable, str(PARITY_TOOL), str(FIXTURE_A)], capture_output=True, text=True, env=run_env, cwd=ROOT
+    )
     assert tool.returncode == 0, tool.stdout + tool.stderr
     assert 'parity holds' in tool.stdout
-    which = subprocess.run([sys.executable, '-c', WHICH_RAN, str(FIXTURE_A)], capture_output=True, text=True,
-                           env=run_env, cwd=ROOT)
+    which = subprocess.run(
+        [sys.executable, '-c', WHICH_RAN, str(FIXTURE_A)], capture_output=True, text=True, env=run_env, cwd=ROOT
+    )
     assert which.returncode == 0, which.stderr
     assert which.stdout.strip().splitlines()[-1] == expected

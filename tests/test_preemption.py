@@ -3,6 +3,7 @@
 A run stopped by SIGTERM, SIGINT or SIGUSR1 writes a complete checkpoint and exits 75; resumed, it ends with the
 same weights as a run that was never interrupted. A frozen rank makes its peer's watchdog end the job.
 """
+
 import random
 import signal
 import subprocess
@@ -22,10 +23,22 @@ EXIT_PREEMPTED = 75
 
 
 def args(tmp_path, run, folder, *extra):
-    return ['launch/pretrain.py', '--deepspeed_config', write_ds(tmp_path), *TINY, 'data.source=folder',
-            f'data.root={folder}', 'data.pipeline=torch', 'data.num_workers=0', 'train.epochs=6',
-            'train.warmup_epochs=1', 'train.save_every_steps=3', 'train.keep_last=2',
-            f'train.output_dir={tmp_path / run}', *extra]
+    return [
+        'launch/pretrain.py',
+        '--deepspeed_config',
+        write_ds(tmp_path),
+        *TINY,
+        'data.source=folder',
+        f'data.root={folder}',
+        'data.pipeline=torch',
+        'data.num_workers=0',
+        'train.epochs=6',
+        'train.warmup_epochs=1',
+        'train.save_every_steps=3',
+        'train.keep_last=2',
+        f'train.output_dir={tmp_path / run}',
+        *extra,
+    ]
 
 
 def start(cmd: list) -> subprocess.Popen:
@@ -59,6 +72,7 @@ def assert_bit_identical(a: dict, b: dict) -> None:
 @pytest.fixture(scope='module')
 def folder(tmp_path_factory):
     from PIL import Image
+
     root = tmp_path_factory.mktemp('imgs')
     gen = torch.Generator().manual_seed(0)
     for i in range(16):
@@ -134,13 +148,32 @@ def test_chaos_kill_term_int_at_random_steps_ends_bit_identical(tmp_path, folder
 def test_classification_runs_stop_with_a_checkpoint_and_resume(tmp_path, folder, straight, task):
     """Fine-tuning and probing share the loop: SIGTERM after the first epoch's checkpoint -> 75 -> resume -> done."""
     config = 'finetune_debug' if task == 'finetune' else 'linprobe_vit_base'
-    cmd = [sys.executable, f'launch/{"finetune" if task == "finetune" else "linear_probe"}.py', '--config', config,
-           '--deepspeed_config', write_ds(tmp_path), 'model.size=debug', 'model.img_size=32', 'model.patch_size=8',
-           f'data.root={folder}', f'val_data.root={folder}', 'data.num_workers=0', 'val_data.num_workers=0',
-           f'{task}.pretrained={straight.run_dir}', f'{task}.output_dir={tmp_path / "run"}',
-           'data.source=folder', 'val_data.source=folder', 'data.pipeline=torch', 'val_data.pipeline=torch',
-           f'{task}.progress_bar=false', f'{task}.epochs=6', f'{task}.warmup_epochs=1', f'{task}.num_classes=2',
-           f'{task}.seed=1']
+    cmd = [
+        sys.executable,
+        f'launch/{"finetune" if task == "finetune" else "linear_probe"}.py',
+        '--config',
+        config,
+        '--deepspeed_config',
+        write_ds(tmp_path),
+        'model.size=debug',
+        'model.img_size=32',
+        'model.patch_size=8',
+        f'data.root={folder}',
+        f'val_data.root={folder}',
+        'data.num_workers=0',
+        'val_data.num_workers=0',
+        f'{task}.pretrained={straight.run_dir}',
+        f'{task}.output_dir={tmp_path / "run"}',
+        'data.source=folder',
+        'val_data.source=folder',
+        'data.pipeline=torch',
+        'val_data.pipeline=torch',
+        f'{task}.progress_bar=false',
+        f'{task}.epochs=6',
+        f'{task}.warmup_epochs=1',
+        f'{task}.num_classes=2',
+        f'{task}.seed=1',
+    ]
     proc = start(cmd)
     wait_for(tmp_path / 'run' / 'checkpoints' / 'step_00000004' / 'complete.json', proc)
     proc.send_signal(signal.SIGTERM)
@@ -154,8 +187,11 @@ def test_classification_runs_stop_with_a_checkpoint_and_resume(tmp_path, folder,
 def _ranks(launcher: subprocess.Popen, n: int = 2, timeout: float = 600) -> list[psutil.Process]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
-                 if 'launch/pretrain.py' in ' '.join(p.cmdline())]
+        ranks = [
+            p
+            for p in psutil.Process(launcher.pid).children(recursive=True)
+            if 'launch/pretrain.py' in ' '.join(p.cmdline())
+        ]
         if len(ranks) == n:
             return ranks
         time.sleep(0.2)
@@ -200,8 +236,9 @@ def test_ranks_do_not_outlive_the_deepspeed_launcher(tmp_path, folder):
 
 @pytest.mark.dist
 def test_a_frozen_rank_makes_its_peer_exit_with_a_stall_report(tmp_path, folder):
-    launcher = start(deepspeed_cmd(tmp_path, folder, 'run', 'train.stall_min_s=3', 'train.stall_factor=5',
-                                   'train.epochs=1000'))
+    launcher = start(
+        deepspeed_cmd(tmp_path, folder, 'run', 'train.stall_min_s=3', 'train.stall_factor=5', 'train.epochs=1000')
+    )
     ranks = _ranks(launcher)
     wait_for(tmp_path / 'run' / 'checkpoints' / 'step_00000003' / 'complete.json', launcher)
     time.sleep(1.0)

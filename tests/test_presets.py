@@ -1,4 +1,5 @@
 """Every YAML preset loads; every DeepSpeed JSON validates for the world size it is meant for."""
+
 import json
 from pathlib import Path
 
@@ -78,14 +79,20 @@ def test_common_settings(name):
     ds = json.loads((DS_DIR / f'{name}.json').read_text())
     assert 'train_batch_size' not in ds  # derived from micro x accum x world size
     assert ds['gradient_clipping'] == 0.0  # the official CMAE config sets no clip_grad
-    assert ds['steps_per_print'] >= 10 ** 6 and ds['wall_clock_breakdown'] is False
+    assert ds['steps_per_print'] >= 10**6 and ds['wall_clock_breakdown'] is False
     assert 'optimizer' not in ds and 'scheduler' not in ds
 
 
 def test_fp16_dynamic_loss_scaling():
     fp16 = json.loads((DS_DIR / 'zero2_fp16.json').read_text())['fp16']
-    assert fp16 == {'enabled': True, 'loss_scale': 0, 'initial_scale_power': 16, 'loss_scale_window': 1000,
-                    'hysteresis': 2, 'min_loss_scale': 1}
+    assert fp16 == {
+        'enabled': True,
+        'loss_scale': 0,
+        'initial_scale_power': 16,
+        'loss_scale_window': 1000,
+        'hysteresis': 2,
+        'min_loss_scale': 1,
+    }
 
 
 def test_offload_config_pins_memory():

@@ -1,6 +1,7 @@
 """Verified checkpoints: complete.json lists every file with its size and CRC-32; a resume finds a truncated,
 deleted or altered file before loading, `--resume auto` falls back to the previous checkpoint naming the file, and
 `--resume TAG` stops with one line naming it."""
+
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import torch
 
 from cmae_ds.checkpoint import CheckpointError
 from cmae_ds.engine import checkpoint_verify, checkpointing
+
 from engine_helpers import TINY, run_deepspeed, tail, write_ds
 from reliability_helpers import error_lines, marker, pretrain
 
@@ -37,10 +39,12 @@ def test_manifest_entries_are_zlib_crc32_of_each_block(tmp_path, monkeypatch):
     data = bytes(range(256)) * 10_000  # 2.44 blocks
     _fake_checkpoint(tmp_path, STEP2, {'a.pt': data, 'sub/b.pt': b'xyz', 'empty.pt': b''})
     files = checkpoint_verify.manifest(tmp_path, STEP2)
-    blocks = [data[i:i + (1 << 20)] for i in range(0, len(data), 1 << 20)]
-    assert files == {'a.pt': {'size': len(data), 'crc32': [f'{zlib.crc32(b):08x}' for b in blocks]},
-                     'empty.pt': {'size': 0, 'crc32': [f'{zlib.crc32(b""):08x}']},
-                     'sub/b.pt': {'size': 3, 'crc32': [f'{zlib.crc32(b"xyz"):08x}']}}
+    blocks = [data[i : i + (1 << 20)] for i in range(0, len(data), 1 << 20)]
+    assert files == {
+        'a.pt': {'size': len(data), 'crc32': [f'{zlib.crc32(b):08x}' for b in blocks]},
+        'empty.pt': {'size': 0, 'crc32': [f'{zlib.crc32(b""):08x}']},
+        'sub/b.pt': {'size': 3, 'crc32': [f'{zlib.crc32(b"xyz"):08x}']},
+    }
     assert checkpoint_verify.verify(tmp_path, STEP2, files) is None
 
 
@@ -78,7 +82,7 @@ def test_checkpoints_without_a_file_list_resume_unverified_saying_so_once(tmp_pa
 
 def _truncate(path):
     data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])
+    path.write_bytes(data[: len(data) // 2])
 
 
 @pytest.mark.slow
@@ -99,8 +103,10 @@ def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(tmp_path):
     _truncate(bad)
     tagged = pretrain(tmp_path, run, 'train.max_steps=2', '--resume', STEP4)
     assert tagged.returncode == 2, tail(tagged)
-    assert error_lines(tagged) == [f'error: --resume {STEP4}: checkpoint {STEP4} is damaged: {bad} has '
-                                   f'{bad.stat().st_size} bytes, {files[bad.name]["size"]} were written']
+    assert error_lines(tagged) == [
+        f'error: --resume {STEP4}: checkpoint {STEP4} is damaged: {bad} has '
+        f'{bad.stat().st_size} bytes, {files[bad.name]["size"]} were written'
+    ]
     assert 'Traceback' not in tagged.stderr
 
     resumed = pretrain(tmp_path, run, 'train.max_steps=4')
@@ -126,7 +132,8 @@ def test_deleted_file_in_newest_checkpoint(tmp_path):
     gone.unlink()
     tagged = pretrain(tmp_path, run, 'train.max_steps=2', '--resume', STEP4)
     assert tagged.returncode == 2 and error_lines(tagged) == [
-        f'error: --resume {STEP4}: checkpoint {STEP4} is damaged: {gone} is missing'], tail(tagged)
+        f'error: --resume {STEP4}: checkpoint {STEP4} is damaged: {gone} is missing'
+    ], tail(tagged)
     resumed = pretrain(tmp_path, run, 'train.max_steps=2')
     assert resumed.returncode == 0, tail(resumed)
     assert f'checkpoint {STEP4} is damaged ({gone} is missing): resuming from {STEP2}' in resumed.stderr
@@ -139,13 +146,27 @@ def test_two_ranks_list_each_others_files_and_fall_back_together(tmp_path):
     and a truncated shard of rank 1 sends both ranks back to the previous checkpoint."""
     ds = write_ds(tmp_path, zero_optimization={'stage': 2})
     run = tmp_path / 'run'
-    args = ['launch/pretrain.py', '--deepspeed_config', ds, *TINY, 'data.num_workers=0', 'train.epochs=100',
-            'train.save_every_steps=2', 'train.keep_last=3', f'train.output_dir={run}']
+    args = [
+        'launch/pretrain.py',
+        '--deepspeed_config',
+        ds,
+        *TINY,
+        'data.num_workers=0',
+        'train.epochs=100',
+        'train.save_every_steps=2',
+        'train.keep_last=3',
+        f'train.output_dir={run}',
+    ]
     first = run_deepspeed([*args, 'train.max_steps=4'])
     assert first.returncode == 0, tail(first)
     files = marker(run, STEP4)['files']
-    assert {'zero_pp_rank_0_mp_rank_00_optim_states.pt', 'zero_pp_rank_1_mp_rank_00_optim_states.pt',
-            'rank_state_00000.pt', 'rank_state_00001.pt', 'mp_rank_00_model_states.pt'} <= set(files)
+    assert {
+        'zero_pp_rank_0_mp_rank_00_optim_states.pt',
+        'zero_pp_rank_1_mp_rank_00_optim_states.pt',
+        'rank_state_00000.pt',
+        'rank_state_00001.pt',
+        'mp_rank_00_model_states.pt',
+    } <= set(files)
     bad = run / 'checkpoints' / STEP4 / 'zero_pp_rank_1_mp_rank_00_optim_states.pt'
     data = bytearray(bad.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size: only the checksum can tell

@@ -1,5 +1,6 @@
 """One writer per run folder: a second run refuses naming the holder; a gone holder's lock is taken over (at once
 on this machine, with --take-over-lock once its heartbeat is stale from another); the lock goes with the run."""
+
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ import pytest
 
 from cmae_ds.engine import run_lock
 from cmae_ds.engine.run_lock import LOCK, RunLock, RunLockedError
+
 from engine_helpers import ROOT, env, tail
 from reliability_helpers import error_lines, pretrain
 
@@ -22,8 +24,16 @@ from reliability_helpers import error_lines, pretrain
 def _plant(run_dir, **fields):
     """A lock file as another holder left it."""
     now = time.time()
-    holder = dict(host='elsewhere', boot_id='another-boot', pid=4242, proc_start=1, started=now - 3600,
-                  heartbeat=now, command='launch/pretrain.py', token='theirs')
+    holder = dict(
+        host='elsewhere',
+        boot_id='another-boot',
+        pid=4242,
+        proc_start=1,
+        started=now - 3600,
+        heartbeat=now,
+        command='launch/pretrain.py',
+        token='theirs',
+    )
     holder.update(fields)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / LOCK).write_text(json.dumps(holder))
@@ -40,8 +50,11 @@ def test_second_holder_is_refused_naming_the_first(tmp_path):
     first, warnings = RunLock(tmp_path), []
     first.acquire()
     try:
-        with pytest.raises(RunLockedError, match=rf'{tmp_path} is in use by another run: pid {os.getpid()} on '
-                                                  rf'{socket.gethostname()}, started .* heartbeat \d+ s ago'):
+        with pytest.raises(
+            RunLockedError,
+            match=rf'{tmp_path} is in use by another run: pid {os.getpid()} on '
+            rf'{socket.gethostname()}, started .* heartbeat \d+ s ago',
+        ):
             RunLock(tmp_path, log=warnings.append).acquire(take_over=True)  # live here: never taken over
     finally:
         first.release()
@@ -95,6 +108,7 @@ def test_take_over_refuses_a_holder_that_keeps_beating(tmp_path):
         while not stop.wait(0.1):
             holder['heartbeat'] = time.time()
             (tmp_path / LOCK).write_text(json.dumps(holder))
+
     thread = threading.Thread(target=beat)
     thread.start()
     try:
@@ -120,7 +134,7 @@ def test_guard_releases_on_exceptions_and_only_rank0_locks(tmp_path, monkeypatch
     with pytest.raises(ZeroDivisionError):
         with run_lock.guard(tmp_path / 'run'):
             assert (tmp_path / 'run' / LOCK).is_file()
-            1 / 0
+            raise ZeroDivisionError
     assert not (tmp_path / 'run' / LOCK).exists()
     monkeypatch.setenv('RANK', '1')
     with run_lock.guard(tmp_path / 'run'):
@@ -131,12 +145,28 @@ def test_guard_releases_on_exceptions_and_only_rank0_locks(tmp_path, monkeypatch
 def test_two_writers_in_one_run_folder(tmp_path):
     run = tmp_path / 'run'
     # a long first run; the second starts once the first holds the lock
-    first = subprocess.Popen([sys.executable, 'launch/pretrain.py', '--deepspeed_config',
-                              str(ROOT / 'ds_configs' / 'cpu_debug.json'), 'model.size=debug', 'model.img_size=32',
-                              'model.patch_size=8', 'model.decoder_depth=1', 'train.progress_bar=false',
-                              'data.source=synthetic', 'data.num_workers=0', 'train.max_steps=100000',
-                              'train.save_every_steps=2', f'train.output_dir={run}'],
-                             cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            'launch/pretrain.py',
+            '--deepspeed_config',
+            str(ROOT / 'ds_configs' / 'cpu_debug.json'),
+            'model.size=debug',
+            'model.img_size=32',
+            'model.patch_size=8',
+            'model.decoder_depth=1',
+            'train.progress_bar=false',
+            'data.source=synthetic',
+            'data.num_workers=0',
+            'train.max_steps=100000',
+            'train.save_every_steps=2',
+            f'train.output_dir={run}',
+        ],
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 300
         while not (run / 'checkpoints' / 'latest').exists():
@@ -146,7 +176,8 @@ def test_two_writers_in_one_run_folder(tmp_path):
         assert second.returncode == 2, tail(second)
         assert error_lines(second) == [
             f'error: {run} is in use by another run: pid {first.pid} on {socket.gethostname()}, started '
-            + error_lines(second)[0].split(', started ')[1]]
+            + error_lines(second)[0].split(', started ')[1]
+        ]
         assert 'stop that run or choose another output folder' in second.stderr
         refused = pretrain(tmp_path, run, 'train.max_steps=2', '--take-over-lock')
         assert refused.returncode == 2 and 'is in use by another run' in refused.stderr  # live here
@@ -157,5 +188,8 @@ def test_two_writers_in_one_run_folder(tmp_path):
     assert (run / LOCK).exists()
     third = pretrain(tmp_path, run, 'train.max_steps=2')
     assert third.returncode == 0, tail(third)
-    assert f'its holder (pid {first.pid} on {socket.gethostname()}' in third.stderr and 'resumed from' in third.stdout + third.stderr
+    assert (
+        f'its holder (pid {first.pid} on {socket.gethostname()}' in third.stderr
+        and 'resumed from' in third.stdout + third.stderr
+    )
     assert not (run / LOCK).exists()

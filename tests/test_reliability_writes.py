@@ -1,6 +1,7 @@
 """Write failures: a save that cannot write removes its partial folder, leaves `latest` and the older checkpoints
 intact and stops with one line naming the path, the error and the free space; an unwritable output folder is
 refused before anything is built."""
+
 from __future__ import annotations
 
 import os
@@ -13,6 +14,7 @@ import pytest
 
 from cmae_ds.engine import checkpoint_verify, checkpointing
 from cmae_ds.output_dir import OutputWriteError, check_output_dir, write_atomically
+
 from engine_helpers import tail
 from reliability_helpers import error_lines, marker, pretrain
 
@@ -48,8 +50,9 @@ def test_model_file_write_failure_is_one_line_and_leaves_no_temporary(tmp_path):
     run = tmp_path / 'run'
     proc = pretrain(tmp_path, run, 'train.max_steps=2', inject='model.pt:EACCES')
     assert proc.returncode == 2, tail(proc)
-    assert error_lines(proc)[0].startswith(f'error: cannot write model file {run / "model.pt"}: Permission denied '
-                                           '[EACCES]; ')
+    assert error_lines(proc)[0].startswith(
+        f'error: cannot write model file {run / "model.pt"}: Permission denied [EACCES]; '
+    )
     _assert_intact(run, STEP2)
     assert not (run / 'model.pt').exists()
 
@@ -61,8 +64,12 @@ def test_write_atomically_keeps_the_old_file(tmp_path):
     def fails(f):
         f.write(b'half')
         raise OSError(28, os.strerror(28))
-    with pytest.raises(OutputWriteError, match=r'cannot write model file .*model\.pt: No space left on device '
-                                               r'\[ENOSPC\]; .* free of '):
+
+    with pytest.raises(
+        OutputWriteError,
+        match=r'cannot write model file .*model\.pt: No space left on device '
+        r'\[ENOSPC\]; .* free of ',
+    ):
         write_atomically(path, fails, 'model file')
     assert path.read_bytes() == b'old' and not list(tmp_path.glob('*.tmp'))
 
@@ -70,11 +77,9 @@ def test_write_atomically_keeps_the_old_file(tmp_path):
 @contextmanager
 def _mounted(where: Path, options: str):
     where.mkdir(parents=True, exist_ok=True)
-    res = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(where)], capture_output=True,
-                         text=True)
+    res = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(where)], capture_output=True, text=True)
     if res.returncode != 0:
-        pytest.skip(f'cannot mount a tmpfs here ({res.stderr.strip() or res.returncode}): needs root or '
-                    'CAP_SYS_ADMIN')
+        pytest.skip(f'cannot mount a tmpfs here ({res.stderr.strip() or res.returncode}): needs root or CAP_SYS_ADMIN')
     try:
         yield where
     finally:
@@ -115,7 +120,8 @@ def test_read_only_output_folder_is_refused_before_anything_is_built(tmp_path):
             assert proc.returncode == 2, tail(proc)
             lines = error_lines(proc)
             assert len(lines) == 1 and lines[0].startswith(
-                f'error: train.output_dir {run}: {says}: Read-only file system [EROFS]; '), proc.stderr
+                f'error: train.output_dir {run}: {says}: Read-only file system [EROFS]; '
+            ), proc.stderr
             assert lines[0].endswith(' free of 1.0 MiB')
             out = proc.stdout + proc.stderr
             assert 'shm_comm_op' not in out and 'cmae_ds:' not in out  # not even the process group was started
@@ -123,8 +129,11 @@ def test_read_only_output_folder_is_refused_before_anything_is_built(tmp_path):
 
 def test_preflight_wants_room_for_a_checkpoint(tmp_path):
     free = shutil.disk_usage(tmp_path).free
-    with pytest.raises(OutputWriteError, match=r'train.output_dir .*: only .* free on its file system, a checkpoint '
-                                               r'needs about'):
+    with pytest.raises(
+        OutputWriteError,
+        match=r'train.output_dir .*: only .* free on its file system, a checkpoint '
+        r'needs about',
+    ):
         check_output_dir(tmp_path / 'run', need_bytes=free * 2)
     check_output_dir(tmp_path / 'run2')
     assert (tmp_path / 'run2').is_dir() and not list((tmp_path / 'run2').iterdir())

@@ -5,6 +5,7 @@ file and the global; real checkpoints still load; --trust-checkpoint (trust=True
 Every payload would `touch` a marker file; each test asserts the marker does not exist. The payloads are shown to be
 live once each (test_a_payload_is_refused_unless_trusted_and_then_it_runs), so a missing marker means refused.
 """
+
 import importlib.util
 import io
 import logging
@@ -18,12 +19,13 @@ import pytest
 import torch
 
 from cmae_ds.checkpoint import CheckpointError, UnsafeCheckpoint, load_official_cmae
+from cmae_ds.classifier_files import load_classifier, save_classifier_file
 from cmae_ds.config import ModelConfig, load_task_config
 from cmae_ds.engine import checkpointing
-from cmae_ds.classifier_files import load_classifier, save_classifier_file
 from cmae_ds.engine.finetune import build_model
 from cmae_ds.models import CMAE, ViTClassifier
 from cmae_ds.safe_load import UNRESOLVED, load_checkpoint_file, pickle_globals, scan_folder
+
 from engine_helpers import ROOT, TINY, run_python, tail, write_ds
 from finetune_helpers import write_class_folder
 from helpers import fixture_config, save_official_like
@@ -57,8 +59,11 @@ class SubclassRebuild(Plain):
         return torch._tensor._rebuild_from_type_v2, (os.system, torch.Tensor, (f'touch {self.marker}',), {})
 
 
-PAYLOADS = {'plain': (Plain, SYSTEM), 'nested': (Nested, 'torch.storage._load_from_bytes'),
-            'subclass': (SubclassRebuild, SYSTEM)}
+PAYLOADS = {
+    'plain': (Plain, SYSTEM),
+    'nested': (Nested, 'torch.storage._load_from_bytes'),
+    'subclass': (SubclassRebuild, SYSTEM),
+}
 MODEL = ModelConfig(size='debug', img_size=32, patch_size=8, decoder_depth=1)
 MODEL_ARGS = ['model.size=debug', 'model.img_size=32', 'model.patch_size=8', 'model.decoder_depth=1']
 
@@ -105,6 +110,7 @@ def first_with(obj, key):
 
 
 # ---- the scanner ----------------------------------------------------------------------------------------------
+
 
 def test_scanner_resolves_globals_however_the_pickle_names_them(marker):
     for protocol in (0, 2, 4, 5):  # GLOBAL; STACK_GLOBAL with literal strings, then with the memoized callable
@@ -153,8 +159,10 @@ def test_unreadable_and_torchscript_files_are_checkpoint_errors(tmp_path):
 
 # ---- real files still load ------------------------------------------------------------------------------------
 
+
 def test_the_official_parity_fixture_and_our_files_load(fixture_a, tmp_path):
     from conftest import FIXTURE_A
+
     model = load_official_cmae(FIXTURE_A, fixture_config(fixture_a))
     assert torch.equal(model.encoder.cls_token, fixture_a['state_dict']['backbone.cls_token'])
     ours = our_model_file(tmp_path / 'model.pt')
@@ -184,6 +192,7 @@ def test_rank_state_loads_weights_only_and_restores_every_stream_exactly(tmp_pat
 
 # ---- entry points, in this process ----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize('kind', PAYLOADS)
 @pytest.mark.parametrize('verb', ['official-to-ours', 'extract-encoder', 'to-timm'])
 def test_convert_refuses_a_planted_official_checkpoint(fixture_a, tmp_path, marker, capsys, verb, kind):
@@ -207,8 +216,9 @@ def test_trust_checkpoint_loads_a_file_the_user_vouches_for_and_says_so(tmp_path
     src = tmp_path / 'model.pt'
     torch.save({'state_dict': CMAE(MODEL).state_dict(), 'meta': Plain(marker)}, src)
     with caplog.at_level(logging.WARNING, logger='cmae_ds.safe_load'):
-        rc = launch('convert_checkpoint').main(['--trust-checkpoint', 'extract-encoder', str(src),
-                                                str(tmp_path / 'encoder.pth'), *MODEL_ARGS])
+        rc = launch('convert_checkpoint').main(
+            ['--trust-checkpoint', 'extract-encoder', str(src), str(tmp_path / 'encoder.pth'), *MODEL_ARGS]
+        )
     assert rc == 0 and marker.exists()
     assert f'{src}: loaded without the safety check' in caplog.text
 
@@ -231,8 +241,15 @@ def test_finetune_and_probe_refuse_a_planted_pretrained_file(tmp_path, marker, t
 
 def test_evaluation_refuses_planted_classifier_files(tmp_path, marker):
     """Our fine-tuned model file (payload in its metadata) and an official fine-tuned .pth (in its weights)."""
-    ours = save_classifier_file(tmp_path / 'model_best.pt', ViTClassifier(MODEL, 3).state_dict(), kind='finetune',
-                                model_cfg=MODEL, num_classes=3, img_size=32, extra={'epoch': Nested(marker)})
+    ours = save_classifier_file(
+        tmp_path / 'model_best.pt',
+        ViTClassifier(MODEL, 3).state_dict(),
+        kind='finetune',
+        model_cfg=MODEL,
+        num_classes=3,
+        img_size=32,
+        extra={'epoch': Nested(marker)},
+    )
     official = tmp_path / 'official_fine.pth'
     state = {f'backbone.{k}': v for k, v in CMAE(MODEL).encoder.state_dict().items()}
     state['head.head.weight'], state['head.head.bias'] = SubclassRebuild(marker), torch.zeros(3)
@@ -259,21 +276,41 @@ def test_every_file_of_a_deepspeed_tag_is_scanned_whatever_its_name(tmp_path, ma
 
 # ---- pretraining resume, the CLIs: real DeepSpeed runs in subprocesses ----------------------------------------
 
+
 @pytest.fixture(scope='module')
 def pretrained(tmp_path_factory):
     """One tiny ZeRO-1 pretraining run (model and optimizer states in separate files) shared by the slow tests."""
     root = tmp_path_factory.mktemp('safe')
     ds = write_ds(root, zero_optimization={'stage': 1})
     run = root / 'run'
-    proc = run_python(['launch/pretrain.py', '--deepspeed_config', ds, *TINY, 'train.max_steps=2',
-                       'train.save_every_steps=2', f'train.output_dir={run}'])
+    proc = run_python(
+        [
+            'launch/pretrain.py',
+            '--deepspeed_config',
+            ds,
+            *TINY,
+            'train.max_steps=2',
+            'train.save_every_steps=2',
+            f'train.output_dir={run}',
+        ]
+    )
     assert proc.returncode == 0, tail(proc)
     return dict(root=root, ds=ds, run=run, tag=run / 'checkpoints' / 'step_00000002')
 
 
 def resume(s, run, *extra):
-    return run_python(['launch/pretrain.py', '--deepspeed_config', s['ds'], *TINY, 'train.max_steps=1',
-                       'train.save_every_steps=0', f'train.output_dir={run}', *extra])
+    return run_python(
+        [
+            'launch/pretrain.py',
+            '--deepspeed_config',
+            s['ds'],
+            *TINY,
+            'train.max_steps=1',
+            'train.save_every_steps=0',
+            f'train.output_dir={run}',
+            *extra,
+        ]
+    )
 
 
 def plant(path, where, payload):
@@ -307,7 +344,9 @@ def test_real_checkpoints_resume_and_deepspeed_reads_them_weights_only(pretraine
     and DeepSpeed's own model-state reader given a planted file through the same checked engine."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from deepspeed.runtime.state_dict_factory import SDLoaderFactory
+
     from cmae_ds.safe_load import _CheckedCheckpointEngine
+
     run = tmp_path / 'run'
     shutil.copytree(pretrained['run'], run)
     proc = resume(pretrained, run)
@@ -332,15 +371,34 @@ def test_the_clis_refuse_planted_files(tmp_path, marker):
     planted = our_model_file(tmp_path / 'model.pt', Plain(marker))
     data = [f'data.root={train}', f'val_data.root={train}', 'data.num_workers=0', 'val_data.num_workers=0']
     ds = write_ds(tmp_path)  # ZeRO-0: the probe's LARS
-    for script, task, config in (('finetune', 'finetune', 'finetune_debug'),
-                                 ('linear_probe', 'linprobe', 'linprobe_vit_base')):
-        proc = run_python([f'launch/{script}.py', '--config', config, '--deepspeed_config', ds,
-                           *MODEL_ARGS, *data, f'{task}.pretrained={planted}', f'{task}.output_dir={tmp_path / task}'])
+    for script, task, config in (
+        ('finetune', 'finetune', 'finetune_debug'),
+        ('linear_probe', 'linprobe', 'linprobe_vit_base'),
+    ):
+        proc = run_python(
+            [
+                f'launch/{script}.py',
+                '--config',
+                config,
+                '--deepspeed_config',
+                ds,
+                *MODEL_ARGS,
+                *data,
+                f'{task}.pretrained={planted}',
+                f'{task}.output_dir={tmp_path / task}',
+            ]
+        )
         assert proc.returncode == 2, tail(proc)
         assert_refused(proc.stderr, planted, SYSTEM, marker)
-    classifier = save_classifier_file(tmp_path / 'model_best.pt', ViTClassifier(MODEL, 2).state_dict(),
-                                      kind='finetune', model_cfg=MODEL, num_classes=2, img_size=32,
-                                      extra={'epoch': Plain(marker)})
+    classifier = save_classifier_file(
+        tmp_path / 'model_best.pt',
+        ViTClassifier(MODEL, 2).state_dict(),
+        kind='finetune',
+        model_cfg=MODEL,
+        num_classes=2,
+        img_size=32,
+        extra={'epoch': Plain(marker)},
+    )
     proc = run_python(['launch/evaluate.py', '--config', 'finetune_debug', str(classifier), f'val_data.root={train}'])
     assert proc.returncode == 2, tail(proc)
     assert_refused(proc.stderr, classifier, SYSTEM, marker)

@@ -1,4 +1,5 @@
 """lr and momentum schedules: values at the landmarks, shape between them, edge cases."""
+
 import math
 
 import pytest

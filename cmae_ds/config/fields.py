@@ -1,5 +1,6 @@
 """How a config field declares its rules once: a numeric range or a set of choices in the field's metadata, checked
 by `check_declared` for every section; and the type coercion of values read from YAML or the command line."""
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,12 @@ class Range:
     def holds(self, v: float) -> bool:
         if isinstance(v, float) and math.isnan(v):
             return False
-        return ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
-                and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
+        return (
+            (self.ge is None or v >= self.ge)
+            and (self.gt is None or v > self.gt)
+            and (self.le is None or v <= self.le)
+            and (self.lt is None or v < self.lt)
+        )
 
     def text(self) -> str:
         low = f'[{self.ge:g}' if self.ge is not None else f'({self.gt:g}' if self.gt is not None else '(-inf'
@@ -105,5 +110,3 @@ def _coerce_value(kind, value, name: str):
     else:
         return value
     raise ConfigError(f'{name}: {value!r} is not a valid {getattr(kind, "__name__", kind)}')
-
-

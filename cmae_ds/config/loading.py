@@ -1,5 +1,6 @@
 """Reading configs: YAML files or preset names, `section.key=value` overrides, and the sections built from them
 (unknown sections and keys, wrong types and out-of-range values each name themselves)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -56,7 +57,7 @@ def _build(cls, values: dict, name: str, where: str):
         own = getattr(cls, 'section', name)
         message = str(e)
         if own != name and message.startswith(f'{own}.'):
-            message = f'{name}.{message[len(own) + 1:]}'
+            message = f'{name}.{message[len(own) + 1 :]}'
         raise ConfigError(message) from None
     except TypeError as e:
         raise ConfigError(f'{where}: {name}: {e}') from None

@@ -1,6 +1,7 @@
 """The sections of a pretraining config: model, data, train, kernels, and the kNN monitor. Each field's range or
 choices are declared on the field and checked with every other section's (`check_declared`); relations between
 fields are checked in `__post_init__`."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -61,10 +62,14 @@ class ModelConfig:
         if self.img_size % self.patch_size:
             raise ConfigError(f'model.img_size {self.img_size} is not a multiple of patch_size {self.patch_size}')
         if self.mode == 'cmae' and self.grid_size % 2:
-            raise ConfigError(f'model: block masking needs an even patch grid, got {self.grid_size} '
-                              f'(img_size {self.img_size} / patch_size {self.patch_size})')
-        for name, width, heads in (('embed_dim', self.embed_dim, self.num_heads),
-                                   ('decoder_embed_dim', self.decoder_embed_dim, self.decoder_num_heads)):
+            raise ConfigError(
+                f'model: block masking needs an even patch grid, got {self.grid_size} '
+                f'(img_size {self.img_size} / patch_size {self.patch_size})'
+            )
+        for name, width, heads in (
+            ('embed_dim', self.embed_dim, self.num_heads),
+            ('decoder_embed_dim', self.decoder_embed_dim, self.decoder_num_heads),
+        ):
             if width % heads:
                 raise ConfigError(f'model.{name} {width} is not divisible by its number of heads {heads}')
             if width % 4:
@@ -78,7 +83,7 @@ class ModelConfig:
 
     @property
     def num_patches(self) -> int:
-        return self.grid_size ** 2
+        return self.grid_size**2
 
     @property
     def num_visible(self) -> int:
@@ -91,6 +96,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict, where: str = 'model') -> 'ModelConfig':
         from .fields import check_fields, coerce
+
         check_fields(cls, data, where)
         return cls(**coerce(cls, data, where))
 
@@ -124,7 +130,7 @@ class DataConfig:
         if self.source in ('folder',) and not self.root:
             raise ConfigError("data.root must be set for data.source 'folder'")
         if self.source in ('json', 'filelist') and not self.ann_file:
-            raise ConfigError(f"data.ann_file must be set for data.source {self.source!r}")
+            raise ConfigError(f'data.ann_file must be set for data.source {self.source!r}')
 
 
 @dataclass
@@ -244,5 +250,12 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {'model': ModelConfig, 'data': DataConfig, 'train': TrainConfig, 'kernels': KernelConfig,
-            'knn': KnnMonitorConfig, 'knn_train': DataConfig, 'knn_val': DataConfig}
+SECTIONS = {
+    'model': ModelConfig,
+    'data': DataConfig,
+    'train': TrainConfig,
+    'kernels': KernelConfig,
+    'knn': KnnMonitorConfig,
+    'knn_train': DataConfig,
+    'knn_val': DataConfig,
+}

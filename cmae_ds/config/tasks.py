@@ -1,6 +1,7 @@
 """The sections of fine-tuning, linear probing and stand-alone kNN (docs/spec.md section 9). Their YAML files
 have the sections model (the encoder's architecture), data (training images), val_data (validation images),
 kernels, and one task section: finetune, linprobe or knn. See docs/finetune.md."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -130,14 +131,23 @@ class TaskConfig:
     kernels: KernelConfig = field(default_factory=KernelConfig)
 
     def to_dict(self) -> dict:
-        return {'model': dataclasses.asdict(self.model), 'data': dataclasses.asdict(self.data),
-                'val_data': dataclasses.asdict(self.val_data), 'kernels': dataclasses.asdict(self.kernels),
-                self.task.section: dataclasses.asdict(self.task)}
+        return {
+            'model': dataclasses.asdict(self.model),
+            'data': dataclasses.asdict(self.data),
+            'val_data': dataclasses.asdict(self.val_data),
+            'kernels': dataclasses.asdict(self.kernels),
+            self.task.section: dataclasses.asdict(self.task),
+        }
 
 
 TASKS = {'finetune': FinetuneConfig, 'linprobe': LinearProbeConfig, 'knn': KnnTaskConfig}
 
 
 def task_sections(task: str) -> dict:
-    return {'model': ModelConfig, 'data': DataConfig, 'val_data': DataConfig, 'kernels': KernelConfig,
-            task: TASKS[task]}
+    return {
+        'model': ModelConfig,
+        'data': DataConfig,
+        'val_data': DataConfig,
+        'kernels': KernelConfig,
+        task: TASKS[task],
+    }

@@ -2,9 +2,17 @@
 
 The engines call `build_pretrain_loader`, `build_classification_loader` and `list_samples`; see docs/data.md.
 """
+
 from .build import build_classification_loader, build_pretrain_loader, resolve_pipeline
 from .common import MEAN, STD
 from .sources import DataSourceError, list_samples
 
-__all__ = ['build_pretrain_loader', 'build_classification_loader', 'list_samples', 'resolve_pipeline',
-           'DataSourceError', 'MEAN', 'STD']
+__all__ = [
+    'build_pretrain_loader',
+    'build_classification_loader',
+    'list_samples',
+    'resolve_pipeline',
+    'DataSourceError',
+    'MEAN',
+    'STD',
+]

@@ -1,4 +1,5 @@
 """The loader contract every pipeline implements (see build_pretrain_loader)."""
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -45,5 +46,7 @@ class EpochLoader:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return (f'{type(self).__name__}(name={self.name!r}, batches={len(self)}, batch_size={self.plan.batch_size}, '
-                f'rank={self.plan.rank}/{self.plan.world_size}, device={self.device})')
+        return (
+            f'{type(self).__name__}(name={self.name!r}, batches={len(self)}, batch_size={self.plan.batch_size}, '
+            f'rank={self.plan.rank}/{self.plan.world_size}, device={self.device})'
+        )

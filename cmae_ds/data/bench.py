@@ -7,6 +7,7 @@ Without --root it writes ImageNet-like JPEGs (500x375, quality 90, photo content
 folder. Each pipeline runs `--epochs` epochs of the CMAE pretraining views (224 + 32 master); the first batch of
 each run (pipeline build, worker start) is excluded from the rate.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,14 +32,15 @@ def write_imagenet_like(root: Path, n: int, size=(500, 375), seed: int = 0) -> N
     photos = [Image.open(p).convert('RGB') for p, _ in embedded_samples()]
     for i in range(n):
         img = photos[i % len(photos)].resize(size, Image.BICUBIC)
-        arr = np.asarray(img, dtype=np.int16) + rng.integers(-16, 17, (size[1], size[0], 3))  # grain: ~110 KB files like ImageNet
+        arr = np.asarray(img, dtype=np.int16) + rng.integers(
+            -16, 17, (size[1], size[0], 3)
+        )  # grain: ~110 KB files like ImageNet
         d = root / f'class_{i % 10:02d}'
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(d / f'{i:06d}.jpg', quality=90)
 
 
-def time_pipeline(root: Path, pipeline: str, batch: int, threads: int, img_size: int, device: str,
-                  epochs: int) -> dict:
+def time_pipeline(root: Path, pipeline: str, batch: int, threads: int, img_size: int, device: str, epochs: int) -> dict:
     data_cfg = DataConfig(source='folder', root=str(root), pipeline=pipeline, num_workers=threads)
     loader = build_pretrain_loader(data_cfg, img_size=img_size, batch_size=batch, device=device)
     images, seconds, firsts = 0, 0.0, 0
@@ -59,8 +61,13 @@ def time_pipeline(root: Path, pipeline: str, batch: int, threads: int, img_size:
         firsts += len(first['img'])
         del it  # joins the DataLoader workers, so their CPU time is counted below
     cpu = _cpu_seconds() - cpu0
-    return dict(name=loader.name, images=images, seconds=seconds, rate=images / max(seconds, 1e-9),
-                cpu_ms=1e3 * cpu / max(images + firsts, 1))
+    return dict(
+        name=loader.name,
+        images=images,
+        seconds=seconds,
+        rate=images / max(seconds, 1e-9),
+        cpu_ms=1e3 * cpu / max(images + firsts, 1),
+    )
 
 
 def dali_stage_costs(root: Path, batch: int, threads: int, img_size: int, iters: int = 24) -> list[tuple]:
@@ -69,14 +76,21 @@ def dali_stage_costs(root: Path, batch: int, threads: int, img_size: int, iters:
     from nvidia.dali import fn, types
 
     from . import dali_graphs as G
+
     files = sorted(str(p) for p in root.rglob('*.jpg'))
     indices = list(range(len(files)))
     m = img_size + 32
 
     def prefix(stage: int):
         jpegs, _ = G.read_files(files, indices)
-        x = fn.decoders.image_random_crop(jpegs, random_area=[0.2, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
-                                          num_attempts=10, device='cpu', output_type=types.RGB)
+        x = fn.decoders.image_random_crop(
+            jpegs,
+            random_area=[0.2, 1.0],
+            random_aspect_ratio=[3 / 4, 4 / 3],
+            num_attempts=10,
+            device='cpu',
+            output_type=types.RGB,
+        )
         if stage >= 1:
             x = fn.resize(x, size=[m, m], interp_type=types.INTERP_CUBIC, antialias=True)
         if stage < 2:
@@ -91,16 +105,23 @@ def dali_stage_costs(root: Path, batch: int, threads: int, img_size: int, iters:
             x = fn.gaussian_blur(x, sigma=fn.random.uniform(range=list(G.C.BLUR_SIGMA)))
         return online, G._normalize(x)
 
-    names = ['ROI decode + crop', '+ cubic resize to master', '+ online view (crop, normalize)',
-             '+ target window + normalize (no color ops)', '+ color_twist (every sample)',
-             '+ gaussian_blur (every sample, sigma U[0.1, 2])']
+    names = [
+        'ROI decode + crop',
+        '+ cubic resize to master',
+        '+ online view (crop, normalize)',
+        '+ target window + normalize (no color ops)',
+        '+ color_twist (every sample)',
+        '+ gaussian_blur (every sample, sigma U[0.1, 2])',
+    ]
     rows = []
     for stage, name in enumerate(names):
-        rows.append((name,) + _steady_cost(lambda: prefix(stage), batch, threads, iters))
+        rows.append((name,) + _steady_cost(lambda stage=stage: prefix(stage), batch, threads, iters))
     from .dali_pipeline import DrawFeed
+
     feed = DrawFeed(indices, batch, seed=0, epoch=0, extra=32)
-    full = _steady_cost(lambda: G.cmae_views(files, indices, feed, img_size, 32, 'cpu', 0.65, False),
-                        batch, threads, iters)
+    full = _steady_cost(
+        lambda: G.cmae_views(files, indices, feed, img_size, 32, 'cpu', 0.65, False), batch, threads, iters
+    )
     rows.append(('full graph (cmae_views, shared draws)',) + full)
     return rows
 
@@ -108,8 +129,8 @@ def dali_stage_costs(root: Path, batch: int, threads: int, img_size: int, iters:
 def _steady_cost(graph, batch: int, threads: int, iters: int) -> tuple[float, float]:
     """(CPU ms per image, images/s) of a CPU DALI graph after its first batch."""
     from nvidia.dali import pipeline_def
-    pipe = pipeline_def(enable_conditionals=True)(graph)(batch_size=batch, num_threads=threads, device_id=None,
-                                                         seed=1)
+
+    pipe = pipeline_def(enable_conditionals=True)(graph)(batch_size=batch, num_threads=threads, device_id=None, seed=1)
     pipe.build()
     pipe.run()
     cpu0, t = _cpu_seconds(), time.perf_counter()
@@ -121,6 +142,7 @@ def _steady_cost(graph, batch: int, threads: int, iters: int) -> tuple[float, fl
 def _cpu_seconds() -> float:
     """User + system CPU time of this process (DALI's threads) and its reaped children (DataLoader workers)."""
     import resource
+
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
@@ -137,8 +159,11 @@ def main(argv=None) -> None:
     ap.add_argument('--threads', type=int, default=2, help='DALI CPU threads = torch DataLoader workers')
     ap.add_argument('--img-size', type=int, default=224)
     ap.add_argument('--epochs', type=int, default=2)
-    ap.add_argument('--device', default='cpu', help="'cuda': DALI's GPU graph and torch_gpu on the GPU (torch's "
-                    "workers stay on the CPU)")
+    ap.add_argument(
+        '--device',
+        default='cpu',
+        help="'cuda': DALI's GPU graph and torch_gpu on the GPU (torch's workers stay on the CPU)",
+    )
     ap.add_argument('--root', type=Path, default=None, help='an existing ImageNet-style folder instead')
     ap.add_argument('--pipelines', default='dali,torch,torch_gpu')
     ap.add_argument('--stages', action='store_true', help='CPU cost of each stage of the DALI CPU graph instead')
@@ -151,18 +176,22 @@ def main(argv=None) -> None:
             write_imagenet_like(root, args.images)
         mb = sum(p.stat().st_size for p in root.rglob('*.jpg')) / 1e6
         n = len(list(root.rglob('*.jpg')))
-        print(f'{n} JPEGs ({mb / n * 1000:.0f} KB each) in {root}; batch {args.batch}, {args.threads} threads/'
-              f'workers, views {args.img_size}+32, device {args.device}, torch threads {torch.get_num_threads()}')
+        print(
+            f'{n} JPEGs ({mb / n * 1000:.0f} KB each) in {root}; batch {args.batch}, {args.threads} threads/'
+            f'workers, views {args.img_size}+32, device {args.device}, torch threads {torch.get_num_threads()}'
+        )
         if args.stages:
-            print(f"{'DALI CPU graph, cumulative':<48} {'CPU ms/image':>12} {'images/s':>9}")
+            print(f'{"DALI CPU graph, cumulative":<48} {"CPU ms/image":>12} {"images/s":>9}')
             for name, ms, rate in dali_stage_costs(root, args.batch, args.threads, args.img_size):
                 print(f'{name:<48} {ms:>12.2f} {rate:>9.1f}')
             return
-        results = [time_pipeline(root, p, args.batch, args.threads, args.img_size, args.device, args.epochs)
-                   for p in args.pipelines.split(',')]
-    print(f"{'pipeline':<10} {'images':>7} {'seconds':>8} {'images/s':>9} {'CPU ms/image':>13}")
+        results = [
+            time_pipeline(root, p, args.batch, args.threads, args.img_size, args.device, args.epochs)
+            for p in args.pipelines.split(',')
+        ]
+    print(f'{"pipeline":<10} {"images":>7} {"seconds":>8} {"images/s":>9} {"CPU ms/image":>13}')
     for r in results:
-        print(f"{r['name']:<10} {r['images']:>7} {r['seconds']:>8.2f} {r['rate']:>9.1f} {r['cpu_ms']:>13.1f}")
+        print(f'{r["name"]:<10} {r["images"]:>7} {r["seconds"]:>8.2f} {r["rate"]:>9.1f} {r["cpu_ms"]:>13.1f}')
     print_ratios(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
@@ -173,8 +202,10 @@ def print_ratios(results: list[dict]) -> None:
     base = next((r for r in results if r['name'] == 'torch'), results[0])
     for r in results:
         if r is not base:
-            print(f"ratio {r['name']} / {base['name']}: {r['rate'] / base['rate']:.2f}x images/s, "
-                  f"{base['cpu_ms'] / r['cpu_ms']:.2f}x less CPU per image")
+            print(
+                f'ratio {r["name"]} / {base["name"]}: {r["rate"] / base["rate"]:.2f}x images/s, '
+                f'{base["cpu_ms"] / r["cpu_ms"]:.2f}x less CPU per image'
+            )
 
 
 if __name__ == '__main__':

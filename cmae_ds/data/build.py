@@ -1,4 +1,5 @@
 """The two entry points the engines call: build_pretrain_loader and build_classification_loader."""
+
 from __future__ import annotations
 
 import logging
@@ -34,48 +35,84 @@ def resolve_pipeline(pipeline: str, device: torch.device | str = 'cpu') -> str:
             return 'dali'
         return 'torch_gpu' if torch.device(device).type == 'cuda' else 'torch'
     if pipeline == 'dali' and not dali_available():
-        raise ImportError("data.pipeline 'dali' but nvidia.dali (with its PyTorch plugin) does not import; install "
-                          "the [dali] extra (e.g. pip install nvidia-dali-cuda120) or set data.pipeline=torch_gpu "
-                          "(GPU decoding without DALI) or torch")
+        raise ImportError(
+            "data.pipeline 'dali' but nvidia.dali (with its PyTorch plugin) does not import; install "
+            'the [dali] extra (e.g. pip install nvidia-dali-cuda120) or set data.pipeline=torch_gpu '
+            '(GPU decoding without DALI) or torch'
+        )
     if pipeline not in PIPELINES:
         raise ValueError(f'data.pipeline {pipeline!r} must be one of {", ".join(PIPELINES)}')
     return pipeline
 
 
-def _plan(samples_len: int, batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool,
-          drop_last: bool, pad: bool, where: str) -> ShardPlan:
+def _plan(
+    samples_len: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    shuffle: bool,
+    drop_last: bool,
+    pad: bool,
+    where: str,
+) -> ShardPlan:
     plan = ShardPlan(samples_len, batch_size, rank, world_size, seed, shuffle, drop_last, pad)
     if plan.num_batches() == 0:
-        raise DataSourceError(f'{where}: {samples_len} images give no batch of {batch_size} on each of {world_size} '
-                         f'rank(s) with drop_last={drop_last}; lower the batch size or add images')
+        raise DataSourceError(
+            f'{where}: {samples_len} images give no batch of {batch_size} on each of {world_size} '
+            f'rank(s) with drop_last={drop_last}; lower the batch size or add images'
+        )
     return plan
 
 
-def _make(mode: str, data_cfg, samples: list[Sample], plan: ShardPlan, img_size: int, device,
-          debug: bool) -> EpochLoader:
+def _make(
+    mode: str, data_cfg, samples: list[Sample], plan: ShardPlan, img_size: int, device, debug: bool
+) -> EpochLoader:
     pipeline = resolve_pipeline(data_cfg.pipeline, device)
     erase = mode == 'cls_train'
     workers = data_workers(data_cfg.num_workers, device)
     if pipeline == 'dali':
         from .dali_pipeline import DaliLoader
-        loader = DaliLoader(samples, mode, plan, device, img_size, data_cfg.master_extra, workers,
-                            data_cfg.hw_decoder_load, debug, erase)
+
+        loader = DaliLoader(
+            samples,
+            mode,
+            plan,
+            device,
+            img_size,
+            data_cfg.master_extra,
+            workers,
+            data_cfg.hw_decoder_load,
+            debug,
+            erase,
+        )
     elif pipeline == 'torch_gpu':
         from .gpu_pipeline import BytesDataset, GpuLoader
+
         ds = BytesDataset(samples, mode, img_size, data_cfg.master_extra, plan.seed, debug)
         loader = GpuLoader(ds, plan, device, workers, erase)
     else:
         from .torch_pipeline import TorchLoader, ViewDataset
+
         ds = ViewDataset(samples, mode, img_size, data_cfg.master_extra, plan.seed, debug)
         loader = TorchLoader(ds, plan, device, workers, erase)
     log.info('data: %s pipeline, %d images, %r', loader.name, len(samples), loader)
     return loader
 
 
-def build_pretrain_loader(data_cfg, img_size: int = 224, batch_size: int = 64, rank: int = 0, world_size: int = 1,
-                          seed: int = 0, device: torch.device | str = 'cpu', drop_last: bool = True, *,
-                          debug: bool = False,
-                          samples: Optional[list[Sample]] = None) -> EpochLoader:
+def build_pretrain_loader(
+    data_cfg,
+    img_size: int = 224,
+    batch_size: int = 64,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    device: torch.device | str = 'cpu',
+    drop_last: bool = True,
+    *,
+    debug: bool = False,
+    samples: Optional[list[Sample]] = None,
+) -> EpochLoader:
     """Batches of the two CMAE views (docs/spec.md section 7) for this rank.
 
     Yields dicts: 'img' (online view) and 'img_target' float32 (N, 3, S, S) normalized, on `device`; 'index' (N,)
@@ -85,6 +122,7 @@ def build_pretrain_loader(data_cfg, img_size: int = 224, batch_size: int = 64, r
     device = torch.device(device)
     if data_cfg.source == 'synthetic':
         from .synthetic import SYNTHETIC_SIZE, SyntheticLoader
+
         plan = _plan(SYNTHETIC_SIZE, batch_size, rank, world_size, seed, True, drop_last, False, 'synthetic')
         return SyntheticLoader(plan, device, img_size, 'pretrain')
     samples = samples if samples is not None else list_samples(data_cfg)
@@ -92,10 +130,20 @@ def build_pretrain_loader(data_cfg, img_size: int = 224, batch_size: int = 64, r
     return _make('pretrain', data_cfg, samples, plan, img_size, device, debug)
 
 
-def build_classification_loader(data_cfg, train: bool, img_size: int = 224, batch_size: int = 64, rank: int = 0,
-                                world_size: int = 1, seed: int = 0, device: torch.device | str = 'cpu',
-                                drop_last: Optional[bool] = None, *,
-                                samples: Optional[list[Sample]] = None, augment: str = 'finetune') -> EpochLoader:
+def build_classification_loader(
+    data_cfg,
+    train: bool,
+    img_size: int = 224,
+    batch_size: int = 64,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    device: torch.device | str = 'cpu',
+    drop_last: Optional[bool] = None,
+    *,
+    samples: Optional[list[Sample]] = None,
+    augment: str = 'finetune',
+) -> EpochLoader:
     """Training batches (train=True) or evaluation batches. Training augmentation: augment='finetune'
     (RandomResizedCrop + flip + RandAugment + random erasing) or 'probe' (RandomResizedCrop + flip: MAE's linear
     probe).
@@ -111,10 +159,21 @@ def build_classification_loader(data_cfg, train: bool, img_size: int = 224, batc
     mode = ('cls_train' if augment == 'finetune' else 'cls_probe') if train else 'cls_eval'
     if data_cfg.source == 'synthetic':
         from .synthetic import SYNTHETIC_SIZE, SyntheticLoader
-        plan = _plan(SYNTHETIC_SIZE if train else 50_000, batch_size, rank, world_size, seed, train, drop_last,
-                     False, 'synthetic')
+
+        plan = _plan(
+            SYNTHETIC_SIZE if train else 50_000,
+            batch_size,
+            rank,
+            world_size,
+            seed,
+            train,
+            drop_last,
+            False,
+            'synthetic',
+        )
         return SyntheticLoader(plan, device, img_size, mode)
     samples = samples if samples is not None else list_samples(data_cfg)
-    plan = _plan(len(samples), batch_size, rank, world_size, seed, train, drop_last, not drop_last,
-                 f'data.{data_cfg.source}')
+    plan = _plan(
+        len(samples), batch_size, rank, world_size, seed, train, drop_last, not drop_last, f'data.{data_cfg.source}'
+    )
     return _make(mode, data_cfg, samples, plan, img_size, device, False)

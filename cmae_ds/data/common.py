@@ -1,4 +1,5 @@
 """Constants and small pieces shared by the torch and DALI pipelines."""
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,16 @@ ERASE_P = 0.25
 DEBUG_KEYS = ('flip', 'dy', 'dx', 'jitter', 'gray', 'blur', 'sigma', 'box')
 """Per-sample random decisions a pipeline returns under debug=True (tests check their rates); box is the master's
 crop (top, left, h, w) in source pixels, (N, 4)."""
-DEBUG_DTYPES = dict(flip=torch.bool, dy=torch.int64, dx=torch.int64, jitter=torch.bool, gray=torch.bool,
-                    blur=torch.bool, sigma=torch.float32, box=torch.int64)
+DEBUG_DTYPES = dict(
+    flip=torch.bool,
+    dy=torch.int64,
+    dx=torch.int64,
+    jitter=torch.bool,
+    gray=torch.bool,
+    blur=torch.bool,
+    sigma=torch.float32,
+    box=torch.int64,
+)
 
 
 def eval_resize_size(img_size: int) -> int:
@@ -44,8 +53,16 @@ def normalize(img: torch.Tensor) -> torch.Tensor:
     return img.to(torch.float32, copy=True).mul_(scale).add_(shift)
 
 
-def random_erasing(img: torch.Tensor, gen: torch.Generator, p: float = ERASE_P, area=(0.02, 1 / 3),
-                   log_ratio=(math.log(0.3), math.log(1 / 0.3))) -> torch.Tensor:
+ERASE_LOG_RATIO = (math.log(0.3), math.log(1 / 0.3))  # aspect ratios in [0.3, 1 / 0.3], uniform in log
+
+
+def random_erasing(
+    img: torch.Tensor,
+    gen: torch.Generator,
+    p: float = ERASE_P,
+    area=(0.02, 1 / 3),
+    log_ratio=ERASE_LOG_RATIO,
+) -> torch.Tensor:
     """In place on normalized float (N, 3, H, W): each sample with probability p gets one rectangle of per-pixel
     standard normal noise (timm RandomErasing mode='pixel', the official 'rand' mode). `gen` is a CPU generator
     keyed by the batch position, so the draws do not depend on the device or on resume."""
@@ -61,10 +78,10 @@ def random_erasing(img: torch.Tensor, gen: torch.Generator, p: float = ERASE_P, 
                 top = int(torch.randint(0, h - eh + 1, (), generator=gen))
                 left = int(torch.randint(0, w - ew + 1, (), generator=gen))
                 noise = torch.randn((c, eh, ew), generator=gen)
-                img[i, :, top:top + eh, left:left + ew] = noise.to(img.device, img.dtype)
+                img[i, :, top : top + eh, left : left + ew] = noise.to(img.device, img.dtype)
                 break
     return img
 
 
 def batch_generator(seed: int, epoch: int, rank: int, batch: int) -> torch.Generator:
-    return torch.Generator().manual_seed(hash((seed, epoch, rank, batch, 0xE4A5E)) & (2 ** 63 - 1))
+    return torch.Generator().manual_seed(hash((seed, epoch, rank, batch, 0xE4A5E)) & (2**63 - 1))

@@ -8,6 +8,7 @@ way; only DALI's RandAugment draws from DALI's own generator.
 The reader gets this rank's files already in epoch order (sampling.ShardPlan) and each file's dataset index as its
 "label", so DALI and torch read identical batches and the loader looks labels up by index.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -36,8 +37,9 @@ def _decoder_kwargs(device: str, hw_decoder_load: float) -> dict:
 def _normalize(img, **crop_mirror):
     """uint8 HWC -> float CHW normalized on 0-255 values (docs/spec.md section 7, step 5), with optional crop/mirror
     fused in."""
-    return fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout='CHW', mean=list(C.MEAN), std=list(C.STD),
-                                    **crop_mirror)
+    return fn.crop_mirror_normalize(
+        img, dtype=types.FLOAT, output_layout='CHW', mean=list(C.MEAN), std=list(C.STD), **crop_mirror
+    )
 
 
 def rrc_box(jpegs, scale, aspect, u_top, u_left):
@@ -70,8 +72,9 @@ def target_color_ops(view, d: dict):
     """Color jitter and grayscale as one affine color_twist (saturation 0 is grayscale, luma kept in all three
     channels), then Gaussian blur; each only on the samples that drew it (DALI conditionals)."""
     if d['jitter'] | d['gray']:
-        view = fn.color_twist(view, brightness=d['brightness'], contrast=d['contrast'], saturation=d['saturation'],
-                              hue=d['hue'])
+        view = fn.color_twist(
+            view, brightness=d['brightness'], contrast=d['contrast'], saturation=d['saturation'], hue=d['hue']
+        )
     if d['blur']:
         view = fn.gaussian_blur(view, sigma=d['sigma'])
     return view
@@ -88,8 +91,9 @@ def cmae_views(files, indices, feed, size: int, extra: int, device: str, hw_deco
     # The flip is folded into the crops: window x of the flipped master is the mirror of window (extra - x) of
     # the master, so no flipped copy of the master is ever written (a full pass saved on CPU operators).
     flip_i = fn.cast(d['flip'], dtype=types.INT32)
-    online = _normalize(master, crop=[size, size], crop_pos_x=fn.cast(d['flip'], dtype=types.FLOAT), crop_pos_y=0.0,
-                        mirror=flip_i)
+    online = _normalize(
+        master, crop=[size, size], crop_pos_x=fn.cast(d['flip'], dtype=types.FLOAT), crop_pos_y=0.0, mirror=flip_i
+    )
     # An integer anchor is absolute, so the window lands on exact pixels.
     dy, dx = d['dy'], d['dx']
     x0 = dx + flip_i * (extra - 2 * dx)
@@ -112,9 +116,15 @@ def _draws(feed, columns: tuple) -> dict:
 def _decode_box(jpegs, d: dict, device: str, hw_decoder_load: float):
     """Decode only the draws' random-resized-crop box -> (uint8 HWC crop, (top, left, h, w))."""
     top, left, h, w = rrc_box(jpegs, d['scale'], d['aspect'], d['u_top'], d['u_left'])
-    img = fn.decoders.image_slice(jpegs, fn.stack(left, top), fn.stack(w, h), axis_names='WH',
-                                  normalized_anchor=False, normalized_shape=False,
-                                  **_decoder_kwargs(device, hw_decoder_load))
+    img = fn.decoders.image_slice(
+        jpegs,
+        fn.stack(left, top),
+        fn.stack(w, h),
+        axis_names='WH',
+        normalized_anchor=False,
+        normalized_shape=False,
+        **_decoder_kwargs(device, hw_decoder_load),
+    )
     return img, (top, left, h, w)
 
 
@@ -129,12 +139,14 @@ def cls_train_view(files, indices, feed, size: int, device: str, hw_decoder_load
     generator) -> (img float (3, S, S), index). DALI's RandAugment has no magnitude noise (timm's mstd 0.5);
     random erasing runs on the batch in torch."""
     from nvidia.dali.auto_aug import rand_augment
+
     jpegs, index = read_files(files, indices)
     img, flip = _crop_from_draws(jpegs, feed, device, hw_decoder_load)
     img = fn.resize(img, size=[size, size], interp_type=types.INTERP_CUBIC, antialias=True)
     img = fn.flip(img, horizontal=fn.cast(flip, dtype=types.INT32))
-    img = rand_augment.rand_augment(img, n=2, m=9, shape=[size, size], fill_value=int(round(C.MEAN[0])),
-                                    monotonic_mag=True)
+    img = rand_augment.rand_augment(
+        img, n=2, m=9, shape=[size, size], fill_value=int(round(C.MEAN[0])), monotonic_mag=True
+    )
     return _normalize(img), index
 
 
@@ -152,6 +164,14 @@ def cls_eval_view(files, indices, size: int, device: str, hw_decoder_load: float
     jpegs, index = read_files(files, indices)
     img = fn.decoders.image(jpegs, **_decoder_kwargs(device, hw_decoder_load))
     img = fn.resize(img, resize_shorter=C.eval_resize_size(size), interp_type=types.INTERP_CUBIC, antialias=True)
-    img = fn.crop_mirror_normalize(img, crop=[size, size], crop_pos_x=0.5, crop_pos_y=0.5, dtype=types.FLOAT,
-                                   output_layout='CHW', mean=list(C.MEAN), std=list(C.STD))
+    img = fn.crop_mirror_normalize(
+        img,
+        crop=[size, size],
+        crop_pos_x=0.5,
+        crop_pos_y=0.5,
+        dtype=types.FLOAT,
+        output_layout='CHW',
+        mean=list(C.MEAN),
+        std=list(C.STD),
+    )
     return img, index

@@ -7,6 +7,7 @@ exactly; the classification training graphs take their crop and flip the same wa
 (fine-tuning) draws from DALI's generator, seeded from (seed, epoch, rank, start batch): the same seed and epoch
 give the same batches, but a mid-epoch resume redraws its operations.
 """
+
 from __future__ import annotations
 
 import re
@@ -30,6 +31,7 @@ def _pipeline_seed(seed: int, epoch: int, rank: int, start: int) -> int:
 
 def _graph_for(mode: str, size: int, extra: int, device: str, hw: float, debug: bool):
     from . import dali_graphs as G  # imports nvidia.dali: only when a DALI loader is built
+
     # The random graphs take the external source of each epoch's draws (feed=) from the loader.
     if mode == 'pretrain':
         return partial(G.cmae_views, size=size, extra=extra, device=device, hw_decoder_load=hw, debug=debug)
@@ -42,9 +44,10 @@ def _graph_for(mode: str, size: int, extra: int, device: str, hw: float, debug: 
 
 class DrawFeed:
     """External-source callback of the pretraining and classification training graphs: iteration i -> the draws
-    (draws.py) of batch i's samples, one array per entry of draws.DALI_COLUMNS (or CLS_COLUMNS). Keyed by (seed, epoch, index) like the torch pipeline's, so where a
-    pipeline starts in the epoch changes nothing. The last batch is padded as the reader pads it (repeating the
-    last sample), and the iterations DALI prefetches past the end repeat the last batch (their output is dropped)."""
+    (draws.py) of batch i's samples, one array per entry of draws.DALI_COLUMNS (or CLS_COLUMNS). Keyed by (seed,
+    epoch, index) like the torch pipeline's, so where a pipeline starts in the epoch changes nothing. The last batch
+    is padded as the reader pads it (repeating the last sample), and the iterations DALI prefetches past the end
+    repeat the last batch (their output is dropped)."""
 
     def __init__(self, indices: list[int], batch_size: int, seed: int, epoch: int, extra: int, mode: str = 'pretrain'):
         self.indices, self.batch_size, self.seed, self.epoch, self.extra = indices, batch_size, seed, epoch, extra
@@ -53,7 +56,7 @@ class DrawFeed:
     def __call__(self, info) -> tuple:
         b = self.batch_size
         i = min(info.iteration, (len(self.indices) - 1) // b)
-        idx = self.indices[i * b:(i + 1) * b]
+        idx = self.indices[i * b : (i + 1) * b]
         idx = idx + [idx[-1]] * (b - len(idx))
         if self.cls:
             return cls_columns(draw_batch(self.seed, self.epoch, idx, self.extra, scale=C.CLS_SCALE))
@@ -63,8 +66,19 @@ class DrawFeed:
 class DaliLoader(EpochLoader):
     """Contract of build_pretrain_loader / build_classification_loader on a DALI pipeline."""
 
-    def __init__(self, samples, mode: str, plan: ShardPlan, device, img_size: int, master_extra: int,
-                 num_threads: int, hw_decoder_load: float = 0.65, debug: bool = False, erase: bool = False):
+    def __init__(
+        self,
+        samples,
+        mode: str,
+        plan: ShardPlan,
+        device,
+        img_size: int,
+        master_extra: int,
+        num_threads: int,
+        hw_decoder_load: float = 0.65,
+        debug: bool = False,
+        erase: bool = False,
+    ):
         super().__init__(plan, device)
         self.samples, self.mode, self.debug, self.erase, self.extra = samples, mode, debug, erase, master_extra
         self.paths = [p for p, _ in samples]
@@ -73,8 +87,11 @@ class DaliLoader(EpochLoader):
         self.name = f'dali-{self.dali_device}'
         self.num_threads = max(1, num_threads)
         self._graph = _graph_for(mode, img_size, master_extra, self.dali_device, hw_decoder_load, debug)
-        self.output_map = (['img', 'img_target', 'index'] + (list(C.DEBUG_KEYS) if debug else [])
-                           if mode == 'pretrain' else ['img', 'index'])
+        self.output_map = (
+            ['img', 'img_target', 'index'] + (list(C.DEBUG_KEYS) if debug else [])
+            if mode == 'pretrain'
+            else ['img', 'index']
+        )
 
     def _build(self, files: list[str], indices: list[int], seed: int, feed=None):
         from nvidia.dali import pipeline_def
@@ -86,8 +103,13 @@ class DaliLoader(EpochLoader):
         device_id = (self.device.index or 0) if self.dali_device == 'gpu' else None
         with warnings.catch_warnings():  # DALI 2.x's own auto_aug module still calls deprecated aliases
             warnings.filterwarnings('ignore', message='.*is now deprecated', category=DeprecationWarning)
-            pipe = graph(batch_size=self.plan.batch_size, num_threads=self.num_threads, device_id=device_id,
-                         seed=seed, prefetch_queue_depth=2)
+            pipe = graph(
+                batch_size=self.plan.batch_size,
+                num_threads=self.num_threads,
+                device_id=device_id,
+                seed=seed,
+                prefetch_queue_depth=2,
+            )
             pipe.build()
         return pipe
 
@@ -102,11 +124,20 @@ class DaliLoader(EpochLoader):
             return
         indices = [int(i) for idx, _ in batches for i in idx]
         files = [self.paths[i] for i in indices]
-        feed = (DrawFeed(indices, self.plan.batch_size, self.plan.seed, epoch, self.extra, self.mode)
-                if self.mode != 'cls_eval' else None)
+        feed = (
+            DrawFeed(indices, self.plan.batch_size, self.plan.seed, epoch, self.extra, self.mode)
+            if self.mode != 'cls_eval'
+            else None
+        )
         pipe = self._build(files, indices, _pipeline_seed(self.plan.seed, epoch, self.plan.rank, start_batch), feed)
-        it = DALIGenericIterator(pipe, self.output_map, reader_name=READER, auto_reset=False,
-                                 last_batch_policy=LastBatchPolicy.PARTIAL, prepare_first_batch=False)
+        it = DALIGenericIterator(
+            pipe,
+            self.output_map,
+            reader_name=READER,
+            auto_reset=False,
+            last_batch_policy=LastBatchPolicy.PARTIAL,
+            prepare_first_batch=False,
+        )
         try:
             for b, (_, valid) in enumerate(batches, start_batch):
                 try:
@@ -114,7 +145,7 @@ class DaliLoader(EpochLoader):
                 except StopIteration:
                     break
                 except Exception as e:  # noqa: BLE001 - DALI raises plain RuntimeError; name the file instead
-                    raise self._file_error(e, batches[b - start_batch:b - start_batch + 3]) from e
+                    raise self._file_error(e, batches[b - start_batch : b - start_batch + 3]) from e
                 yield self._finish(raw, valid, epoch, b)
         finally:
             del it, pipe
@@ -131,8 +162,9 @@ class DaliLoader(EpochLoader):
             out['label'] = self.labels[index.cpu()].to(self.device)
             out['valid'] = torch.from_numpy(valid.copy()).to(self.device)
         if self.debug and self.mode == 'pretrain':
-            out['debug'] = {k: raw[k].reshape(len(index), -1).squeeze(1).cpu().to(C.DEBUG_DTYPES[k])
-                            for k in C.DEBUG_KEYS}
+            out['debug'] = {
+                k: raw[k].reshape(len(index), -1).squeeze(1).cpu().to(C.DEBUG_DTYPES[k]) for k in C.DEBUG_KEYS
+            }
         return out
 
     def _file_error(self, err: Exception, near) -> DataFileError:
@@ -142,12 +174,15 @@ class DaliLoader(EpochLoader):
         named = [p for p in set(re.findall(r'[\w./\\:-]*[\w-]\.\w+', msg)) if p in self._path_set()]
         if not named:
             from .scan import check_file
+
             named = [self.paths[i] for idx, _ in near for i in idx if check_file(self.paths[i]) is not None]
         lines = [ln.strip() for ln in msg.splitlines() if ln.strip() and 'no longer valid' not in ln]
         first = lines[-1] if lines else type(err).__name__  # DALI puts the decoder's own words last
         names = ', '.join(dict.fromkeys(named)) or 'a file of this batch (could not tell which)'
-        return DataFileError(f'{self.name} pipeline cannot decode {names}: {first}\n'
-                             f'Run launch/scan_dataset.py to list every unreadable file and write a clean file list.')
+        return DataFileError(
+            f'{self.name} pipeline cannot decode {names}: {first}\n'
+            f'Run launch/scan_dataset.py to list every unreadable file and write a clean file list.'
+        )
 
     def _path_set(self) -> set:
         if not hasattr(self, '_paths_cache'):

@@ -8,6 +8,7 @@ draws are size-free (ten candidate (area, aspect) pairs and two position fractio
 box in float32 with the exact operation sequence the DALI graph uses (dali_graphs.rrc_box), so both agree to the
 pixel.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,15 @@ class ViewDraws:
     sigma: float
 
     def debug(self) -> dict:
-        return dict(flip=self.flip, dy=self.dy, dx=self.dx, jitter=self.jitter, gray=self.gray, blur=self.blur,
-                    sigma=self.sigma if self.blur else 0.0)
+        return dict(
+            flip=self.flip,
+            dy=self.dy,
+            dx=self.dx,
+            jitter=self.jitter,
+            gray=self.gray,
+            blur=self.blur,
+            sigma=self.sigma if self.blur else 0.0,
+        )
 
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -59,28 +67,34 @@ def uniforms(seed: int, epoch: int, indices, n: int = UNIFORMS) -> np.ndarray:
     (seed, epoch). Counter-based, so a whole batch is a few array operations (the DALI feed runs in the training
     process) and every sample's numbers depend on nothing but its keys."""
     with np.errstate(over='ignore'):
-        key = _mix(np.array([seed & (2 ** 64 - 1)], dtype=np.uint64) + _GOLDEN)
-        key = _mix(key + np.uint64(epoch & (2 ** 64 - 1)) * _GOLDEN)
+        key = _mix(np.array([seed & (2**64 - 1)], dtype=np.uint64) + _GOLDEN)
+        key = _mix(key + np.uint64(epoch & (2**64 - 1)) * _GOLDEN)
         ctr = np.asarray(indices, dtype=np.uint64)[:, None] * np.uint64(64) + np.arange(n, dtype=np.uint64)
         x = _mix(key + (ctr + np.uint64(1)) * _GOLDEN)
-    return (x >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
 def draw_batch(seed: int, epoch: int, indices, extra: int, scale=C.MASTER_SCALE, ratio=C.RATIO) -> dict:
     """Every decision of docs/spec.md section 7 for a batch of dataset indices, as arrays with the batch first."""
     u, k = uniforms(seed, epoch, indices), ATTEMPTS
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
-    v = u[:, 2 * k:]
+    v = u[:, 2 * k :]
     amount = np.array([C.BRIGHTNESS, C.CONTRAST, C.SATURATION])
-    return dict(scale=(scale[0] + (scale[1] - scale[0]) * u[:, :k]).astype(np.float32),
-                aspect=np.exp(lo + (hi - lo) * u[:, k:2 * k]).astype(np.float32),
-                u_top=v[:, 0].astype(np.float32), u_left=v[:, 1].astype(np.float32), flip=v[:, 2] < 0.5,
-                dy=np.minimum((v[:, 3] * extra).astype(np.int32), extra - 1),
-                dx=np.minimum((v[:, 4] * extra).astype(np.int32), extra - 1),
-                factors=np.concatenate([1 - amount + 2 * amount * v[:, 5:8], -C.HUE + 2 * C.HUE * v[:, 8:9]], 1),
-                order=np.argsort(v[:, 9:13], axis=1),  # a uniform random permutation per sample
-                jitter=v[:, 13] < C.JITTER_P, gray=v[:, 14] < C.GRAY_P, blur=v[:, 15] < C.BLUR_P,
-                sigma=C.BLUR_SIGMA[0] + (C.BLUR_SIGMA[1] - C.BLUR_SIGMA[0]) * v[:, 16])
+    return dict(
+        scale=(scale[0] + (scale[1] - scale[0]) * u[:, :k]).astype(np.float32),
+        aspect=np.exp(lo + (hi - lo) * u[:, k : 2 * k]).astype(np.float32),
+        u_top=v[:, 0].astype(np.float32),
+        u_left=v[:, 1].astype(np.float32),
+        flip=v[:, 2] < 0.5,
+        dy=np.minimum((v[:, 3] * extra).astype(np.int32), extra - 1),
+        dx=np.minimum((v[:, 4] * extra).astype(np.int32), extra - 1),
+        factors=np.concatenate([1 - amount + 2 * amount * v[:, 5:8], -C.HUE + 2 * C.HUE * v[:, 8:9]], 1),
+        order=np.argsort(v[:, 9:13], axis=1),  # a uniform random permutation per sample
+        jitter=v[:, 13] < C.JITTER_P,
+        gray=v[:, 14] < C.GRAY_P,
+        blur=v[:, 15] < C.BLUR_P,
+        sigma=C.BLUR_SIGMA[0] + (C.BLUR_SIGMA[1] - C.BLUR_SIGMA[0]) * v[:, 16],
+    )
 
 
 def draw_views(seed: int, epoch: int, index: int, extra: int, scale=C.MASTER_SCALE) -> ViewDraws:
@@ -91,9 +105,21 @@ def draw_views(seed: int, epoch: int, index: int, extra: int, scale=C.MASTER_SCA
 def row(batch: dict, i: int) -> ViewDraws:
     """Sample i of draw_batch's arrays."""
     d = {key: val[i] for key, val in batch.items()}
-    return ViewDraws(d['scale'], d['aspect'], d['u_top'], d['u_left'], bool(d['flip']), int(d['dy']), int(d['dx']),
-                     bool(d['jitter']), tuple(float(f) for f in d['factors']), tuple(int(i) for i in d['order']),
-                     bool(d['gray']), bool(d['blur']), float(d['sigma']))
+    return ViewDraws(
+        d['scale'],
+        d['aspect'],
+        d['u_top'],
+        d['u_left'],
+        bool(d['flip']),
+        int(d['dy']),
+        int(d['dx']),
+        bool(d['jitter']),
+        tuple(float(f) for f in d['factors']),
+        tuple(int(i) for i in d['order']),
+        bool(d['gray']),
+        bool(d['blur']),
+        float(d['sigma']),
+    )
 
 
 def _round(x: np.ndarray) -> np.ndarray:
@@ -102,8 +128,9 @@ def _round(x: np.ndarray) -> np.ndarray:
 
 def rrc_box(d: ViewDraws, width: int, height: int, ratio=C.RATIO) -> tuple[int, int, int, int]:
     """-> (top, left, h, w) of one sample: rrc_boxes for a batch of one."""
-    box = rrc_boxes(d.scale[None], d.aspect[None], np.array([d.u_top]), np.array([d.u_left]), [width], [height],
-                    ratio)[0]
+    box = rrc_boxes(d.scale[None], d.aspect[None], np.array([d.u_top]), np.array([d.u_left]), [width], [height], ratio)[
+        0
+    ]
     return tuple(int(v) for v in box)
 
 
@@ -125,16 +152,35 @@ def rrc_boxes(scale, aspect, u_top, u_left, widths, heights, ratio=C.RATIO) -> n
     cw = np.where(wide, _round(H * f32(ratio[1])), W)
     ch = np.where(narrow, _round(W / f32(ratio[0])), H)
     found = ok.any(axis=1)
-    box = [np.where(found, top, np.floor((H - ch) / f32(2))), np.where(found, left, np.floor((W - cw) / f32(2))),
-           np.where(found, h, ch), np.where(found, w, cw)]
+    box = [
+        np.where(found, top, np.floor((H - ch) / f32(2))),
+        np.where(found, left, np.floor((W - cw) / f32(2))),
+        np.where(found, h, ch),
+        np.where(found, w, cw),
+    ]
     return np.stack(box, axis=1).astype(np.int64)
 
 
 CLS_COLUMNS = ('scale', 'aspect', 'u_top', 'u_left', 'flip')
 """What the DALI classification training graphs take: the crop box draws and the flip."""
 
-DALI_COLUMNS = ('scale', 'aspect', 'u_top', 'u_left', 'flip', 'dy', 'dx', 'jitter', 'gray', 'brightness', 'contrast',
-                'saturation', 'hue', 'blur', 'sigma')
+DALI_COLUMNS = (
+    'scale',
+    'aspect',
+    'u_top',
+    'u_left',
+    'flip',
+    'dy',
+    'dx',
+    'jitter',
+    'gray',
+    'brightness',
+    'contrast',
+    'saturation',
+    'hue',
+    'blur',
+    'sigma',
+)
 """What the DALI pretraining graph takes from its external source, one array per entry, in this order."""
 
 
@@ -143,9 +189,23 @@ def dali_columns(d: dict) -> tuple:
     factors here (identity where not drawn; saturation 0 for grayscale; hue in degrees)."""
     f32 = np.float32
     fac = np.where(d['jitter'][:, None], d['factors'], np.array([1.0, 1.0, 1.0, 0.0])).astype(f32)
-    return (d['scale'], d['aspect'], d['u_top'], d['u_left'], d['flip'], d['dy'], d['dx'], d['jitter'], d['gray'],
-            fac[:, 0].copy(), fac[:, 1].copy(), fac[:, 2] * ~d['gray'], fac[:, 3] * f32(360), d['blur'],
-            d['sigma'].astype(f32))
+    return (
+        d['scale'],
+        d['aspect'],
+        d['u_top'],
+        d['u_left'],
+        d['flip'],
+        d['dy'],
+        d['dx'],
+        d['jitter'],
+        d['gray'],
+        fac[:, 0].copy(),
+        fac[:, 1].copy(),
+        fac[:, 2] * ~d['gray'],
+        fac[:, 3] * f32(360),
+        d['blur'],
+        d['sigma'].astype(f32),
+    )
 
 
 def cls_columns(d: dict) -> tuple:

@@ -8,6 +8,7 @@ decode_jpeg refuses on the device is retried on the CPU (decode_jpeg, then PIL).
 the torch pipeline skips them: the sample becomes the next readable image of the dataset (its label follows it),
 the file is named in a warning once and counted in `loader.bad_files`.
 """
+
 from __future__ import annotations
 
 import io
@@ -69,15 +70,19 @@ class BytesDataset(ViewDataset):
 
 
 def collate(items: list[dict]) -> dict:
-    return dict(data=[it['data'] for it in items], index=torch.tensor([it['index'] for it in items]),
-                source=[it['source'] for it in items],
-                label=torch.tensor([it['label'] for it in items], dtype=torch.int64),
-                bad=[b for it in items for b in it['bad']])
+    return dict(
+        data=[it['data'] for it in items],
+        index=torch.tensor([it['index'] for it in items]),
+        source=[it['source'] for it in items],
+        label=torch.tensor([it['label'] for it in items], dtype=torch.int64),
+        bad=[b for it in items for b in it['bad']],
+    )
 
 
 def _decode_one(blob: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
     """One JPEG the batched call refused: decode_jpeg on the device, then on the CPU, then PIL; None if none can."""
     from torchvision.io import ImageReadMode, decode_jpeg
+
     for dev in dict.fromkeys([device, torch.device('cpu')]):
         try:
             return decode_jpeg(blob, mode=ImageReadMode.RGB, device=dev).to(device)
@@ -85,6 +90,7 @@ def _decode_one(blob: torch.Tensor, device: torch.device) -> Optional[torch.Tens
             pass
     try:
         from PIL import Image
+
         with Image.open(io.BytesIO(blob.numpy().tobytes())) as im:
             return V.to_uint8_chw(im.convert('RGB')).to(device)
     except Exception:  # noqa: BLE001 - any decoder failure means "unreadable file"
@@ -95,6 +101,7 @@ def decode_batch(data: list[torch.Tensor], device: torch.device) -> list[Optiona
     """Worker items -> uint8 (3, H, W) images on `device`: the encoded ones (1-D) in one decode_jpeg call, one at a
     time if that call fails; already decoded ones moved over. None where nothing can decode the file."""
     from torchvision.io import ImageReadMode, decode_jpeg
+
     nb = device.type == 'cuda'
     out = [d.to(device, non_blocking=nb) if d.dim() == 3 else None for d in data]
     enc = [i for i, d in enumerate(data) if d.dim() == 1]
@@ -186,5 +193,5 @@ class GpuLoader(TorchLoader):
         d = draw_batch(seed, epoch, index, extra, scale=C.CLS_SCALE)
         if ds.mode == 'cls_probe':
             return dict(img=C.normalize(G.probe_views(imgs, d, ds.size)))
-        seeds = [int(sample_rng(seed, epoch, int(i)).integers(2 ** 62)) for i in index]
+        seeds = [int(sample_rng(seed, epoch, int(i)).integers(2**62)) for i in index]
         return dict(img=C.normalize(G.train_views(imgs, d, seeds, ds.size)))

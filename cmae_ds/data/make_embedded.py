@@ -4,6 +4,7 @@
 
 Needs scikit-image only here; the committed JPEGs are read at run time without it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,6 +46,7 @@ def random_crop(rng: np.random.Generator, img: Image.Image) -> Image.Image:
 
 def make_embedded(out: Path = EMBEDDED_DIR, count: int = 128, seed: int = 0) -> list[Path]:
     from skimage import data as skdata
+
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob('*.jpg'):

@@ -3,6 +3,7 @@
 The order is a pure function of (seed, epoch, rank, world_size), so a resumed run (skip_batches) and the DALI and
 torch pipelines all see exactly the same images in the same batches.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -49,13 +50,13 @@ class ShardPlan:
         valid = np.ones(len(order), dtype=bool)
         w = self.world_size
         if self.drop_last:
-            order, valid = order[:len(order) // w * w], valid[:len(order) // w * w]
+            order, valid = order[: len(order) // w * w], valid[: len(order) // w * w]
         elif self.pad and len(order) % w:
             extra = w - len(order) % w
             reps = np.resize(order, extra)  # DistributedSampler repeats from the start (cyclically if tiny)
             order = np.concatenate([order, reps])
             valid = np.concatenate([valid, np.zeros(extra, dtype=bool)])
-        idx, val = order[self.rank::w], valid[self.rank::w]
+        idx, val = order[self.rank :: w], valid[self.rank :: w]
         if self.drop_last:
             n = len(idx) // self.batch_size * self.batch_size
             idx, val = idx[:n], val[:n]
@@ -77,7 +78,7 @@ class ShardPlan:
         """[(indices (b,), valid (b,))] for batches start_batch.. of the epoch."""
         idx, val = self.rank_indices(epoch)
         b = self.batch_size
-        return [(idx[i:i + b], val[i:i + b]) for i in range(start_batch * b, len(idx), b)]
+        return [(idx[i : i + b], val[i : i + b]) for i in range(start_batch * b, len(idx), b)]
 
 
 def sample_rng(seed: int, epoch: int, index: int, stream: int = 0) -> np.random.Generator:

@@ -1,4 +1,5 @@
 """Dataset tools: find unreadable images in parallel, write clean file lists and official annotation files."""
+
 from __future__ import annotations
 
 import os
@@ -16,6 +17,7 @@ def check_file(path: str) -> Optional[str]:
         if os.path.getsize(path) == 0:
             return 'zero bytes'
         from PIL import Image
+
         with Image.open(path) as im:
             im.load()  # a full decode: verify() alone misses truncated JPEG scans
             if im.width <= 0 or im.height <= 0:
@@ -49,8 +51,9 @@ def scan_samples(samples: list[Sample], workers: int = 1, chunksize: int = 64) -
 
 
 def scan_folder(root: str, out: str, workers: int = 1, report: Optional[str] = None) -> ScanResult:
-    """Scan the images an ImageNet-style folder lists (image extensions, as the loaders read them); write the clean file list (paths relative to root, label after a space) to `out` and the bad files, one
-    'path<TAB>reason' a line, to `report` (default: out + '.bad.txt')."""
+    """Scan the images an ImageNet-style folder lists (image extensions, as the loaders read them); write the clean
+    file list (paths relative to root, label after a space) to `out` and the bad files, one 'path<TAB>reason' a
+    line, to `report` (default: out + '.bad.txt')."""
     result = scan_samples(folder_samples(root), workers)
     write_filelist(result.good, out, root)
     report = report or f'{out}.bad.txt'

@@ -10,6 +10,7 @@ Formats:
   an integer label; blank lines and lines starting with '#' are ignored.
 - 'embedded': the photographs shipped in cmae_ds/data/embedded (label -1).
 """
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,9 @@ def _resolve_ann(data_cfg) -> Path:
     if not p.exists() and data_cfg.root and (Path(data_cfg.root) / p).exists():
         p = Path(data_cfg.root) / p
     if not p.exists():
-        raise DataSourceError(f'data.ann_file {data_cfg.ann_file} not found (also tried under data.root '
-                              f'{data_cfg.root!r})')
+        raise DataSourceError(
+            f'data.ann_file {data_cfg.ann_file} not found (also tried under data.root {data_cfg.root!r})'
+        )
     return p
 
 
@@ -97,12 +99,16 @@ def json_samples(ann_file: str | os.PathLike, root: str = '') -> list[Sample]:
         items = [(d.get('img_path'), d.get('gt_label', -1)) for d in data['data_list']]
         key = 'img_path'
     elif isinstance(data, list):
-        items = [(os.path.join(d.get('prefix', ''), d['filename']) if 'filename' in d else None,
-                  d.get('label', -1)) for d in data]
+        items = [
+            (os.path.join(d.get('prefix', ''), d['filename']) if 'filename' in d else None, d.get('label', -1))
+            for d in data
+        ]
         key = 'filename'
     else:
-        raise DataSourceError(f'{ann_file}: expected a list of {{"prefix", "filename", "label"}} (official CMAE) '
-                              'or {"data_list": [...]} (mmengine)')
+        raise DataSourceError(
+            f'{ann_file}: expected a list of {{"prefix", "filename", "label"}} (official CMAE) '
+            'or {"data_list": [...]} (mmengine)'
+        )
     samples = []
     for i, (path, label) in enumerate(items):
         if not path:
@@ -113,7 +119,7 @@ def json_samples(ann_file: str | os.PathLike, root: str = '') -> list[Sample]:
 
 def filelist_samples(ann_file: str | os.PathLike, root: str = '') -> list[Sample]:
     samples = []
-    for lineno, line in enumerate(Path(ann_file).read_text().splitlines(), 1):
+    for line in Path(ann_file).read_text().splitlines():
         line = line.strip()
         if not line or line.startswith('#'):
             continue

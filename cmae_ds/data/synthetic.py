@@ -1,5 +1,6 @@
 """Random batches generated on the device: measures the model without any data cost. Deterministic per
 (seed, epoch, rank, batch)."""
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -23,7 +24,9 @@ class SyntheticLoader(EpochLoader):
     def _iterate(self, epoch: int, start_batch: int) -> Iterator[dict]:
         n, s = self.plan.batch_size, self.size
         for b in range(start_batch, len(self)):
-            gen = torch.Generator(self.device).manual_seed(hash((self.plan.seed, epoch, self.plan.rank, b)) & 0xFFFFFFFF)
+            gen = torch.Generator(self.device).manual_seed(
+                hash((self.plan.seed, epoch, self.plan.rank, b)) & 0xFFFFFFFF
+            )
             out = {'img': torch.randn(n, 3, s, s, generator=gen, device=self.device)}
             if self.mode == 'pretrain':
                 out['img_target'] = torch.randn(n, 3, s, s, generator=gen, device=self.device)

@@ -7,6 +7,7 @@ rank competes with itself. Measured on the 2-core sandbox under load: an in-plac
 took 12 ms with 2 threads and 0.07 ms with 1 (docs/data.md, "Threads"). So the defaults give each rank
 threads + data threads <= its cores.
 """
+
 from __future__ import annotations
 
 import logging

@@ -4,6 +4,7 @@ Unreadable files are skipped: the sample is replaced by the next readable image 
 their size, which the all-gather of the contrastive loss needs), counted in `loader.bad_files`, and named in a
 warning once.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -100,9 +101,14 @@ class TorchLoader(EpochLoader):
     def _iterate(self, epoch: int, start_batch: int) -> Iterator[dict]:
         batches = self.plan.batches(epoch, start_batch)
         keys = [[(int(i), epoch) for i in idx] for idx, _ in batches]
-        dl = DataLoader(self.dataset, batch_sampler=keys, num_workers=self.num_workers, collate_fn=self.collate,
-                        pin_memory=self.pin_memory and self.device.type == 'cuda',
-                        prefetch_factor=4 if self.num_workers else None)
+        dl = DataLoader(
+            self.dataset,
+            batch_sampler=keys,
+            num_workers=self.num_workers,
+            collate_fn=self.collate,
+            pin_memory=self.pin_memory and self.device.type == 'cuda',
+            prefetch_factor=4 if self.num_workers else None,
+        )
         for b, (raw, (_, valid)) in enumerate(zip(dl, batches), start_batch):
             yield self._finish(raw, valid, epoch, b)
 

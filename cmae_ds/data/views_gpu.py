@@ -7,6 +7,7 @@ differ); after the crop-resize everything is master-sized and the rest works on 
 0-255 units, rounded after each op the way the uint8 pipelines quantize. Per-sample selections (who is jittered,
 blurred, ...) are index lists built from the draws on the host, so nothing here waits on the device.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -49,7 +50,7 @@ def resize_all(crops: list[torch.Tensor], sizes: list[tuple[int, int]], out: tor
 
 def crop_resize(imgs: list[torch.Tensor], boxes, size: int) -> torch.Tensor:
     """Random-resized-crop: each image's box resized to size x size -> float (N, 3, size, size)."""
-    crops = [img[:, t:t + h, l:l + w] for img, (t, l, h, w) in zip(imgs, boxes)]
+    crops = [img[:, t : t + h, l : l + w] for img, (t, l, h, w) in zip(imgs, boxes)]
     out = torch.empty((len(crops), 3, size, size), device=imgs[0].device)
     resize_all(crops, [(size, size)] * len(crops), out)
     return out
@@ -69,7 +70,7 @@ def where_flip(x: torch.Tensor, flip: np.ndarray) -> torch.Tensor:
 
 def windows(master: torch.Tensor, dy: np.ndarray, dx: np.ndarray, size: int) -> torch.Tensor:
     """(N, 3, M, M) -> (N, 3, size, size): sample n's window at (dy[n], dx[n]), copied in one stack."""
-    return torch.stack([m[:, y:y + size, x:x + size] for m, y, x in zip(master, dy.tolist(), dx.tolist())])
+    return torch.stack([m[:, y : y + size, x : x + size] for m, y, x in zip(master, dy.tolist(), dx.tolist())])
 
 
 def luma(x: torch.Tensor) -> torch.Tensor:
@@ -189,8 +190,16 @@ def cmae_views(imgs: list[torch.Tensor], d: dict, size: int, extra: int) -> tupl
 
 def debug_of(d: dict, boxes) -> dict:
     """The decisions a pipeline reports under debug=True (common.DEBUG_KEYS), as CPU tensors."""
-    vals = dict(flip=d['flip'], dy=d['dy'], dx=d['dx'], jitter=d['jitter'], gray=d['gray'], blur=d['blur'],
-                sigma=np.where(d['blur'], d['sigma'], 0.0), box=np.asarray(boxes, dtype=np.int64))
+    vals = dict(
+        flip=d['flip'],
+        dy=d['dy'],
+        dx=d['dx'],
+        jitter=d['jitter'],
+        gray=d['gray'],
+        blur=d['blur'],
+        sigma=np.where(d['blur'], d['sigma'], 0.0),
+        box=np.asarray(boxes, dtype=np.int64),
+    )
     return {k: torch.as_tensor(np.asarray(v)).to(C.DEBUG_DTYPES[k]) for k, v in vals.items()}
 
 
@@ -211,7 +220,7 @@ def eval_views(imgs: list[torch.Tensor], size: int) -> torch.Tensor:
     out = []
     for y in resize_all(list(imgs), sizes):
         top, left = int(round((y.shape[-2] - size) / 2.0)), int(round((y.shape[-1] - size) / 2.0))
-        out.append(y[:, top:top + size, left:left + size])
+        out.append(y[:, top : top + size, left : left + size])
     return torch.stack(out)
 
 
@@ -223,9 +232,11 @@ def rand_augment(x: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     seeded from its own key. Differs from the torch pipeline's timm RandAugment: no magnitude noise (timm's std
     0.5, DALI has none either) and bilinear geometric ops (torchvision's tensor affine has no bicubic)."""
     from torchvision.transforms import InterpolationMode, v2
+
     if 'ra' not in _RAND_AUGMENT:
-        _RAND_AUGMENT['ra'] = v2.RandAugment(num_ops=2, magnitude=9, interpolation=InterpolationMode.BILINEAR,
-                                             fill=[int(round(m)) for m in C.MEAN])
+        _RAND_AUGMENT['ra'] = v2.RandAugment(
+            num_ops=2, magnitude=9, interpolation=InterpolationMode.BILINEAR, fill=[int(round(m)) for m in C.MEAN]
+        )
     ra, u8 = _RAND_AUGMENT['ra'], x.to(torch.uint8)
     with torch.random.fork_rng(devices=[]):  # v2 draws from the global CPU generator: leave the caller's alone
         for i, s in enumerate(seeds):

@@ -4,6 +4,7 @@ Crops, flips and the pretraining view decisions come from draws.py (the DALI pip
 seeded from a numpy Generator keyed by (seed, epoch, index). So a sample's views do not depend on the worker that
 made them or on where a run resumed.
 """
+
 from __future__ import annotations
 
 import random
@@ -67,10 +68,15 @@ def eval_view(img: Image.Image, size: int) -> torch.Tensor:
 
 def _rand_augment(size: int):
     from timm.data.auto_augment import rand_augment_transform
+
     # magnitude_max 9.99: with std 0.5 the magnitude can reach 10, where posterize keeps 0 bits, which Pillow 13
     # rejects ("bits must be between or equal to 1 and 8"); 9.99 keeps 1 bit and changes no other op measurably.
-    hparams = dict(translate_const=int(size * 0.45), img_mean=tuple(int(round(m)) for m in C.MEAN),
-                   interpolation=Image.BICUBIC, magnitude_max=9.99)
+    hparams = dict(
+        translate_const=int(size * 0.45),
+        img_mean=tuple(int(round(m)) for m in C.MEAN),
+        interpolation=Image.BICUBIC,
+        magnitude_max=9.99,
+    )
     return rand_augment_transform('rand-m9-n2-mstd0.5-inc1', hparams)
 
 
@@ -97,8 +103,8 @@ def train_view(img: Image.Image, d: ViewDraws, rng: np.random.Generator, size: i
     ra = _RA_CACHE[size]
     # timm draws from the global `random`/numpy state: seed it per sample, then put the caller's state back.
     state_py, state_np = random.getstate(), np.random.get_state()
-    random.seed(int(rng.integers(2 ** 62)))
-    np.random.seed(int(rng.integers(2 ** 31)))
+    random.seed(int(rng.integers(2**62)))
+    np.random.seed(int(rng.integers(2**31)))
     try:
         img = ra(img)
     finally:

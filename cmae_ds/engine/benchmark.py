@@ -4,6 +4,7 @@ Modes: 'model' (synthetic batches already on the device), 'data' (the pipeline a
 the real pipeline). Step times come from device events on a GPU (one synchronize at the end) and from the host
 clock on a CPU, where execution is synchronous anyway.
 """
+
 from __future__ import annotations
 
 import gc
@@ -83,16 +84,18 @@ def _percentile(values: list[float], q: float) -> float:
 
 def _peak_mem_gib(device: torch.device) -> float:
     if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def _synthetic_batch(cfg: Config, batch_cfg: ResolvedBatch, device) -> dict:
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed)
     s = cfg.model.img_size
     shape = (batch_cfg.micro_batch, 3, s, s)
-    return {'img': torch.randn(shape, generator=gen, device=device),
-            'img_target': torch.randn(shape, generator=gen, device=device)}
+    return {
+        'img': torch.randn(shape, generator=gen, device=device),
+        'img_target': torch.randn(shape, generator=gen, device=device),
+    }
 
 
 def _batches(mode: str, cfg: Config, batch_cfg: ResolvedBatch, ctx: DistContext):
@@ -100,9 +103,16 @@ def _batches(mode: str, cfg: Config, batch_cfg: ResolvedBatch, ctx: DistContext)
     if mode == 'model':
         batch = _synthetic_batch(cfg, batch_cfg, ctx.device)
         return iter(lambda: batch, None), 'synthetic-on-device'
-    loader = build_pretrain_loader(cfg.data, img_size=cfg.model.img_size, batch_size=batch_cfg.micro_batch,
-                                   rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
-                                   device=ctx.device, drop_last=True)
+    loader = build_pretrain_loader(
+        cfg.data,
+        img_size=cfg.model.img_size,
+        batch_size=batch_cfg.micro_batch,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        seed=cfg.train.seed,
+        device=ctx.device,
+        drop_last=True,
+    )
 
     def endless():
         epoch = 0
@@ -110,16 +120,34 @@ def _batches(mode: str, cfg: Config, batch_cfg: ResolvedBatch, ctx: DistContext)
             loader.set_epoch(epoch)
             yield from loader
             epoch += 1
+
     return endless(), loader.name
 
 
-def run_cell(mode: str, cfg: Config, ds: dict, ds_name: str, ctx: DistContext, warmup: int, steps: int,
-             peak_override: Optional[float] = None) -> BenchResult:
+def run_cell(
+    mode: str,
+    cfg: Config,
+    ds: dict,
+    ds_name: str,
+    ctx: DistContext,
+    warmup: int,
+    steps: int,
+    peak_override: Optional[float] = None,
+) -> BenchResult:
     """Benchmark one (model size, DeepSpeed config, micro-batch) cell. Collective under a launcher."""
     batch_cfg = validate(ds, cfg, ctx.world_size, path=ds_name)
     check_precision_supported(batch_cfg, ds_name)
-    result = BenchResult(mode, cfg.model.size, cfg.model.mode, ds_name, batch_cfg.micro_batch, ctx.world_size,
-                         batch_cfg.precision, batch_cfg.zero_stage, str(ctx.device))
+    result = BenchResult(
+        mode,
+        cfg.model.size,
+        cfg.model.mode,
+        ds_name,
+        batch_cfg.micro_batch,
+        ctx.world_size,
+        batch_cfg.precision,
+        batch_cfg.zero_stage,
+        str(ctx.device),
+    )
     if ctx.device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(ctx.device)
     batches, source = _batches(mode, cfg, batch_cfg, ctx)
@@ -145,8 +173,10 @@ def _time_data(batches, warmup: int, steps: int, device) -> tuple[list[float], f
 
 def _time_steps(cfg, ds, batch_cfg, ctx, batches, warmup, steps, result) -> tuple[list[float], float]:
     from .pretrain import build_engine
-    engine, model, result.optimizer = build_engine(cfg, ds, batch_cfg, ctx, scaled_lr(cfg.train.base_lr,
-                                                                                       batch_cfg.global_batch))
+
+    engine, model, result.optimizer = build_engine(
+        cfg, ds, batch_cfg, ctx, scaled_lr(cfg.train.base_lr, batch_cfg.global_batch)
+    )
     dtype, gen = compute_dtype(batch_cfg), mask_generator(cfg, ctx)
     timer, wait = StepTimer(ctx.device), 0.0
     for i in range(warmup + steps):
@@ -187,16 +217,43 @@ def _fill(result: BenchResult, cfg, batch_cfg, ctx, times, wait, peak_override) 
 
 
 def format_table(results: list[BenchResult]) -> str:
-    head = ('mode', 'size', 'ds_config', 'micro', 'img/s/dev', 'img/s', 'ms med', 'ms p90', 'TFLOP/s', 'MFU',
-            'mem GiB', 'wait', 'attn', 'optim', 'error')
+    head = (
+        'mode',
+        'size',
+        'ds_config',
+        'micro',
+        'img/s/dev',
+        'img/s',
+        'ms med',
+        'ms p90',
+        'TFLOP/s',
+        'MFU',
+        'mem GiB',
+        'wait',
+        'attn',
+        'optim',
+        'error',
+    )
     rows = [head]
     for r in results:
-        rows.append((r.mode, r.size, r.ds_config, str(r.micro_batch), f'{r.images_per_s_per_device:.1f}',
-                     f'{r.images_per_s_total:.1f}', f'{r.step_ms_median:.1f}', f'{r.step_ms_p90:.1f}',
-                     '-' if r.tflops_per_device is None else f'{r.tflops_per_device:.3f}',
-                     '-' if r.mfu is None else f'{100 * r.mfu:.1f}%',
-                     '-' if r.peak_mem_gib is None else f'{r.peak_mem_gib:.2f}',
-                     '-' if r.data_wait_fraction is None else f'{r.data_wait_fraction:.2f}',
-                     r.attention or '-', r.optimizer or '-', (r.error or '')[:60]))
+        rows.append(
+            (
+                r.mode,
+                r.size,
+                r.ds_config,
+                str(r.micro_batch),
+                f'{r.images_per_s_per_device:.1f}',
+                f'{r.images_per_s_total:.1f}',
+                f'{r.step_ms_median:.1f}',
+                f'{r.step_ms_p90:.1f}',
+                '-' if r.tflops_per_device is None else f'{r.tflops_per_device:.3f}',
+                '-' if r.mfu is None else f'{100 * r.mfu:.1f}%',
+                '-' if r.peak_mem_gib is None else f'{r.peak_mem_gib:.2f}',
+                '-' if r.data_wait_fraction is None else f'{r.data_wait_fraction:.2f}',
+                r.attention or '-',
+                r.optimizer or '-',
+                (r.error or '')[:60],
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     return '\n'.join('  '.join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)

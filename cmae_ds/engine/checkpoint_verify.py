@@ -3,6 +3,7 @@ CRC-32 per 64 MiB block, so a resume can tell a damaged checkpoint (a truncated,
 loading it, and fall back to the previous one (docs/reliability.md). Computing and checking the sums is collective:
 the blocks are spread over the ranks that can see their files and summed in threads (zlib releases the GIL).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,11 @@ def sizes(tag_dir: Path) -> dict:
     aside."""
     if not tag_dir.is_dir():
         return {}
-    return {p.relative_to(tag_dir).as_posix(): p.stat().st_size for p in sorted(tag_dir.rglob('*'))
-            if p.is_file() and p.name != MARKER and not p.name.endswith('.tmp')}
+    return {
+        p.relative_to(tag_dir).as_posix(): p.stat().st_size
+        for p in sorted(tag_dir.rglob('*'))
+        if p.is_file() and p.name != MARKER and not p.name.endswith('.tmp')
+    }
 
 
 def block_crc32(path: Path, block: int) -> str:
@@ -34,7 +38,7 @@ def block_crc32(path: Path, block: int) -> str:
     view, left = memoryview(buf), BLOCK
     with open(path, 'rb', buffering=0) as f:
         f.seek(block * BLOCK)
-        while left and (n := f.readinto(view[:min(_CHUNK, left)])):
+        while left and (n := f.readinto(view[: min(_CHUNK, left)])):
             crc, left = zlib.crc32(view[:n], crc), left - n
     return f'{crc:08x}'
 
@@ -66,8 +70,10 @@ def checksums(tag_dir: Path, seen: list[dict]) -> dict:
     sums = {}
     for part in gather_objects(dict(zip(mine, _in_threads(lambda u: block_crc32(tag_dir / u[0], u[1]), mine)))):
         sums.update(part)
-    return {name: {'size': sizes[name], CHECKSUM: [sums[(name, b)] for b in range(_blocks(sizes[name]))]}
-            for name in sorted(sizes)}
+    return {
+        name: {'size': sizes[name], CHECKSUM: [sums[(name, b)] for b in range(_blocks(sizes[name]))]}
+        for name in sorted(sizes)
+    }
 
 
 def manifest(ckpt_dir: Path, tag: str) -> Optional[dict]:
@@ -89,8 +95,7 @@ def _block_problem(tag_dir: Path, name: str, block: int, expected: str) -> Optio
     crc = block_crc32(tag_dir / name, block)
     if crc == expected:
         return None
-    return (f'{tag_dir / name} does not match its {CHECKSUM} (bytes from {block * BLOCK}: {crc}, {expected} was '
-            'written)')
+    return f'{tag_dir / name} does not match its {CHECKSUM} (bytes from {block * BLOCK}: {crc}, {expected} was written)'
 
 
 def verify(ckpt_dir: Path, tag: str, files: dict) -> Optional[str]:

@@ -7,6 +7,7 @@ removes its partial folder on every rank's word and stops the run with one line 
 Layout: <run>/checkpoints/<tag>/ (DeepSpeed's files + complete.json), <run>/checkpoints/latest (a tag name); a
 damaged checkpoint that a resume passed over is renamed <tag>.damaged-<time> for inspection.
 """
+
 from __future__ import annotations
 
 import json
@@ -91,8 +92,10 @@ def select_resume_tag(resume: str, ckpt_dir: Path, log: Callable[[str], None] = 
     if resume == 'none':
         existing = find_resume_tag(ckpt_dir)
         if existing is not None:
-            raise ConfigError(f'{ckpt_dir} already holds checkpoints ({existing}); use --resume auto to continue '
-                              'that run, or set train.output_dir to a new folder (nothing was overwritten)')
+            raise ConfigError(
+                f'{ckpt_dir} already holds checkpoints ({existing}); use --resume auto to continue '
+                'that run, or set train.output_dir to a new folder (nothing was overwritten)'
+            )
         return None
     tag = Path(resume).name
     if not (ckpt_dir / tag / MARKER).is_file():
@@ -110,13 +113,16 @@ def _newest_intact(ckpt_dir: Path, log: Callable[[str], None]) -> Optional[str]:
         if problem is None:
             for bad, why in damaged:
                 aside = _set_aside(ckpt_dir, bad)
-                log(f'checkpoint {bad} is damaged ({why}): resuming from {tag} instead'
-                    + (f'; the damaged one was moved to {aside}' if aside else ''))
+                log(
+                    f'checkpoint {bad} is damaged ({why}): resuming from {tag} instead'
+                    + (f'; the damaged one was moved to {aside}' if aside else '')
+                )
             return tag
         damaged.append((tag, problem))
     if damaged:
-        raise CheckpointError(f'no checkpoint in {ckpt_dir} is intact: '
-                              + '; '.join(f'{tag}: {why}' for tag, why in damaged))
+        raise CheckpointError(
+            f'no checkpoint in {ckpt_dir} is intact: ' + '; '.join(f'{tag}: {why}' for tag, why in damaged)
+        )
     return None
 
 
@@ -137,8 +143,13 @@ def _set_aside(ckpt_dir: Path, tag: str) -> Optional[Path]:
 def rng_state() -> dict:
     """Every global random stream of this process, as tensors and plain values (a file that loads weights-only)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    numpy_state = {'kind': kind, 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
-                   'has_gauss': int(has_gauss), 'gauss': float(gauss)}
+    numpy_state = {
+        'kind': kind,
+        'keys': torch.from_numpy(keys.astype(np.int64)),
+        'pos': int(pos),
+        'has_gauss': int(has_gauss),
+        'gauss': float(gauss),
+    }
     state = {'torch': torch.get_rng_state(), 'numpy': numpy_state, 'python': random.getstate()}
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()
@@ -164,8 +175,15 @@ def rank_file(ckpt_dir: Path, tag: str, rank: int) -> Path:
     return ckpt_dir / tag / f'rank_state_{rank:05d}.pt'
 
 
-def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, is_main: bool,
-         rank_state: Optional[dict] = None) -> Path:
+def save(
+    engine,
+    ckpt_dir: Path,
+    step: int,
+    client_state: dict,
+    keep_last: int,
+    is_main: bool,
+    rank_state: Optional[dict] = None,
+) -> Path:
     """Save a DeepSpeed checkpoint for `step` (collective: every rank calls it), then list its files with their
     checksums in the marker and point to it.
 
@@ -190,8 +208,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, 
     error = None
     if is_main:
         try:
-            mark_complete(ckpt_dir, tag, step, files, layout=layout,
-                          model=client_state.get('config', {}).get('model'))
+            mark_complete(ckpt_dir, tag, step, files, layout=layout, model=client_state.get('config', {}).get('model'))
         except OSError as e:
             error = str(write_error('checkpoint marker', tag_dir / MARKER, e))
         else:
@@ -202,9 +219,12 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, keep_last: int, 
 
 def engine_layout(engine) -> dict:
     """How the engine splits the global batch and the optimizer state: what a resume must match or convert."""
-    return {'world_size': engine.dp_world_size, 'zero_stage': int(engine.zero_optimization_stage()),
-            'micro_batch': engine.train_micro_batch_size_per_gpu(),
-            'grad_accum': engine.gradient_accumulation_steps()}
+    return {
+        'world_size': engine.dp_world_size,
+        'zero_stage': int(engine.zero_optimization_stage()),
+        'micro_batch': engine.train_micro_batch_size_per_gpu(),
+        'grad_accum': engine.gradient_accumulation_steps(),
+    }
 
 
 def read_marker(ckpt_dir: Path, tag: str) -> dict:
@@ -215,13 +235,16 @@ def mark_complete(ckpt_dir: Path, tag: str, step: int, files: dict, **extra) -> 
     """The checkpoint counts from here on: its marker (with the file list), then the pointer to it. `extra`
     (layout, model config) lets a resume decide without opening DeepSpeed's files; the time tells a rewritten tag
     from its predecessor (engine.elastic's cache)."""
-    atomic_write_text(ckpt_dir / tag / MARKER, json.dumps({'step': step, 'tag': tag, 'time': time.time(),
-                                                           'checksum': CHECKSUM, 'files': files, **extra}))
+    atomic_write_text(
+        ckpt_dir / tag / MARKER,
+        json.dumps({'step': step, 'tag': tag, 'time': time.time(), 'checksum': CHECKSUM, 'files': files, **extra}),
+    )
     atomic_write_text(ckpt_dir / POINTER, tag)
 
 
-def _write_rank_files(engine, ckpt_dir: Path, tag: str, client_state: dict,
-                      rank_state: Optional[dict]) -> Optional[str]:
+def _write_rank_files(
+    engine, ckpt_dir: Path, tag: str, client_state: dict, rank_state: Optional[dict]
+) -> Optional[str]:
     """This rank's part of a save; a failed write comes back as its one-line description (written while the
     file system is still full, so the reason and the free space are the ones that stopped it)."""
     try:
@@ -270,8 +293,11 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
         return
     newest = _step_of(tags[-1])
     doomed = tags[:-keep_last] if keep_last > 0 else []
-    doomed += [p.name for p in ckpt_dir.iterdir()
-               if p.is_dir() and not (p / MARKER).exists() and 0 <= _step_of(p.name) < newest]
+    doomed += [
+        p.name
+        for p in ckpt_dir.iterdir()
+        if p.is_dir() and not (p / MARKER).exists() and 0 <= _step_of(p.name) < newest
+    ]
     for tag in doomed:
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
 
@@ -289,8 +315,9 @@ def load(engine, ckpt_dir: Path, tag: str, *, trust: bool = False) -> dict:
     (universal checkpoints), and the engine's checkpoint engine reads weights-only; `trust` skips both."""
     scan_folder(ckpt_dir / tag, trust=trust)
     with checked_deepspeed_loads(engine, trust=trust):
-        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True,
-                                                    load_optimizer_states=True, load_lr_scheduler_states=False)
+        path, client_state = engine.load_checkpoint(
+            str(ckpt_dir), tag=tag, load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
     if path is None:
         raise RuntimeError(f'DeepSpeed could not load checkpoint {ckpt_dir / tag}')
     return client_state
@@ -300,6 +327,7 @@ def load(engine, ckpt_dir: Path, tag: str, *, trust: bool = False) -> dict:
 class Checkpointer:
     """Owns when a run saves (every `every` steps, at its last step, and at each epoch's end when
     `at_epoch_end`) and what goes in: the client state (rank 0's, in DeepSpeed's files) and each rank's own."""
+
     engine: object
     ckpt_dir: Path
     every: int
@@ -315,6 +343,7 @@ class Checkpointer:
 
     def save(self, step: int) -> Path:
         rank_state = self.rank_state() if self.rank_state is not None else None
-        self.last_saved = save(self.engine, self.ckpt_dir, step, self.client_state(), self.keep_last, self.is_main,
-                               rank_state=rank_state)
+        self.last_saved = save(
+            self.engine, self.ckpt_dir, step, self.client_state(), self.keep_last, self.is_main, rank_state=rank_state
+        )
         return self.last_saved

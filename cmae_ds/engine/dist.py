@@ -1,4 +1,5 @@
 """Process-group setup shared by every engine: the DeepSpeed launcher, torchrun, or a plain `python` process."""
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,9 @@ def setup_distributed(timeout_s: Optional[float] = None) -> DistContext:
     from deepspeed.accelerator import get_accelerator
 
     if 'RANK' not in os.environ:
-        os.environ.update(RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1',
-                          MASTER_PORT=str(_free_port()))
+        os.environ.update(
+            RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(_free_port())
+        )
     accel = get_accelerator()
     backend = accel.communication_backend_name()
     if not torch.distributed.is_initialized():

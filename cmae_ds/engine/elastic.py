@@ -14,6 +14,7 @@ epoch's order whatever the layout (`ShardPlan` gives rank r the positions r, r+W
 resumes at the same image; another global batch resumes at its first step boundary at or after the first unseen
 image, and the step count is renumbered so that the lr and momentum schedules keep their position in the epochs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,8 +59,10 @@ class Layout:
         return self.world_size * self.micro_batch
 
     def describe(self) -> str:
-        return (f'{self.world_size} rank(s) x micro {self.micro_batch} x accumulation {self.grad_accum} '
-                f'(global {self.global_batch}), ZeRO-{self.zero_stage}')
+        return (
+            f'{self.world_size} rank(s) x micro {self.micro_batch} x accumulation {self.grad_accum} '
+            f'(global {self.global_batch}), ZeRO-{self.zero_stage}'
+        )
 
 
 def _model_states_file(tag_dir: Path) -> Path:
@@ -83,10 +86,12 @@ def saved_facts(ckpt_dir: Path, tag: str, trust: bool = False) -> tuple[Layout, 
         return Layout(**marker['layout']), marker.get('model')
     states = _open_states(_model_states_file(ckpt_dir / tag), trust)
     ds = states.get('ds_config') or {}
-    layout = Layout(world_size=int(states['dp_world_size']),
-                    zero_stage=int(ds.get('zero_optimization', {}).get('stage', 0)),
-                    micro_batch=int(ds['train_micro_batch_size_per_gpu']),
-                    grad_accum=int(ds.get('gradient_accumulation_steps', 1)))
+    layout = Layout(
+        world_size=int(states['dp_world_size']),
+        zero_stage=int(ds.get('zero_optimization', {}).get('stage', 0)),
+        micro_batch=int(ds['train_micro_batch_size_per_gpu']),
+        grad_accum=int(ds.get('gradient_accumulation_steps', 1)),
+    )
     return layout, (states.get('config') or {}).get('model')
 
 
@@ -96,11 +101,16 @@ def check_model_config(saved: Optional[dict], model_cfg, where: str) -> None:
         return
     now = json.loads(json.dumps(asdict(model_cfg)))
     then = json.loads(json.dumps(saved))
-    diff = [f'model.{k}={then.get(k)!r} there, {now.get(k)!r} here' for k in sorted(set(now) | set(then))
-            if k not in EXECUTION_FIELDS and then.get(k) != now.get(k)]
+    diff = [
+        f'model.{k}={then.get(k)!r} there, {now.get(k)!r} here'
+        for k in sorted(set(now) | set(then))
+        if k not in EXECUTION_FIELDS and then.get(k) != now.get(k)
+    ]
     if diff:
-        raise ConfigError(f'{where} was written by a run with another model config: {"; ".join(diff)} (resume it '
-                          'with the model config it was trained with, or start a new run with --resume none)')
+        raise ConfigError(
+            f'{where} was written by a run with another model config: {"; ".join(diff)} (resume it '
+            'with the model config it was trained with, or start a new run with --resume none)'
+        )
 
 
 def needs_universal(saved: Layout, now: Layout, where: str) -> bool:
@@ -110,10 +120,12 @@ def needs_universal(saved: Layout, now: Layout, where: str) -> bool:
     if saved.zero_stage == 0 and now.zero_stage == 0:  # every rank saved and loads the whole optimizer state
         return False
     if 0 in (saved.zero_stage, now.zero_stage):
-        raise ConfigError(f'{where} was written with ZeRO-{saved.zero_stage} on {saved.world_size} rank(s); '
-                          f'resuming it with ZeRO-{now.zero_stage} on {now.world_size} is not supported: DeepSpeed\'s '
-                          'universal checkpoints need a ZeRO optimizer (stage 1-3) on both sides; resume with '
-                          f'ZeRO-{saved.zero_stage} (any number of ranks when it is 0), or use stage 1-3 for both')
+        raise ConfigError(
+            f'{where} was written with ZeRO-{saved.zero_stage} on {saved.world_size} rank(s); '
+            f"resuming it with ZeRO-{now.zero_stage} on {now.world_size} is not supported: DeepSpeed's "
+            'universal checkpoints need a ZeRO optimizer (stage 1-3) on both sides; resume with '
+            f'ZeRO-{saved.zero_stage} (any number of ranks when it is 0), or use stage 1-3 for both'
+        )
     _check_deepspeed_version()
     return True
 
@@ -121,13 +133,17 @@ def needs_universal(saved: Layout, now: Layout, where: str) -> bool:
 def _check_deepspeed_version() -> None:
     import deepspeed
     from packaging.version import Version
+
     if Version(deepspeed.__version__.split('+')[0]) < Version(MIN_DEEPSPEED):
-        raise ConfigError(f'resuming on another number of ranks or ZeRO stage needs DeepSpeed >= {MIN_DEEPSPEED} '
-                          f'(universal checkpoints); this is {deepspeed.__version__}: pip install '
-                          f'"deepspeed>={MIN_DEEPSPEED}", or resume with the layout the checkpoint was written with')
+        raise ConfigError(
+            f'resuming on another number of ranks or ZeRO stage needs DeepSpeed >= {MIN_DEEPSPEED} '
+            f'(universal checkpoints); this is {deepspeed.__version__}: pip install '
+            f'"deepspeed>={MIN_DEEPSPEED}", or resume with the layout the checkpoint was written with'
+        )
 
 
 # --- conversion -------------------------------------------------------------------------------------------------
+
 
 def universal_dir(tag_dir: Path) -> Path:
     return tag_dir / UNIVERSAL
@@ -159,10 +175,18 @@ def convert(tag_dir: Path, workers: int = 1) -> Path:
 
 def _ds_to_universal(src: Path, dst: Path, workers: int) -> None:
     from deepspeed.checkpoint import ds_to_universal
+
     # inject_missing_state: the default universal_checkpoint_info (no tensor parallelism) that only Megatron-style
     # modules carry themselves
-    args = Namespace(input_folder=str(src), output_folder=str(dst), num_extract_workers=workers,
-                     num_merge_workers=workers, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    args = Namespace(
+        input_folder=str(src),
+        output_folder=str(dst),
+        num_extract_workers=workers,
+        num_merge_workers=workers,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
@@ -170,8 +194,10 @@ def _ds_to_universal(src: Path, dst: Path, workers: int) -> None:
     except Exception as e:  # DeepSpeed raises asserts, RuntimeErrors and KeyErrors alike
         shutil.rmtree(dst, ignore_errors=True)
         last = (str(e) or type(e).__name__).splitlines()[0][:300]
-        raise ConfigError(f'{src}: DeepSpeed could not convert this checkpoint to the universal format ({last}); '
-                          'resume it with the number of ranks and ZeRO stage it was written with') from e
+        raise ConfigError(
+            f'{src}: DeepSpeed could not convert this checkpoint to the universal format ({last}); '
+            'resume it with the number of ranks and ZeRO stage it was written with'
+        ) from e
 
 
 def _add_model_states_names(folder: Path) -> None:
@@ -191,6 +217,7 @@ def _serve_every_stage(zero: Path) -> None:
     loaders differ: ZeRO-3 reads the Adam step from optimizer_state.pt's inner optimizer state, ZeRO-1/2 from a
     step.pt beside each parameter. Give the folder both, so that it loads on every stage."""
     import deepspeed
+
     path = zero / 'optimizer_state.pt'
     state = load_checkpoint_file(path)
     inner = state.get('optimizer_state_dict')
@@ -233,6 +260,7 @@ def ensure_universal(tag_dir: Path, is_main: bool) -> Path:
 
 # --- loading ----------------------------------------------------------------------------------------------------
 
+
 def _base_optimizer(engine):
     return getattr(engine.optimizer, 'optimizer', engine.optimizer)
 
@@ -251,8 +279,13 @@ def load_universal(engine, model, folder: Path, trust: bool = False) -> dict:
     engine._config.load_universal_checkpoint = True
     try:
         with checked_deepspeed_loads(engine, trust=trust):
-            path, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=True,
-                                                        load_optimizer_states=True, load_lr_scheduler_states=False)
+            path, client_state = engine.load_checkpoint(
+                str(folder.parent),
+                tag=folder.name,
+                load_module_strict=True,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
     finally:
         engine._config.load_universal_checkpoint = False
     if path is None:
@@ -271,8 +304,10 @@ def restore_unoptimized_state(model, saved: dict, where: Path) -> list[str]:
     names = [name for name in live if name not in trained]
     missing = [name for name in names if name not in saved or saved[name].numel() != live[name].numel()]
     if missing:
-        raise ConfigError(f'{where}: the saved module state lacks {", ".join(missing[:5])}'
-                          + (f' and {len(missing) - 5} more' if len(missing) > 5 else ''))
+        raise ConfigError(
+            f'{where}: the saved module state lacks {", ".join(missing[:5])}'
+            + (f' and {len(missing) - 5} more' if len(missing) > 5 else '')
+        )
     with torch.no_grad():
         for name in names:
             live[name].copy_(saved[name].reshape(live[name].shape))
@@ -280,6 +315,7 @@ def restore_unoptimized_state(model, saved: dict, where: Path) -> list[str]:
 
 
 # --- data position ----------------------------------------------------------------------------------------------
+
 
 def carry_position(progress: dict, saved: Layout, now: Layout, steps_per_epoch: int) -> tuple[dict, Optional[str]]:
     """`progress` (epoch, batch_in_epoch in micro-batches of one rank, step) re-expressed in the layout `now`,
@@ -294,22 +330,29 @@ def carry_position(progress: dict, saved: Layout, now: Layout, steps_per_epoch: 
     step = epoch * steps_per_epoch + step_in_epoch
     start = step_in_epoch * g
     skipped = start - images if epoch == progress['epoch'] else None
-    where = (f'image {start} of epoch {epoch}' + (f' ({skipped} images of its order not trained on in this epoch)'
-                                                   if skipped else ' (the first unseen one)')
-             if skipped is not None else f'the start of epoch {epoch} (the rest of epoch {progress["epoch"]} is '
-                                         'shorter than one new global batch)')
-    note = (f'global batch {saved.global_batch} -> {g}: resuming at {where}; step {progress["step"]} -> {step} '
-            'so that the lr and momentum schedules keep their place in the epochs')
+    where = (
+        f'image {start} of epoch {epoch}'
+        + (f' ({skipped} images of its order not trained on in this epoch)' if skipped else ' (the first unseen one)')
+        if skipped is not None
+        else f'the start of epoch {epoch} (the rest of epoch {progress["epoch"]} is shorter than one new global batch)'
+    )
+    note = (
+        f'global batch {saved.global_batch} -> {g}: resuming at {where}; step {progress["step"]} -> {step} '
+        'so that the lr and momentum schedules keep their place in the epochs'
+    )
     return {**progress, 'epoch': epoch, 'batch_in_epoch': step_in_epoch * now.grad_accum, 'step': step}, note
 
 
 # --- the one entry point of the tasks ---------------------------------------------------------------------------
 
-def resume(engine, model, ckpt_dir: Path, tag: str, model_cfg, steps_per_epoch: int, is_main: bool,
-           trust: bool = False) -> dict:
+
+def resume(
+    engine, model, ckpt_dir: Path, tag: str, model_cfg, steps_per_epoch: int, is_main: bool, trust: bool = False
+) -> dict:
     """Collective. Load checkpoint `tag` into the engine on whatever layout this run has (converting when the
     world size or ZeRO stage differs); returns its client state with 'progress' in this run's layout."""
     from . import checkpointing
+
     where = ckpt_dir / tag
     saved, saved_model = saved_facts(ckpt_dir, tag, trust)
     check_model_config(saved_model, model_cfg, str(where))
@@ -317,8 +360,10 @@ def resume(engine, model, ckpt_dir: Path, tag: str, model_cfg, steps_per_epoch: 
     if needs_universal(saved, now, str(where)):
         folder = ensure_universal(where, is_main)
         state = load_universal(engine, model, folder, trust)
-        _say(is_main, f'{where}: written by {saved.describe()}, resumed on {now.describe()} through its universal '
-                      f'form {folder}')
+        _say(
+            is_main,
+            f'{where}: written by {saved.describe()}, resumed on {now.describe()} through its universal form {folder}',
+        )
     else:
         state = checkpointing.load(engine, ckpt_dir, tag, trust=trust)
     state['progress'], note = carry_position(state['progress'], saved, now, steps_per_epoch)

@@ -3,6 +3,7 @@
 With several ranks the evaluation loader pads the last batch DistributedSampler-style; padded samples carry
 `valid=False` and are not counted, so every image of the validation set counts exactly once.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError
+
 
 @dataclass
 class EvalResult:
@@ -32,8 +34,13 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[dict], device: torch.device, *,
-             keep_predictions: bool = False) -> EvalResult:
+def evaluate(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable[dict],
+    device: torch.device,
+    *,
+    keep_predictions: bool = False,
+) -> EvalResult:
     """Run `forward` (img (N, 3, S, S) on `device` -> logits (N, C)) over this rank's batches ({'img', 'label',
     optional 'valid', 'index'}) and sum over ranks. Collective when torch.distributed is initialized; the counts
     stay on the device until the end (no per-batch host sync)."""
@@ -46,11 +53,13 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (N, k)
         hit = top.eq(label[:, None])
         loss = F.cross_entropy(logits, label, reduction='none')
-        totals += torch.stack([(hit[:, 0] & valid).sum(), (hit.any(1) & valid).sum(),
-                               (loss * valid).sum(), valid.sum()]).double()
+        totals += torch.stack(
+            [(hit[:, 0] & valid).sum(), (hit.any(1) & valid).sum(), (loss * valid).sum(), valid.sum()]
+        ).double()
         if keep_predictions:
-            kept.extend(zip(batch['index'][valid.cpu()].tolist(), top[valid, 0].cpu().tolist(),
-                            label[valid].cpu().tolist()))
+            kept.extend(
+                zip(batch['index'][valid.cpu()].tolist(), top[valid, 0].cpu().tolist(), label[valid].cpu().tolist())
+            )
     _all_reduce(totals)
     c1, c5, loss_sum, n = totals.tolist()
     n_safe = max(n, 1.0)
@@ -77,5 +86,7 @@ def check_labels(samples: list, num_classes: int, where: str) -> None:
     if bad:
         path, label = bad[0]
         hint = ' (this source has no labels)' if label < 0 else ''
-        raise ConfigError(f'{where}: {len(bad)} of {len(samples)} images have a label outside [0, {num_classes}), '
-                          f'e.g. {path} with label {label}{hint}; check num_classes and the data source')
+        raise ConfigError(
+            f'{where}: {len(bad)} of {len(samples)} images have a label outside [0, {num_classes}), '
+            f'e.g. {path} with label {label}{hint}; check num_classes and the data source'
+        )

@@ -9,6 +9,7 @@ mid-epoch (max_steps) ends like an epoch.
 Run folder: config.yaml, ds_config.json, checkpoints/ (resume), model_best.pt, model_last.pt, metrics.jsonl
 (one line per evaluation), tensorboard/.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,16 +21,17 @@ import torch
 from torch import nn
 
 from ..checkpoint import classifier_from_pretrained, probe_from_pretrained
+from ..classifier_files import BEST, LAST, save_classifier_file
 from ..config import ConfigError, FinetuneConfig, LinearProbeConfig, TaskConfig
 from ..data import build_classification_loader, list_samples
 from ..ds_config import ResolvedBatch, compute_dtype
 from ..errors import NonFiniteLoss
 from ..models import ViTClassifier
+from ..schedules import make_schedule
 from ..seeds import model_seed, seed_classifier_rank
 from . import elastic
 from .checkpointing import Checkpointer
 from .dist import DistContext
-from ..classifier_files import BEST, LAST, save_classifier_file
 from .evaluate import EvalResult, check_labels, evaluate
 from .logger import RunLogger
 from .loop import Loop, Progress, RunStart, start_run
@@ -38,7 +40,6 @@ from .metrics import StepMetrics, due
 from .model_state import consolidated_state_dict
 from .optim import build_optimizer, build_probe_optimizer, probe_param_groups
 from .run_files import write_run_files
-from ..schedules import make_schedule
 
 __all__ = ['train', 'train_step', 'FinetuneResult', 'NonFiniteLoss']
 
@@ -72,19 +73,27 @@ def _check_task(cfg: TaskConfig, ds: dict, batch_cfg: ResolvedBatch, path: str) 
     task, micro = cfg.task, batch_cfg.micro_batch
     if not task.pretrained:
         scratch = '' if _is_probe(cfg) else ", or 'none' to train from scratch"
-        raise ConfigError(f'{task.section}.pretrained: set the starting weights (a pretraining run folder or its '
-                          f'model.pt, an extracted encoder, an official checkpoint){scratch}')
+        raise ConfigError(
+            f'{task.section}.pretrained: set the starting weights (a pretraining run folder or its '
+            f'model.pt, an extracted encoder, an official checkpoint){scratch}'
+        )
     if isinstance(task, FinetuneConfig) and task.mixes and micro % 2:
-        raise ConfigError(f'{path}: train_micro_batch_size_per_gpu {micro} must be even: Mixup/CutMix pairs images '
-                          'within a batch (or turn mixing off: finetune.mixup=0 finetune.cutmix=0)')
+        raise ConfigError(
+            f'{path}: train_micro_batch_size_per_gpu {micro} must be even: Mixup/CutMix pairs images '
+            'within a batch (or turn mixing off: finetune.mixup=0 finetune.cutmix=0)'
+        )
     if _is_probe(cfg):
         if micro < 2:
-            raise ConfigError(f'{path}: train_micro_batch_size_per_gpu {micro} < 2: the probe\'s BatchNorm needs '
-                              'at least 2 images per rank')
+            raise ConfigError(
+                f"{path}: train_micro_batch_size_per_gpu {micro} < 2: the probe's BatchNorm needs "
+                'at least 2 images per rank'
+            )
         if batch_cfg.zero_stage > 0 and not ds.get('zero_allow_untested_optimizer', False):
-            raise ConfigError(f'{path}: ZeRO stage {batch_cfg.zero_stage} with the probe\'s {task.optimizer.upper()} '
-                              'optimizer needs "zero_allow_untested_optimizer": true (or use stage 0: the probe '
-                              'trains one linear layer)')
+            raise ConfigError(
+                f"{path}: ZeRO stage {batch_cfg.zero_stage} with the probe's {task.optimizer.upper()} "
+                'optimizer needs "zero_allow_untested_optimizer": true (or use stage 0: the probe '
+                'trains one linear layer)'
+            )
 
 
 def _pretrained_path(source: str):
@@ -97,28 +106,45 @@ def build_model(cfg: TaskConfig, trust: bool = False) -> nn.Module:
     """The classifier (fine-tuning) or the probe, with the pretrained weights; every rank builds the same one."""
     task, size = cfg.task, _img_size(cfg)
     if _is_probe(cfg):
-        return probe_from_pretrained(_pretrained_path(task.pretrained), cfg.model, task.num_classes, pool=task.pool,
-                                     img_size=size, trust=trust)
+        return probe_from_pretrained(
+            _pretrained_path(task.pretrained), cfg.model, task.num_classes, pool=task.pool, img_size=size, trust=trust
+        )
     if task.pretrained.lower() == 'none':
         return ViTClassifier(cfg.model, task.num_classes, drop_path=task.drop_path, img_size=size)
-    return classifier_from_pretrained(_pretrained_path(task.pretrained), cfg.model, task.num_classes,
-                                      drop_path=task.drop_path, img_size=size, trust=trust)
+    return classifier_from_pretrained(
+        _pretrained_path(task.pretrained),
+        cfg.model,
+        task.num_classes,
+        drop_path=task.drop_path,
+        img_size=size,
+        trust=trust,
+    )
 
 
-def build_engine(cfg: TaskConfig, ds: dict, batch_cfg: ResolvedBatch, ctx: DistContext, peak_lr: float,
-                 trust: bool = False):
+def build_engine(
+    cfg: TaskConfig, ds: dict, batch_cfg: ResolvedBatch, ctx: DistContext, peak_lr: float, trust: bool = False
+):
     """(engine, model, optimizer name). Fine-tuning: AdamW over layer-decay groups; probing: LARS/SGD on the head."""
     import deepspeed
+
     torch.manual_seed(model_seed(cfg.task.seed))
     model, task = build_model(cfg, trust), cfg.task
     if _is_probe(cfg):
-        optimizer, name = build_probe_optimizer(probe_param_groups(model, task.weight_decay), name=task.optimizer,
-                                                lr=peak_lr, momentum=task.momentum)
+        optimizer, name = build_probe_optimizer(
+            probe_param_groups(model, task.weight_decay), name=task.optimizer, lr=peak_lr, momentum=task.momentum
+        )
     else:
-        groups = layer_decay_groups(model, weight_decay=task.weight_decay, layer_decay=task.layer_decay,
-                                    depth=cfg.model.depth)
-        optimizer, name = build_optimizer(groups, lr=peak_lr, betas=task.betas, backend=task.optimizer,
-                                          device=ctx.device, offload=batch_cfg.offload_optimizer)
+        groups = layer_decay_groups(
+            model, weight_decay=task.weight_decay, layer_decay=task.layer_decay, depth=cfg.model.depth
+        )
+        optimizer, name = build_optimizer(
+            groups,
+            lr=peak_lr,
+            betas=task.betas,
+            backend=task.optimizer,
+            device=ctx.device,
+            offload=batch_cfg.offload_optimizer,
+        )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     return engine, model, name
 
@@ -132,12 +158,20 @@ def build_criterion(cfg: TaskConfig):
     if task.mixes:
         from timm.data import Mixup
         from timm.loss import SoftTargetCrossEntropy
-        mixup = Mixup(mixup_alpha=task.mixup, cutmix_alpha=task.cutmix, prob=task.mixup_prob,
-                      switch_prob=task.mixup_switch_prob, mode='batch', label_smoothing=task.smoothing,
-                      num_classes=task.num_classes)
+
+        mixup = Mixup(
+            mixup_alpha=task.mixup,
+            cutmix_alpha=task.cutmix,
+            prob=task.mixup_prob,
+            switch_prob=task.mixup_switch_prob,
+            mode='batch',
+            label_smoothing=task.smoothing,
+            num_classes=task.num_classes,
+        )
         return mixup, SoftTargetCrossEntropy()
     if task.smoothing > 0:
         from timm.loss import LabelSmoothingCrossEntropy
+
         return None, LabelSmoothingCrossEntropy(smoothing=task.smoothing)
     return None, nn.CrossEntropyLoss()
 
@@ -162,11 +196,16 @@ def _loaders(cfg: TaskConfig, batch_cfg: ResolvedBatch, ctx: DistContext):
     common = dict(img_size=size, rank=ctx.rank, world_size=ctx.world_size, seed=task.seed, device=ctx.device)
     # MAE's linear probe trains on crop + flip alone; fine-tuning adds RandAugment and random erasing.
     augment = 'probe' if isinstance(task, LinearProbeConfig) else 'finetune'
-    train_loader = build_classification_loader(cfg.data, train=True, batch_size=batch_cfg.micro_batch,
-                                               samples=train_samples, augment=augment, **common)
-    val_loader = build_classification_loader(cfg.val_data, train=False,
-                                             batch_size=task.eval_batch_size or batch_cfg.micro_batch,
-                                             samples=val_samples, **common)
+    train_loader = build_classification_loader(
+        cfg.data, train=True, batch_size=batch_cfg.micro_batch, samples=train_samples, augment=augment, **common
+    )
+    val_loader = build_classification_loader(
+        cfg.val_data,
+        train=False,
+        batch_size=task.eval_batch_size or batch_cfg.micro_batch,
+        samples=val_samples,
+        **common,
+    )
     return train_loader, val_loader
 
 
@@ -176,8 +215,16 @@ class ClassifierTask:
 
     loss_keys = ('loss',)
 
-    def __init__(self, cfg: TaskConfig, run: RunStart, engine, model: nn.Module, logger: RunLogger,
-                 progress: ClassifierProgress, val_loader):
+    def __init__(
+        self,
+        cfg: TaskConfig,
+        run: RunStart,
+        engine,
+        model: nn.Module,
+        logger: RunLogger,
+        progress: ClassifierProgress,
+        val_loader,
+    ):
         self.cfg, self.run, self.engine, self.model, self.logger = cfg, run, engine, model, logger
         self.progress, self.val_loader = progress, val_loader
         self.dtype = compute_dtype(run.batch)
@@ -212,8 +259,10 @@ class ClassifierTask:
 
     def _log_eval(self, result: EvalResult) -> None:
         p = self.progress
-        self.logger.text(f'epoch {p.epoch} (step {p.step}): top-1 {result.top1:.2f}  top-5 {result.top5:.2f}  '
-                         f'loss {result.loss:.4f}  ({result.images} images)')
+        self.logger.text(
+            f'epoch {p.epoch} (step {p.step}): top-1 {result.top1:.2f}  top-5 {result.top5:.2f}  '
+            f'loss {result.loss:.4f}  ({result.images} images)'
+        )
         if self.logger.enabled:
             for name in ('top1', 'top5', 'loss'):
                 self.logger.writer.add_scalar(f'val/{name}', getattr(result, name), p.step)
@@ -226,12 +275,17 @@ class ClassifierTask:
         if not self.run.ctx.is_main:
             return
         cfg, task, p = self.cfg, self.cfg.task, self.progress
-        extra = {'epoch': p.epoch, 'step': p.step, 'metrics': result.as_dict() if result else None,
-                 'pretrained': task.pretrained}
+        extra = {
+            'epoch': p.epoch,
+            'step': p.step,
+            'metrics': result.as_dict() if result else None,
+            'pretrained': task.pretrained,
+        }
         if _is_probe(cfg):
             extra['pool'] = task.pool
-        kw = dict(kind=task.section, model_cfg=cfg.model, num_classes=task.num_classes, img_size=_img_size(cfg),
-                  extra=extra)
+        kw = dict(
+            kind=task.section, model_cfg=cfg.model, num_classes=task.num_classes, img_size=_img_size(cfg), extra=extra
+        )
         save_classifier_file(self.run.run_dir / LAST, state, **kw)
         if improved:
             save_classifier_file(self.run.run_dir / BEST, state, **kw)
@@ -247,14 +301,23 @@ def run_evaluation(engine, val_loader, dtype: torch.dtype) -> EvalResult:
         engine.train()
 
 
-def train(cfg: TaskConfig, ds_path: str, resume: str = 'auto', trust_checkpoint: bool = False,
-          take_over_lock: bool = False) -> FinetuneResult:
+def train(
+    cfg: TaskConfig, ds_path: str, resume: str = 'auto', trust_checkpoint: bool = False, take_over_lock: bool = False
+) -> FinetuneResult:
     """Fine-tune (cfg.task a FinetuneConfig) or linearly probe (a LinearProbeConfig) with the DeepSpeed JSON at
     `ds_path`. `resume`: 'auto' (newest complete checkpoint of the run folder), 'none', or a tag.
     `trust_checkpoint`: read the pretrained weights and the resumed checkpoint without cmae_ds.safe_load's checks;
     `take_over_lock`: take the run folder's lock from a run that is gone."""
-    with start_run(ds_path, None, cfg.task, cfg.kernels, resume, check=lambda ds, b: _check_task(cfg, ds, b, ds_path), trust=trust_checkpoint,
-                   take_over_lock=take_over_lock) as run:
+    with start_run(
+        ds_path,
+        None,
+        cfg.task,
+        cfg.kernels,
+        resume,
+        check=lambda ds, b: _check_task(cfg, ds, b, ds_path),
+        trust=trust_checkpoint,
+        take_over_lock=take_over_lock,
+    ) as run:
         return _train(cfg, run)
 
 
@@ -265,19 +328,31 @@ def _train(cfg: TaskConfig, run: RunStart) -> FinetuneResult:
     engine, model, opt_name = build_engine(cfg, run.ds, batch_cfg, ctx, schedule.peak_lr, run.trust)
     progress = ClassifierProgress()
     if run.tag is not None:
-        progress = ClassifierProgress(**elastic.resume(engine, model, run.ckpt_dir, run.tag, cfg.model,
-                                                       schedule.steps_per_epoch, ctx.is_main, trust=run.trust)['progress'])
+        progress = ClassifierProgress(
+            **elastic.resume(
+                engine, model, run.ckpt_dir, run.tag, cfg.model, schedule.steps_per_epoch, ctx.is_main, trust=run.trust
+            )['progress']
+        )
     seed_classifier_rank(task.seed, ctx.rank, progress.step)
     if ctx.is_main:
         write_run_files(run.run_dir, cfg, run.ds, progress.step)
     logger = RunLogger(run.run_dir, schedule.total_steps, progress.step, ctx.is_main, task.progress_bar)
-    logger.text(f'cmae_ds {task.section}: {cfg.model.size} at {_img_size(cfg)} px, {task.num_classes} classes, data '
-                f'pipeline {loader.name}, optimizer {opt_name}, {batch_cfg.precision} ZeRO-{batch_cfg.zero_stage}, '
-                f'global batch {batch_cfg.global_batch}, peak lr {schedule.peak_lr:.3g}, {schedule.total_steps} steps'
-                + (f', resumed from {run.tag}' if run.tag else ''))
+    logger.text(
+        f'cmae_ds {task.section}: {cfg.model.size} at {_img_size(cfg)} px, {task.num_classes} classes, data '
+        f'pipeline {loader.name}, optimizer {opt_name}, {batch_cfg.precision} ZeRO-{batch_cfg.zero_stage}, '
+        f'global batch {batch_cfg.global_batch}, peak lr {schedule.peak_lr:.3g}, {schedule.total_steps} steps'
+        + (f', resumed from {run.tag}' if run.tag else '')
+    )
     ctask = ClassifierTask(cfg, run, engine, model, logger, progress, val_loader)
-    checkpointer = Checkpointer(engine, run.ckpt_dir, task.save_every_steps, task.keep_last, ctx.is_main,
-                                client_state=ctask.client_state, at_epoch_end=True)
+    checkpointer = Checkpointer(
+        engine,
+        run.ckpt_dir,
+        task.save_every_steps,
+        task.keep_last,
+        ctx.is_main,
+        client_state=ctask.client_state,
+        at_epoch_end=True,
+    )
     metrics = StepMetrics(engine.device, ctask.loss_keys, task.log_every_steps, ctx.world_size, run.ckpt_dir)
     loop = Loop(engine, schedule, progress, batch_cfg.grad_accum, task.max_steps, metrics, checkpointer, logger, run)
     try:
@@ -285,5 +360,12 @@ def _train(cfg: TaskConfig, run: RunStart) -> FinetuneResult:
     finally:
         logger.close()
     best, last = run.run_dir / BEST, run.run_dir / LAST  # written by this invocation or the one it resumed
-    return FinetuneResult(run.run_dir, progress.step, metrics.last_loss, ctask.evals, progress.best_top1,
-                          best if best.is_file() else None, last if last.is_file() else None)
+    return FinetuneResult(
+        run.run_dir,
+        progress.step,
+        metrics.last_loss,
+        ctask.evals,
+        progress.best_top1,
+        best if best.is_file() else None,
+        last if last.is_file() else None,
+    )

@@ -7,6 +7,7 @@ encoder, `model.encoder`. Every rank extracts its shard of both sets; the traini
 (memory: N_train x D x 4 bytes per rank, 3.9 GB for ImageNet-1k at D = 768; use a subset as a monitor), and each
 rank classifies its own validation shard.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,9 +36,11 @@ class KnnResult:
 
 def mean_patch_features(encoder: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """img (N, 3, S, S) -> (N, D) fp32: mean of the patch tokens of the encoder's output (cls excluded)."""
+
     def forward(img: torch.Tensor) -> torch.Tensor:
         dtype = next(encoder.parameters()).dtype
         return encoder(img.to(dtype))[:, 1:].mean(dim=1).float()
+
     return forward
 
 
@@ -62,21 +65,28 @@ def gather_rows(t: torch.Tensor) -> torch.Tensor:
     torch.distributed.all_gather(sizes, n)
     sizes = [int(s) for s in sizes]
     padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=t.device)
-    padded[:t.shape[0]] = t
+    padded[: t.shape[0]] = t
     parts = [torch.zeros_like(padded) for _ in range(world)]
     torch.distributed.all_gather(parts, padded)
     return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
 
 @torch.no_grad()
-def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, feats: torch.Tensor, num_classes: int,
-                k: int = 20, temperature: float = 0.07, chunk: int = 256) -> torch.Tensor:
+def knn_predict(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    feats: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 256,
+) -> torch.Tensor:
     """Class scores (n, C) of `feats` (n, D) by weighted vote of their k most similar rows of `train_feats`
     (N, D); all features L2-normalized, so the dot product is the cosine similarity."""
     k = min(k, train_feats.shape[0])
     scores = []
     for start in range(0, feats.shape[0], chunk):
-        sim = feats[start:start + chunk] @ train_feats.T  # (b, N)
+        sim = feats[start : start + chunk] @ train_feats.T  # (b, N)
         top_sim, top_idx = sim.topk(k, dim=1)  # (b, k)
         votes = torch.zeros(sim.shape[0], num_classes, device=feats.device)
         votes.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
@@ -102,15 +112,29 @@ class KnnEvaluator:
     """Builds the two evaluation loaders once (eval transforms, no shuffling, padding flagged) and scores any
     feature function on them. Collective: every rank calls it."""
 
-    def __init__(self, knn: KnnConfig, train_data: DataConfig, val_data: DataConfig, img_size: int, rank: int,
-                 world_size: int, device: torch.device):
+    def __init__(
+        self,
+        knn: KnnConfig,
+        train_data: DataConfig,
+        val_data: DataConfig,
+        img_size: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+    ):
         self.knn, self.device = knn, torch.device(device)
         train_samples, val_samples = list_samples(train_data), list_samples(val_data)
         self.num_classes = knn.num_classes or 1 + max((label for _, label in train_samples), default=-1)
         check_labels(train_samples, self.num_classes, 'knn training data')
         check_labels(val_samples, self.num_classes, 'knn validation data')
-        common = dict(img_size=img_size, batch_size=knn.batch_size, rank=rank, world_size=world_size,
-                      device=self.device, drop_last=False)
+        common = dict(
+            img_size=img_size,
+            batch_size=knn.batch_size,
+            rank=rank,
+            world_size=world_size,
+            device=self.device,
+            drop_last=False,
+        )
         self.train_loader = build_classification_loader(train_data, train=False, samples=train_samples, **common)
         self.val_loader = build_classification_loader(val_data, train=False, samples=val_samples, **common)
 
@@ -132,8 +156,15 @@ class KnnMonitor:
     first evaluation; `at_start` also evaluates at the step the run starts (or resumes) from when it is a multiple of
     every_steps."""
 
-    def __init__(self, knn: KnnMonitorConfig, train_data: DataConfig, val_data: DataConfig, img_size: int,
-                 run_dir: Optional[Path] = None, at_start: bool = False):
+    def __init__(
+        self,
+        knn: KnnMonitorConfig,
+        train_data: DataConfig,
+        val_data: DataConfig,
+        img_size: int,
+        run_dir: Optional[Path] = None,
+        at_start: bool = False,
+    ):
         if knn.every_steps <= 0:
             raise ConfigError(f'knn.every_steps {knn.every_steps}: the monitor needs a positive interval')
         self.knn, self.train_data, self.val_data, self.img_size = knn, train_data, val_data, img_size
@@ -150,8 +181,9 @@ class KnnMonitor:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         if self.evaluator is None:
-            self.evaluator = KnnEvaluator(self.knn, self.train_data, self.val_data, self.img_size, rank, world,
-                                          engine.device)
+            self.evaluator = KnnEvaluator(
+                self.knn, self.train_data, self.val_data, self.img_size, rank, world, engine.device
+            )
         encoder = model.encoder
         was_training = encoder.training
         encoder.eval()  # no drop path
@@ -169,6 +201,7 @@ class KnnMonitor:
             return
         if self.writer is None:
             from torch.utils.tensorboard import SummaryWriter
+
             self.writer = SummaryWriter(str(self.run_dir / 'tensorboard'))
         self.writer.add_scalar('knn/top1', result.top1, step)
         self.writer.add_scalar('knn/top5', result.top5, step)

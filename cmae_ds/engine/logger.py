@@ -1,4 +1,5 @@
 """Rank-0 logging: TensorBoard scalars and images, a progress bar with ETA, reconstruction PNGs."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,9 +22,11 @@ class RunLogger:
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
+
         self.writer = SummaryWriter(str(run_dir / 'tensorboard'))
         if progress_bar:
             from tqdm import tqdm
+
             self.bar = tqdm(total=total_steps, initial=initial_step, unit='step', dynamic_ncols=True)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -32,7 +35,7 @@ class RunLogger:
         for name, value in values.items():
             self.writer.add_scalar(f'train/{name}', value, step)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}", lr=f"{values.get('lr', 0):.2e}")
+            self.bar.set_postfix(loss=f'{values.get("loss", float("nan")):.4f}', lr=f'{values.get("lr", 0):.2e}')
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
@@ -43,6 +46,7 @@ class RunLogger:
         if not self.enabled:
             return None
         from torchvision.utils import make_grid, save_image
+
         rows = reconstruction_rows(img[:4], img_target[:4], pred[:4], mask[:4], patch_size)
         grid = make_grid(torch.cat(rows), nrow=rows[0].shape[0], padding=2)
         self.writer.add_image('train/reconstruction', grid, step)

@@ -6,6 +6,7 @@ micro-batches already trained on). At each optimizer step it asks the components
 A task supplies `train_step(batch) -> dict` (one micro-step, 'loss' on the device), `after_step(loop, batch, out,
 final)`, `log_values(step) -> dict` and `end_of_epoch(loop, final)`.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,12 +23,13 @@ from ..errors import Preempted
 from ..kernels import configure as configure_kernels
 from ..safe_load import scan_folder
 from ..schedules import Schedule
-from .checkpointing import Checkpointer, select_resume_tag, tag_for as checkpoint_tag
+from . import run_lock
+from .checkpointing import Checkpointer, select_resume_tag
+from .checkpointing import tag_for as checkpoint_tag
 from .dist import DistContext, setup_distributed
 from .logger import RunLogger
 from .metrics import StepMetrics
 from .optim import set_lr
-from . import run_lock
 from .preemption import StopRequests
 from .watchdog import StepWatchdog
 
@@ -37,6 +39,7 @@ PREEMPTED = 'preempted.json'
 @dataclass
 class Progress:
     """Where the run is; saved in every checkpoint's client state."""
+
     epoch: int = 0
     batch_in_epoch: int = 0  # micro-batches of the current epoch already trained on
     step: int = 0  # optimizer steps taken
@@ -57,6 +60,7 @@ class RunStart:
     """What every task knows before it builds its data and model: the DeepSpeed JSON checked against the config
     and the world size, the process group, the run folder, the checkpoint to resume from, and the stop requests
     (signals, launcher death) and step watchdog that guard the run."""
+
     ds: dict
     ds_path: str
     ctx: DistContext
@@ -74,9 +78,16 @@ class RunStart:
 
 
 @contextmanager
-def start_run(ds_path: str, cfg, section, kernels: KernelConfig, resume: str,
-              check: Optional[Callable[[dict, ResolvedBatch], None]] = None, trust: bool = False,
-              take_over_lock: bool = False) -> Iterator[RunStart]:
+def start_run(
+    ds_path: str,
+    cfg,
+    section,
+    kernels: KernelConfig,
+    resume: str,
+    check: Optional[Callable[[dict, ResolvedBatch], None]] = None,
+    trust: bool = False,
+    take_over_lock: bool = False,
+) -> Iterator[RunStart]:
     """`cfg`: the pretraining Config to validate against the JSON, or None (classification tasks); `section`: the
     task's section (output_dir and the RunGuard fields); `kernels`: the fusion switches of this process;
     `check(ds, batch)`: the task's own checks of the JSON; `trust`: skip the checks of the checkpoint files (the
@@ -188,12 +199,19 @@ class Loop:
                 saved = self._save(step)
         reason = self.start.stop.reason
         if self.start.ctx.is_main:
-            atomic_write_text(self.start.run_dir / PREEMPTED, json.dumps(
-                {'step': step, 'reason': reason, 'checkpoint': str(saved), 'time': time.time()}))
-        raise Preempted(f'{reason}; stopped at step {step} with a complete checkpoint {saved}; run the same command '
-                        'again to resume from it')
+            atomic_write_text(
+                self.start.run_dir / PREEMPTED,
+                json.dumps({'step': step, 'reason': reason, 'checkpoint': str(saved), 'time': time.time()}),
+            )
+        raise Preempted(
+            f'{reason}; stopped at step {step} with a complete checkpoint {saved}; run the same command '
+            'again to resume from it'
+        )
 
     def _log_values(self, task: Task, step: int) -> dict:
         p = self.progress
-        return {'lr': self.schedule.lr(step), **task.log_values(step),
-                'epoch': p.epoch + p.batch_in_epoch / max(1, self.usable)}
+        return {
+            'lr': self.schedule.lr(step),
+            **task.log_values(step),
+            'epoch': p.epoch + p.batch_in_epoch / max(1, self.usable),
+        }

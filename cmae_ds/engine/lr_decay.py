@@ -5,6 +5,7 @@ Layer ids over a ViTClassifier's parameter names: the patch embedding, cls token
 block i is layer i + 1, everything after the blocks (fc_norm, head) is layer depth + 1. The lr scale of layer l is
 `layer_decay ** (depth + 1 - l)`, so the head trains at the full lr and the embeddings at layer_decay ** (depth + 1).
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -40,9 +41,16 @@ def layer_decay_groups(model: nn.Module, *, weight_decay: float, layer_decay: fl
             continue
         layer = layer_id(name, depth)
         decay = not no_weight_decay(name, param)
-        group = groups.setdefault((layer, decay), {
-            'params': [], 'names': [], 'weight_decay': weight_decay if decay else 0.0,
-            'lr_scale': layer_scale(layer, depth, layer_decay), 'layer_id': layer})
+        group = groups.setdefault(
+            (layer, decay),
+            {
+                'params': [],
+                'names': [],
+                'weight_decay': weight_decay if decay else 0.0,
+                'lr_scale': layer_scale(layer, depth, layer_decay),
+                'layer_id': layer,
+            },
+        )
         group['params'].append(param)
         group['names'].append(name)
     return [groups[key] for key in sorted(groups)]

@@ -1,6 +1,7 @@
 """What a training loop measures between log steps: device-side loss sums (read only at log steps, so no per-step
 host sync), the non-finite guard, throughput and the data-wait fraction, and the optimizer's grad norm and loss
 scale."""
+
 from __future__ import annotations
 
 import time
@@ -82,8 +83,10 @@ class StepMetrics:
         """Reads the device flag (a host sync): only at log, save and evaluation steps."""
         if bool(self.nonfinite):
             last = checkpointing.find_resume_tag(self.ckpt_dir)
-            raise NonFiniteLoss(f'the loss became NaN or inf at or before step {step}; stopped without saving. '
-                                f'Last good checkpoint: {self.ckpt_dir / last if last else "none"}')
+            raise NonFiniteLoss(
+                f'the loss became NaN or inf at or before step {step}; stopped without saving. '
+                f'Last good checkpoint: {self.ckpt_dir / last if last else "none"}'
+            )
 
     def collect(self, engine, extra: dict) -> dict:
         """The values of this log step; resets the sums and the meter."""
@@ -99,5 +102,3 @@ class StepMetrics:
         self.last_loss = values.get('loss')
         self.first_loss = self.last_loss if self.first_loss is None else self.first_loss
         return values
-
-

@@ -1,4 +1,5 @@
 """The full fp32 model out of a DeepSpeed engine, whatever its ZeRO stage, and the model.pt file made from it."""
+
 from __future__ import annotations
 
 from dataclasses import asdict
@@ -14,6 +15,7 @@ def consolidated_state_dict(engine, model: torch.nn.Module, zero_stage: int) -> 
     """Full fp32 model state (online from the optimizer's fp32 masters where DeepSpeed has them, target as kept).
     Collective: every rank must call it."""
     from deepspeed.utils import safe_get_full_fp32_param
+
     state = {}
     names = {id(p): n for n, p in model.named_parameters()}
     for p in model.parameters():
@@ -31,6 +33,7 @@ def _gathered(p, zero_stage):
     if zero_stage != 3:
         return p
     import deepspeed
+
     with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
         return p.detach().clone()
 

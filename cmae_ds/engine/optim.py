@@ -1,5 +1,7 @@
-"""Optimizers and their parameter groups: AdamW for pretraining and fine-tuning (docs/spec.md section 8), LARS or SGD for
-linear probing (MAE's util/lars.py: batch 16384, lr 0.1 x 16384 / 256 = 6.4, no weight decay), and the per-step lr."""
+"""Optimizers and their parameter groups: AdamW for pretraining and fine-tuning (docs/spec.md section 8), LARS or
+SGD for linear probing (MAE's util/lars.py: batch 16384, lr 0.1 x 16384 / 256 = 6.4, no weight decay), and the
+per-step lr."""
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +27,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     groups = []
     for members, wd in ((decay, weight_decay), (no_decay, 0.0)):
         if members:
-            groups.append({'params': [p for _, p in members], 'names': [n for n, _ in members],
-                           'weight_decay': wd, 'lr_scale': 1.0})
+            groups.append(
+                {
+                    'params': [p for _, p in members],
+                    'names': [n for n, _ in members],
+                    'weight_decay': wd,
+                    'lr_scale': 1.0,
+                }
+            )
     return groups
 
 
@@ -45,18 +53,31 @@ def set_lr(optimizer, lr: float) -> None:
 def probe_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """The linear layer only; MAE's LARS skips 1-D parameters (the bias) for adaptation and weight decay itself."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [{'params': [p for _, p in params], 'names': [n for n, _ in params], 'weight_decay': weight_decay,
-             'lr_scale': 1.0}]
+    return [
+        {
+            'params': [p for _, p in params],
+            'names': [n for n, _ in params],
+            'weight_decay': weight_decay,
+            'lr_scale': 1.0,
+        }
+    ]
 
 
 class LARS(torch.optim.Optimizer):
     """MAE's LARS (util/lars.py): SGD with momentum where each matrix's update is rescaled by
     trust_coefficient x |w| / |g + wd w|; 1-D parameters (biases, norms) get plain momentum SGD, no weight decay."""
 
-    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
-                 trust_coefficient: float = 0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      trust_coefficient=trust_coefficient))
+    def __init__(
+        self,
+        params,
+        lr: float = 0.0,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        trust_coefficient: float = 0.001,
+    ):
+        super().__init__(
+            params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -70,8 +91,9 @@ class LARS(torch.optim.Optimizer):
                     update = update.add(p, alpha=group['weight_decay'])
                     p_norm, u_norm = torch.norm(p), torch.norm(update)
                     one = torch.ones_like(p_norm)
-                    trust = torch.where(p_norm > 0, torch.where(u_norm > 0,
-                                                                group['trust_coefficient'] * p_norm / u_norm, one), one)
+                    trust = torch.where(
+                        p_norm > 0, torch.where(u_norm > 0, group['trust_coefficient'] * p_norm / u_norm, one), one
+                    )
                     update = update.mul(trust)
                 mu = self.state[p].setdefault('mu', torch.zeros_like(p))
                 mu.mul_(group['momentum']).add_(update)

@@ -4,6 +4,7 @@ optimizer-step boundary (one all-reduce of one flag on a CPU group, so no device
 checkpoint and exit with cli.EXIT_PREEMPTED. A second SIGINT exits at once: the previous complete checkpoint
 stays the resume point, since a checkpoint counts only once marked complete.
 """
+
 from __future__ import annotations
 
 import os
@@ -90,16 +91,23 @@ class StopRequests:
     def request(self, reason: str) -> None:
         if self.reason is None:
             self.reason = reason
-            print(f'cmae_ds: {reason}: stopping after the current optimizer step with a checkpoint '
-                  '(a second SIGINT exits at once)', file=sys.stderr, flush=True)
+            print(
+                f'cmae_ds: {reason}: stopping after the current optimizer step with a checkpoint '
+                '(a second SIGINT exits at once)',
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _on_signal(self, signum, frame) -> None:
         if os.getpid() != self._pid:  # a forked DataLoader worker: its main process decides and shuts it down
             return
         name = signal.Signals(signum).name
         if signum == signal.SIGINT and self.reason == 'SIGINT':
-            print('cmae_ds: second SIGINT: exiting now; the last complete checkpoint stays the resume point',
-                  file=sys.stderr, flush=True)
+            print(
+                'cmae_ds: second SIGINT: exiting now; the last complete checkpoint stays the resume point',
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(130)
         self.request(name)
 

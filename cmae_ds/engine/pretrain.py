@@ -4,6 +4,7 @@ particular to pretraining.
 Per micro-batch: forward, `engine.backward`, `engine.step` (DeepSpeed decides whether this micro-step is an
 accumulation boundary). After each optimizer step the target branch takes its momentum step.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -31,8 +32,9 @@ from .run_files import write_run_files
 
 
 def momentum_at_step(cfg: Config, schedule, step: int) -> float:
-    return momentum_at(step, total_steps=schedule.total_steps, m_base=cfg.train.momentum_base,
-                       m_end=cfg.train.momentum_end)
+    return momentum_at(
+        step, total_steps=schedule.total_steps, m_base=cfg.train.momentum_base, m_end=cfg.train.momentum_end
+    )
 
 
 def momentum_step(model: CMAE, m: float, zero_stage: int) -> None:
@@ -42,6 +44,7 @@ def momentum_step(model: CMAE, m: float, zero_stage: int) -> None:
         return
     if zero_stage == 3:
         import deepspeed
+
         _, sources = model.ema_pairs()
         with deepspeed.zero.GatheredParameters(sources, modifier_rank=None):
             model.momentum_update(m)
@@ -59,8 +62,15 @@ def train_step(engine, batch: dict, dtype: torch.dtype, mask_gen: Optional[torch
     return out
 
 
-def _restore_rank_state(cfg: Config, ctx: DistContext, ckpt_dir: Path, tag: str, progress: Progress,
-                        mask_gen: torch.Generator, trust: bool = False) -> None:
+def _restore_rank_state(
+    cfg: Config,
+    ctx: DistContext,
+    ckpt_dir: Path,
+    tag: str,
+    progress: Progress,
+    mask_gen: torch.Generator,
+    trust: bool = False,
+) -> None:
     """RNG streams of this rank. A resume on more ranks than saved reseeds the new ranks from (seed, rank, step):
     the run continues correctly, only not bit-for-bit as an uninterrupted one would."""
     state = checkpointing.load_rank_state(ckpt_dir, tag, ctx.rank, trust=trust)
@@ -90,11 +100,17 @@ def build_engine(cfg: Config, ds: dict, batch_cfg: ResolvedBatch, ctx: DistConte
     target branch is outside its reach and must start identical everywhere by construction.
     """
     import deepspeed
+
     torch.manual_seed(model_seed(cfg.train.seed))
     model = CMAE(cfg.model)
-    optimizer, opt_name = build_optimizer(param_groups(model, cfg.train.weight_decay), lr=peak_lr,
-                                          betas=cfg.train.betas, backend=cfg.train.optimizer, device=ctx.device,
-                                          offload=batch_cfg.offload_optimizer)
+    optimizer, opt_name = build_optimizer(
+        param_groups(model, cfg.train.weight_decay),
+        lr=peak_lr,
+        betas=cfg.train.betas,
+        backend=cfg.train.optimizer,
+        device=ctx.device,
+        offload=batch_cfg.offload_optimizer,
+    )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     model.to(engine.device)
     if batch_cfg.zero_stage != 3:  # ZeRO-3 partitions the online weights: momentum_step gathers them instead
@@ -114,8 +130,9 @@ class PretrainTask:
 
     loss_keys = ('loss', 'loss_rec', 'loss_con')
 
-    def __init__(self, cfg: Config, run: RunStart, engine, model: CMAE, schedule, logger: RunLogger,
-                 mask_gen: torch.Generator):
+    def __init__(
+        self, cfg: Config, run: RunStart, engine, model: CMAE, schedule, logger: RunLogger, mask_gen: torch.Generator
+    ):
         self.cfg, self.run, self.engine, self.model = cfg, run, engine, model
         self.schedule, self.logger, self.mask_gen = schedule, logger, mask_gen
         self.dtype = compute_dtype(run.batch)
@@ -130,8 +147,9 @@ class PretrainTask:
         step = loop.progress.step
         momentum_step(self.model, self.momentum(step), self.run.batch.zero_stage)
         if due(step, self.cfg.train.image_every_steps) or final:
-            self.logger.reconstruction(step, batch['img'], batch.get('img_target'), out['pred_pixel'], out['mask'],
-                                       self.cfg.model.patch_size)
+            self.logger.reconstruction(
+                step, batch['img'], batch.get('img_target'), out['pred_pixel'], out['mask'], self.cfg.model.patch_size
+            )
 
     def log_values(self, step: int) -> dict:
         return {'momentum': self.momentum(step)}
@@ -146,45 +164,81 @@ class PretrainTask:
         return {'rng': checkpointing.rng_state(), 'mask_rng': self.mask_gen.get_state()}
 
 
-def train(cfg: Config, ds_path: str, resume: str = 'auto', observer=None, trust_checkpoint: bool = False,
-          take_over_lock: bool = False) -> RunResult:
+def train(
+    cfg: Config,
+    ds_path: str,
+    resume: str = 'auto',
+    observer=None,
+    trust_checkpoint: bool = False,
+    take_over_lock: bool = False,
+) -> RunResult:
     """Pretrain CMAE with the DeepSpeed JSON at `ds_path`; see the README for the run folder layout.
 
     `observer(step, engine, model)`, if given, is called on every rank at start and after each optimizer step's
     momentum update (tests use it to follow the weights; monitors to evaluate). `trust_checkpoint`: resume without
     the checks of cmae_ds.safe_load; `take_over_lock`: take the run folder's lock from a run that is gone.
     """
-    with start_run(ds_path, cfg, cfg.train, cfg.kernels, resume, trust=trust_checkpoint,
-                   take_over_lock=take_over_lock) as run:
+    with start_run(
+        ds_path, cfg, cfg.train, cfg.kernels, resume, trust=trust_checkpoint, take_over_lock=take_over_lock
+    ) as run:
         return _train(cfg, run, observer)
 
 
 def _train(cfg: Config, run: RunStart, observer) -> RunResult:
     ctx, batch_cfg = run.ctx, run.batch
-    loader = build_pretrain_loader(cfg.data, img_size=cfg.model.img_size, batch_size=batch_cfg.micro_batch,
-                                   rank=ctx.rank, world_size=ctx.world_size, seed=cfg.train.seed,
-                                   device=ctx.device, drop_last=True)
+    loader = build_pretrain_loader(
+        cfg.data,
+        img_size=cfg.model.img_size,
+        batch_size=batch_cfg.micro_batch,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        seed=cfg.train.seed,
+        device=ctx.device,
+        drop_last=True,
+    )
     schedule = make_schedule(cfg.train, batch_cfg.global_batch, batch_cfg.grad_accum, len(loader), run.ds_path)
     engine, model, opt_name = build_engine(cfg, run.ds, batch_cfg, ctx, schedule.peak_lr)
     progress, mask_gen = Progress(), mask_generator(cfg, ctx)
     if run.tag is not None:
-        progress = Progress(**elastic.resume(engine, model, run.ckpt_dir, run.tag, cfg.model, schedule.steps_per_epoch,
-                                             ctx.is_main, trust=run.trust)['progress'])
+        progress = Progress(
+            **elastic.resume(
+                engine, model, run.ckpt_dir, run.tag, cfg.model, schedule.steps_per_epoch, ctx.is_main, trust=run.trust
+            )['progress']
+        )
         _restore_rank_state(cfg, ctx, run.ckpt_dir, run.tag, progress, mask_gen, run.trust)
     if ctx.is_main:
         write_run_files(run.run_dir, cfg, run.ds, progress.step)
     logger = RunLogger(run.run_dir, schedule.total_steps, progress.step, ctx.is_main, cfg.train.progress_bar)
-    logger.text(f'cmae_ds: {cfg.model.mode} {cfg.model.size}, data pipeline {loader.name}, optimizer {opt_name}, '
-                f'{batch_cfg.precision} ZeRO-{batch_cfg.zero_stage}, global batch {batch_cfg.global_batch}, '
-                f'peak lr {schedule.peak_lr:.3g}, {schedule.total_steps} steps'
-                + (f', resumed from {run.tag}' if run.tag else ''))
+    logger.text(
+        f'cmae_ds: {cfg.model.mode} {cfg.model.size}, data pipeline {loader.name}, optimizer {opt_name}, '
+        f'{batch_cfg.precision} ZeRO-{batch_cfg.zero_stage}, global batch {batch_cfg.global_batch}, '
+        f'peak lr {schedule.peak_lr:.3g}, {schedule.total_steps} steps'
+        + (f', resumed from {run.tag}' if run.tag else '')
+    )
     task = PretrainTask(cfg, run, engine, model, schedule, logger, mask_gen)
     t = cfg.train
-    checkpointer = Checkpointer(engine, run.ckpt_dir, t.save_every_steps, t.keep_last, ctx.is_main,
-                                client_state=lambda: task.client_state(progress), rank_state=task.rank_state)
+    checkpointer = Checkpointer(
+        engine,
+        run.ckpt_dir,
+        t.save_every_steps,
+        t.keep_last,
+        ctx.is_main,
+        client_state=lambda: task.client_state(progress),
+        rank_state=task.rank_state,
+    )
     metrics = StepMetrics(engine.device, task.loss_keys, t.log_every_steps, ctx.world_size, run.ckpt_dir)
-    loop = Loop(engine, schedule, progress, batch_cfg.grad_accum, t.max_steps, metrics, checkpointer, logger, run,
-                observer=None if observer is None else lambda step: observer(step, engine, model))
+    loop = Loop(
+        engine,
+        schedule,
+        progress,
+        batch_cfg.grad_accum,
+        t.max_steps,
+        metrics,
+        checkpointer,
+        logger,
+        run,
+        observer=None if observer is None else lambda step: observer(step, engine, model),
+    )
     if observer is not None:
         observer(progress.step, engine, model)
     try:
@@ -192,5 +246,6 @@ def _train(cfg: Config, run: RunStart, observer) -> RunResult:
         model_file = save_model_file(engine, model, batch_cfg.zero_stage, run.run_dir, ctx.is_main)
     finally:
         logger.close()
-    return RunResult(run.run_dir, checkpointer.last_saved, model_file, progress.step, metrics.last_loss,
-                     metrics.first_loss)
+    return RunResult(
+        run.run_dir, checkpointer.last_saved, model_file, progress.step, metrics.last_loss, metrics.first_loss
+    )

@@ -1,4 +1,5 @@
 """The resolved configs written into a run folder, so that a run can be read and repeated from the folder alone."""
+
 from __future__ import annotations
 
 import json

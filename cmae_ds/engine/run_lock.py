@@ -8,6 +8,7 @@ from another machine can only be judged by its heartbeat, which a daemon thread 
 node), waiting for that if it is still fresh, and refused if it keeps beating. A live holder on this machine is
 never taken over.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,8 +73,16 @@ class Holder:
     @classmethod
     def me(cls) -> 'Holder':
         now = time.time()
-        return cls(socket.gethostname(), _boot_id(), os.getpid(), _proc_start(os.getpid()), now, now,
-                   ' '.join(sys.argv)[:300], uuid.uuid4().hex)
+        return cls(
+            socket.gethostname(),
+            _boot_id(),
+            os.getpid(),
+            _proc_start(os.getpid()),
+            now,
+            now,
+            ' '.join(sys.argv)[:300],
+            uuid.uuid4().hex,
+        )
 
     def same_machine(self) -> bool:
         return self.boot_id == _boot_id() if self.boot_id and _boot_id() else self.host == socket.gethostname()
@@ -90,8 +99,7 @@ class Holder:
 
     def describe(self) -> str:
         started = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self.started))
-        return (f'pid {self.pid} on {self.host}, started {started}, heartbeat {self.age():.0f} s ago '
-                f'({self.command})')
+        return f'pid {self.pid} on {self.host}, started {started}, heartbeat {self.age():.0f} s ago ({self.command})'
 
 
 def _read(path: Path) -> Optional[Holder]:
@@ -108,8 +116,13 @@ def _read(path: Path) -> Optional[Holder]:
 class RunLock:
     """The lock of one run folder, held by this process from acquire() to release()."""
 
-    def __init__(self, run_dir: Path, heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S,
-                 log: Callable[[str], None] = lambda msg: print(f'warning: {msg}', file=sys.stderr, flush=True)):
+    def __init__(
+        self,
+        run_dir: Path,
+        heartbeat_s: float = HEARTBEAT_S,
+        stale_after_s: float = STALE_AFTER_S,
+        log: Callable[[str], None] = lambda msg: print(f'warning: {msg}', file=sys.stderr, flush=True),
+    ):
         self.path = Path(run_dir) / LOCK
         self.heartbeat_s, self.stale_after_s, self.log = heartbeat_s, stale_after_s, log
         self.me: Optional[Holder] = None
@@ -146,9 +159,11 @@ class RunLock:
             self.log(f'taking over the lock of {self.path.parent}: its holder ({holder.describe()}) has exited')
             return
         if not take_over:
-            raise RunLockedError(f'{where}; if that job is gone (a requeued job on another node), start this one '
-                                 f'with --take-over-lock (it waits until the heartbeat is {self.stale_after_s:.0f} s '
-                                 'old)')
+            raise RunLockedError(
+                f'{where}; if that job is gone (a requeued job on another node), start this one '
+                f'with --take-over-lock (it waits until the heartbeat is {self.stale_after_s:.0f} s '
+                'old)'
+            )
         self._wait_until_stale(holder, where)
         self.log(f'taking over the lock of {self.path.parent} from {holder.describe()}')
 
@@ -172,16 +187,17 @@ class RunLock:
         taken = _read(aside)
         if taken is not None and taken.token != holder.token:
             os.rename(aside, self.path)  # another run took it over between our look and our rename: give it back
-            raise RunLockedError(f'{self.path.parent}: another run took its lock at the same time '
-                                 f'({taken.describe()})')
+            raise RunLockedError(f'{self.path.parent}: another run took its lock at the same time ({taken.describe()})')
         aside.unlink(missing_ok=True)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             current = _read(self.path)
             if current is None or current.token != self.me.token:
-                self.log(f'the lock of {self.path.parent} is no longer this run\'s '
-                         f'({current.describe() if current else "removed"}); heartbeat stopped')
+                self.log(
+                    f"the lock of {self.path.parent} is no longer this run's "
+                    f'({current.describe() if current else "removed"}); heartbeat stopped'
+                )
                 return
             self.me.heartbeat = time.time()
             tmp = self.path.with_name(f'{LOCK}.{os.getpid()}.tmp')

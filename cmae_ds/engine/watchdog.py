@@ -2,6 +2,7 @@
 least `min_s`) dumps every thread's stack to the run folder and exits with cli.EXIT_STALLED, so a frozen peer or
 a stuck file system ends the job with a message instead of hanging it. The first `warmup` steps (compilation,
 first data) are not judged, and saves and evaluations run with the watchdog paused."""
+
 from __future__ import annotations
 
 import faulthandler
@@ -18,8 +19,16 @@ EXIT_STALLED = 76
 
 
 class StepWatchdog:
-    def __init__(self, run_dir: Path, rank: int, factor: float, min_s: float, warmup: int = 3, window: int = 50,
-                 poll_s: float = 0.5):
+    def __init__(
+        self,
+        run_dir: Path,
+        rank: int,
+        factor: float,
+        min_s: float,
+        warmup: int = 3,
+        window: int = 50,
+        poll_s: float = 0.5,
+    ):
         self.path = Path(run_dir) / f'stall_rank{rank:05d}.txt'
         self.rank, self.factor, self.min_s, self.warmup, self.poll_s = rank, factor, min_s, warmup, poll_s
         self.durations: deque = deque(maxlen=window)
@@ -70,10 +79,12 @@ class StepWatchdog:
                 self._fire(waited, limit, median)
 
     def _fire(self, waited: float, limit: float, median: float) -> None:
-        message = (f'cmae_ds watchdog: rank {self.rank} stalled: no optimizer step completed for {waited:.1f} s '
-                   f'after step {self.step} (limit {limit:.1f} s = max({self.factor:g} x median step '
-                   f'{median:.3f} s, {self.min_s:g} s)); a peer may be frozen or hung in a collective, or the '
-                   f'file system stuck. Stacks of every thread: {self.path}')
+        message = (
+            f'cmae_ds watchdog: rank {self.rank} stalled: no optimizer step completed for {waited:.1f} s '
+            f'after step {self.step} (limit {limit:.1f} s = max({self.factor:g} x median step '
+            f'{median:.3f} s, {self.min_s:g} s)); a peer may be frozen or hung in a collective, or the '
+            f'file system stuck. Stacks of every thread: {self.path}'
+        )
         try:
             with open(self.path, 'w') as f:
                 f.write(message + '\n\n')

@@ -1,5 +1,6 @@
 """BatchNorm for the projector and predictor: statistics over every rank's batch (SyncBatchNorm1d), computed in fp32
 with fp32 running statistics whatever the model's dtype."""
+
 from __future__ import annotations
 
 import torch
@@ -19,8 +20,8 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d whose training statistics span the batch of every rank.
 
     torch.nn.SyncBatchNorm refuses CPU tensors, so this is built from autograd-aware all-reduces that work with
-    gloo and NCCL alike. With one process it computes what nn.BatchNorm1d does. Two-pass (mean, then centred squares) so the
-    result matches one rank on the joined batch to rounding.
+    gloo and NCCL alike. With one process it computes what nn.BatchNorm1d does. Two-pass (mean, then centred
+    squares) so the result matches one rank on the joined batch to rounding.
 
     Computed in fp32 whatever the input and parameter dtypes (as BatchNorm runs under autocast in the official fp16
     recipe), with fp32 running statistics: a bf16/fp16 cast of the model moves them but keeps their dtype, and
@@ -60,8 +61,16 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
         batch_stats = self.training or self.running_mean is None
         track = not self.training or self.track_running_stats
         w, b = (None, None) if self.weight is None else (self.weight.float(), self.bias.float())
-        y = F.batch_norm(x.float(), self.running_mean if track else None, self.running_var if track else None,
-                         w, b, batch_stats, m, self.eps)
+        y = F.batch_norm(
+            x.float(),
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            w,
+            b,
+            batch_stats,
+            m,
+            self.eps,
+        )
         return y.to(x.dtype)
 
     @torch.no_grad()

@@ -1,4 +1,5 @@
 """CMAE (and plain MAE as a config switch): online branch trained by gradient, target branch by EMA only."""
+
 from __future__ import annotations
 
 import contextlib
@@ -10,9 +11,9 @@ from torch import nn
 from ..config import DECODER_MLP_RATIO, ModelConfig
 from ..kernels import FlatEMA, fused_enabled, record
 from .batchnorm import keep_dtype
-from .losses import contrastive_loss, reconstruction_loss
 from .decoder import MAEDecoder
 from .heads import ProjectionMLP
+from .losses import contrastive_loss, reconstruction_loss
 from .masking import block_mask, patch_mask, visible_ids
 from .vit import build_encoder
 
@@ -20,8 +21,15 @@ TARGET_PREFIXES = ('target_encoder.', 'target_projector.')
 
 
 def build_decoder(cfg: ModelConfig, depth: int, out_dim: int) -> MAEDecoder:
-    return MAEDecoder(grid=cfg.grid_size, in_dim=cfg.embed_dim, dim=cfg.decoder_embed_dim, depth=depth,
-                      num_heads=cfg.decoder_num_heads, mlp_ratio=DECODER_MLP_RATIO, out_dim=out_dim)
+    return MAEDecoder(
+        grid=cfg.grid_size,
+        in_dim=cfg.embed_dim,
+        dim=cfg.decoder_embed_dim,
+        depth=depth,
+        num_heads=cfg.decoder_num_heads,
+        mlp_ratio=DECODER_MLP_RATIO,
+        out_dim=out_dim,
+    )
 
 
 class TargetBranch(nn.Module):
@@ -58,7 +66,7 @@ class CMAE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        patch_dim = cfg.patch_size ** 2 * cfg.in_chans
+        patch_dim = cfg.patch_size**2 * cfg.in_chans
         self.encoder = build_encoder(cfg, final_norm=True, drop_path=cfg.drop_path)
         self.pixel_decoder = build_decoder(cfg, cfg.decoder_depth, patch_dim)
         target = None
@@ -84,8 +92,13 @@ class CMAE(nn.Module):
         return patch_mask(batch, cfg.num_patches, cfg.mask_ratio, device=device, generator=generator)
 
     # --- forward -----------------------------------------------------------------------------------------------
-    def forward(self, img: torch.Tensor, img_target: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
-                generator: Optional[torch.Generator] = None) -> dict:
+    def forward(
+        self,
+        img: torch.Tensor,
+        img_target: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> dict:
         """img, img_target (N, C, H, W); mask (N, L) bool True = hidden, drawn here when None.
 
         Returns loss, loss_rec, loss_con (CMAE), pred_pixel (N, L, p*p*C), mask, proj_online / proj_target (N, d).
@@ -109,8 +122,9 @@ class CMAE(nn.Module):
         out['loss'] = self.cfg.loss_rec_weight * loss_rec + self.cfg.loss_con_weight * out['loss_con']
         return out
 
-    def forward_contrastive(self, latent: torch.Tensor, ids_keep: torch.Tensor, mask: torch.Tensor,
-                            img_target: torch.Tensor) -> dict:
+    def forward_contrastive(
+        self, latent: torch.Tensor, ids_keep: torch.Tensor, mask: torch.Tensor, img_target: torch.Tensor
+    ) -> dict:
         feat = self.feature_decoder(latent, ids_keep, mask)  # (N, L, D)
         proj_online = self.projector(feat.mean(dim=1))  # (N, d)
         pred_online = self.predictor(proj_online)
@@ -195,13 +209,21 @@ def _add_target_state(module: CMAE, state_dict: dict, prefix: str, local_metadat
         state_dict[prefix + 'target_' + name] = value
 
 
-def _load_target_state(module: CMAE, state_dict: dict, prefix: str, local_metadata, strict: bool,
-                       missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+def _load_target_state(
+    module: CMAE,
+    state_dict: dict,
+    prefix: str,
+    local_metadata,
+    strict: bool,
+    missing_keys: list,
+    unexpected_keys: list,
+    error_msgs: list,
+) -> None:
     if module.target is None:
         return
     own = {}
     for key in [k for k in state_dict if k.startswith(prefix + 'target_')]:
-        own[key[len(prefix) + len('target_'):]] = state_dict.pop(key)
+        own[key[len(prefix) + len('target_') :]] = state_dict.pop(key)
     result = module.target.load_state_dict(own, strict=False)
     missing_keys.extend(prefix + 'target_' + k for k in result.missing_keys)
     unexpected_keys.extend(prefix + 'target_' + k for k in result.unexpected_keys)

@@ -2,6 +2,7 @@
 
 The model never sets up a process group; it only asks whether one with more than one rank exists.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -32,6 +33,7 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     # Autograd-aware; its functional-collectives replacement does not run on gloo CPU in every release, hence the
     # deprecation warning silenced here (and only here).
     from torch.distributed.nn.functional import all_reduce
+
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='torch.distributed.nn.functional.all_reduce is deprecated')
         return all_reduce(x, op=dist.ReduceOp.SUM)

@@ -1,4 +1,5 @@
 """MAE-style decoder used twice by CMAE: the pixel decoder and the feature decoder (docs/spec.md section 4)."""
+
 from __future__ import annotations
 
 import torch
@@ -10,8 +11,7 @@ from .vit import LN_EPS, init_weights, make_blocks, sincos_pos_embed_2d
 class MAEDecoder(nn.Module):
     """Visible tokens -> full grid with a shared mask token -> blocks -> per-patch prediction (cls dropped)."""
 
-    def __init__(self, *, grid: int, in_dim: int, dim: int, depth: int, num_heads: int, mlp_ratio: float,
-                 out_dim: int):
+    def __init__(self, *, grid: int, in_dim: int, dim: int, depth: int, num_heads: int, mlp_ratio: float, out_dim: int):
         super().__init__()
         self.embed = nn.Linear(in_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))

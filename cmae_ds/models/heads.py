@@ -1,4 +1,5 @@
 """Projector and predictor MLPs of the contrastive branch (docs/spec.md section 5)."""
+
 from __future__ import annotations
 
 import torch

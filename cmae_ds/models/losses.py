@@ -1,4 +1,5 @@
 """CMAE losses (docs/spec.md section 5): pixel reconstruction on hidden patches and InfoNCE across the global batch."""
+
 from __future__ import annotations
 
 import torch

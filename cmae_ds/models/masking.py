@@ -1,4 +1,5 @@
 """Masks over the patch grid. True = hidden. Every sample hides the same number of patches (docs/spec.md section 2)."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -17,7 +18,7 @@ def patchify(img: torch.Tensor, patch_size: int) -> torch.Tensor:
 def unpatchify(patches: torch.Tensor, patch_size: int, channels: int = 3) -> torch.Tensor:
     """(N, L, p*p*C) -> (N, C, H, W); the inverse of patchify."""
     n, length, _ = patches.shape
-    g = int(length ** 0.5)
+    g = int(length**0.5)
     p = patch_size
     x = patches.reshape(n, g, g, p, p, channels)
     return torch.einsum('nhwpqc->nchpwq', x).reshape(n, channels, g * p, g * p)
@@ -30,8 +31,9 @@ def _hide_all_but(noise: torch.Tensor, keep: int) -> torch.Tensor:
     return hidden.scatter_(1, keep_ids, False)
 
 
-def block_mask(batch: int, grid: int, mask_ratio: float, *, device=None,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def block_mask(
+    batch: int, grid: int, mask_ratio: float, *, device=None, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """CMAE masking: hide 2x2 blocks of patches. Keeps int(B * (1 - ratio)) of the B = (grid/2)^2 blocks.
 
     Returns (N, grid*grid) bool.
@@ -44,8 +46,9 @@ def block_mask(batch: int, grid: int, mask_ratio: float, *, device=None,
     return blocks.expand(batch, half, 2, half, 2).reshape(batch, grid * grid)
 
 
-def patch_mask(batch: int, num_patches: int, mask_ratio: float, *, device=None,
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def patch_mask(
+    batch: int, num_patches: int, mask_ratio: float, *, device=None, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """MAE masking: hide int-rounded `mask_ratio` of the patches uniformly per sample. (N, L) bool."""
     keep = int(num_patches * (1 - mask_ratio))
     noise = torch.rand(batch, num_patches, device=device, generator=generator)

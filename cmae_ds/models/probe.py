@@ -1,6 +1,7 @@
 """Linear probing's model (MAE's protocol, main_linprobe.py): a frozen pretrained encoder, then BatchNorm1d without
 affine parameters and a linear layer; only the linear layer (and the BatchNorm statistics) train. Features = cls
 token (or the mean patch token) after the encoder's final norm; head weight trunc-normal std 0.01."""
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@
 Parameter names follow timm's VisionTransformer (patch_embed.proj, blocks.i.norm1, attn.qkv, mlp.fc1, ...), so the
 timm export is a rename-free copy; the official mmselfsup names are mapped in cmae_ds.checkpoint.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,7 +16,6 @@ from torch.utils.checkpoint import checkpoint
 
 from ..kernels import attention, gather_visible
 
-
 LN_EPS = 1e-6
 
 
@@ -26,8 +26,9 @@ def sincos_pos_embed_2d(grid: int, dim: int, temperature: float = 10000.0) -> to
     c the column, so official checkpoints and fresh models agree.
     """
     assert dim % 4 == 0, dim
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float32),
-                                torch.arange(grid, dtype=torch.float32), indexing='ij')
+    rows, cols = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing='ij'
+    )
     quarter = dim // 4
     omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float32) / quarter)
     out_r = rows.flatten()[:, None] * omega[None]
@@ -163,8 +164,20 @@ class ViTEncoder(nn.Module):
     for fine-tuning. It is persistent state either way, because official checkpoints carry their own values.
     """
 
-    def __init__(self, *, img_size: int, patch_size: int, in_chans: int, dim: int, depth: int, num_heads: int,
-                 mlp_ratio: float, drop_path: float = 0.0, final_norm: bool = True, learned_pos: bool = False):
+    def __init__(
+        self,
+        *,
+        img_size: int,
+        patch_size: int,
+        in_chans: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float,
+        drop_path: float = 0.0,
+        final_norm: bool = True,
+        learned_pos: bool = False,
+    ):
         super().__init__()
         self.patch_size = patch_size
         self.grid = img_size // patch_size
@@ -196,10 +209,19 @@ class ViTEncoder(nn.Module):
         return self.norm(self.blocks(self._with_cls(x)))
 
 
-
-def build_encoder(cfg, *, final_norm: bool, learned_pos: bool = False, drop_path: float = 0.0,
-                  img_size: Optional[int] = None) -> ViTEncoder:
+def build_encoder(
+    cfg, *, final_norm: bool, learned_pos: bool = False, drop_path: float = 0.0, img_size: Optional[int] = None
+) -> ViTEncoder:
     """The encoder of a ModelConfig `cfg` (at `img_size` when given, else cfg.img_size)."""
-    return ViTEncoder(img_size=img_size or cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
-                      dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-                      drop_path=drop_path, final_norm=final_norm, learned_pos=learned_pos)
+    return ViTEncoder(
+        img_size=img_size or cfg.img_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.in_chans,
+        dim=cfg.embed_dim,
+        depth=cfg.depth,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        drop_path=drop_path,
+        final_norm=final_norm,
+        learned_pos=learned_pos,
+    )

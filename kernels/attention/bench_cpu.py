@@ -1,7 +1,8 @@
 """SDPA against math attention on the CPU, forward + backward, fp32 and bf16, interleaved (docs/kernels.md).
 
-  python -m cmae_ds.kernels.attention.bench_cpu
+python -m cmae_ds.kernels.attention.bench_cpu
 """
+
 import time
 
 import torch
@@ -24,16 +25,18 @@ def median_ms(backend: str, dtype: torch.dtype, length: int, reps: int = 5, warm
 
 def main(rounds: int = 3) -> None:
     torch.set_num_threads(2)
-    print("| dtype | L | sdpa ms | math ms | sdpa / math |\n|---|---|---|---|---|")
+    print('| dtype | L | sdpa ms | math ms | sdpa / math |\n|---|---|---|---|---|')
     for dtype in (torch.float32, torch.bfloat16):
         for length in (50, 197):
             sdpa, math = [], []
             for _ in range(rounds):  # interleaved, so load from other jobs falls on both alike
-                sdpa.append(median_ms("sdpa", dtype, length))
-                math.append(median_ms("math", dtype, length))
-            print(f"| {str(dtype).split('.')[-1]} | {length} | {min(sdpa):.1f} | {min(math):.1f} | "
-                  f"{min(sdpa) / min(math):.2f} |")
+                sdpa.append(median_ms('sdpa', dtype, length))
+                math.append(median_ms('math', dtype, length))
+            print(
+                f'| {str(dtype).split(".")[-1]} | {length} | {min(sdpa):.1f} | {min(math):.1f} | '
+                f'{min(sdpa) / min(math):.2f} |'
+            )
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
     main()

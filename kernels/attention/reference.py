@@ -1,4 +1,5 @@
 """Multi-head attention, plain PyTorch: the specification. No mask, no dropout, scale Dh**-0.5."""
+
 import torch
 
 

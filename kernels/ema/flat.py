@@ -1,4 +1,5 @@
 """FlatEMA: the target and online tensors laid out once in two flat buffers, updated in one launch."""
+
 import logging
 from typing import List, Optional, Sequence
 
@@ -24,7 +25,7 @@ def _layout(shapes) -> (List[int], int):
 def _single_dtype(tensors, what: str) -> torch.dtype:
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) != 1:
-        raise ValueError(f"FlatEMA needs one dtype across the {what} tensors, got {sorted(map(str, dtypes))}")
+        raise ValueError(f'FlatEMA needs one dtype across the {what} tensors, got {sorted(map(str, dtypes))}')
     return dtypes.pop()
 
 
@@ -48,27 +49,33 @@ class FlatEMA:
     the same shapes as the targets this FlatEMA was built on).
     """
 
-    def __init__(self, target_tensors: Sequence[torch.Tensor], online_tensors: Sequence[torch.Tensor],
-                 repoint_online: bool = True):
+    def __init__(
+        self,
+        target_tensors: Sequence[torch.Tensor],
+        online_tensors: Sequence[torch.Tensor],
+        repoint_online: bool = True,
+    ):
         self._targets = list(target_tensors)
         self._online = list(online_tensors)
         if len(self._targets) != len(self._online):
-            raise ValueError(f"{len(self._targets)} target tensors but {len(self._online)} online tensors")
+            raise ValueError(f'{len(self._targets)} target tensors but {len(self._online)} online tensors')
         for i, (t, o) in enumerate(zip(self._targets, self._online)):
             if t.shape != o.shape:
-                raise ValueError(f"tensor {i}: target shape {tuple(t.shape)} != online shape {tuple(o.shape)}")
+                raise ValueError(f'tensor {i}: target shape {tuple(t.shape)} != online shape {tuple(o.shape)}')
         self._offsets, total = _layout([t.shape for t in self._targets])
         device = self._targets[0].device
-        target_dtype = _single_dtype(self._targets, "target")
+        target_dtype = _single_dtype(self._targets, 'target')
         self.target_flat = torch.zeros(total, device=device, dtype=torch.float32)
-        self.shadow_flat = None if target_dtype == torch.float32 else torch.zeros(total, device=device,
-                                                                                  dtype=target_dtype)
+        self.shadow_flat = (
+            None if target_dtype == torch.float32 else torch.zeros(total, device=device, dtype=target_dtype)
+        )
         self._fp32_views = self._views(self.target_flat)
         torch._foreach_copy_(self._fp32_views, [t.detach() for t in self._targets])
         if self.shadow_flat is not None:
             self.shadow_flat.copy_(self.target_flat)
-        self._target_ptrs = self._repoint(self._targets, self.shadow_flat if self.shadow_flat is not None
-                                          else self.target_flat)
+        self._target_ptrs = self._repoint(
+            self._targets, self.shadow_flat if self.shadow_flat is not None else self.target_flat
+        )
         self.online_flat = None
         self._online_ptrs = None
         if repoint_online and self._can_flatten_online(device):
@@ -78,7 +85,7 @@ class FlatEMA:
         self._warned = False
 
     def _views(self, flat: torch.Tensor) -> List[torch.Tensor]:
-        return [flat[off:off + t.numel()].view(t.shape) for off, t in zip(self._offsets, self._targets)]
+        return [flat[off : off + t.numel()].view(t.shape) for off, t in zip(self._offsets, self._targets)]
 
     def _repoint(self, tensors, flat) -> List[int]:
         # Setting .data keeps the Parameter objects (and their hooks, names, optimizer entries) alive.
@@ -89,14 +96,14 @@ class FlatEMA:
     def _can_flatten_online(self, device) -> bool:
         same = len({o.dtype for o in self._online}) == 1 and all(o.device == device for o in self._online)
         if not same:
-            log.warning("FlatEMA: online tensors have mixed dtypes or devices; using the per-tensor fallback")
+            log.warning('FlatEMA: online tensors have mixed dtypes or devices; using the per-tensor fallback')
             return False
         # A tensor that is a view into a bigger storage belongs to someone's flat buffer (DeepSpeed ZeRO-1/2 keep
         # the bf16 weights as views of theirs and write the stepped weights there): re-pointing it would leave
         # the module reading stale weights, so such online tensors stay where they are.
         owned = [o for o in self._online if o.untyped_storage().nbytes() != o.numel() * o.element_size()]
         if owned:
-            log.info("FlatEMA: %d online tensors are views of another flat buffer; per-tensor fallback", len(owned))
+            log.info('FlatEMA: %d online tensors are views of another flat buffer; per-tensor fallback', len(owned))
             return False
         return self._online[0].is_floating_point()
 
@@ -123,25 +130,27 @@ class FlatEMA:
     def update(self, m: float, online: Optional[Sequence[torch.Tensor]] = None) -> None:
         """target = m * target + (1 - m) * online. `m` is a Python float (a tensor would force a host sync)."""
         if not self._still_aliased(self._targets, self._target_ptrs):
-            raise RuntimeError("FlatEMA: the target tensors were re-pointed or moved (e.g. .to()/.half() on the "
-                               "module) after construction; build the FlatEMA again after moving the module")
+            raise RuntimeError(
+                'FlatEMA: the target tensors were re-pointed or moved (e.g. .to()/.half() on the '
+                'module) after construction; build the FlatEMA again after moving the module'
+            )
         weight = 1.0 - float(m)
         if online is None and self.flat:
             self._update_flat(weight)
             return
         if online is None and not self._warned:
-            log.warning("FlatEMA: online tensors are not views of the flat buffer; per-tensor fallback")
+            log.warning('FlatEMA: online tensors are not views of the flat buffer; per-tensor fallback')
             self._warned = True
-        record("ema", "foreach_fallback")
+        record('ema', 'foreach_fallback')
         ema_list_reference(self._fp32_views, self._online if online is None else list(online), weight)
         if self.shadow_flat is not None:
             self.shadow_flat.copy_(self.target_flat)
 
     def _update_flat(self, weight: float) -> None:
-        fused = load_fused("ema", __package__, self.target_flat, self.online_flat)
+        fused = load_fused('ema', __package__, self.target_flat, self.online_flat)
         if fused is not None:
-            record("ema", "triton")
+            record('ema', 'triton')
             fused.ema_flat_triton(self.target_flat, self.online_flat, weight, self.shadow_flat)
         else:
-            record("ema", "reference")
+            record('ema', 'reference')
             ema_flat_reference(self.target_flat, self.online_flat, weight, self.shadow_flat)

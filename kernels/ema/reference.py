@@ -3,13 +3,15 @@
 Written as lerp(target, online, 1 - m): for weights below 0.5 torch computes target + w * (online - target),
 which is what the Triton kernel computes too.
 """
+
 from typing import Optional, Sequence
 
 import torch
 
 
-def ema_flat_reference(target_flat: torch.Tensor, online_flat: torch.Tensor, weight: float,
-                       shadow_flat: Optional[torch.Tensor] = None) -> None:
+def ema_flat_reference(
+    target_flat: torch.Tensor, online_flat: torch.Tensor, weight: float, shadow_flat: Optional[torch.Tensor] = None
+) -> None:
     """In place on target_flat (fp32, (T,)); online_flat (T,) any float dtype; weight = 1 - m.
 
     shadow_flat, if given, is a low-precision copy of the target (the tensors the model reads) refreshed after.

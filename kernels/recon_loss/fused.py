@@ -10,6 +10,7 @@ already scaled by the incoming one. Saving a forward-computed gradient instead w
 plus a read and a write to scale it in backward, more bytes than re-reading the hidden patches, and memory.
 `recon_loss_and_grad` gives both in one pass for callers outside autograd.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -19,10 +20,27 @@ from .reference import NORM_EPS
 
 
 @triton.jit
-def _recon_loss_kernel(img_ptr, pred_ptr, mask_ptr, msum_ptr, gscale_ptr, loss_ptr, grad_ptr,
-                       NL, L, GW, H, W, eps,
-                       PATCH: tl.constexpr, P: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-                       STORE_LOSS: tl.constexpr, COMPUTE_GRAD: tl.constexpr):
+def _recon_loss_kernel(
+    img_ptr,
+    pred_ptr,
+    mask_ptr,
+    msum_ptr,
+    gscale_ptr,
+    loss_ptr,
+    grad_ptr,
+    NL,
+    L,
+    GW,
+    H,
+    W,
+    eps,
+    PATCH: tl.constexpr,
+    P: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+    STORE_LOSS: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+):
     # ROWS patches per program, one per tile row; int64 because N*L*P passes 2**31 at large batches.
     row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # n * L + l
     row_ok = row < NL
@@ -38,8 +56,12 @@ def _recon_loss_kernel(img_ptr, pred_ptr, mask_ptr, msum_ptr, gscale_ptr, loss_p
     ch = j // (PATCH * PATCH)
     r = (j // PATCH) % PATCH
     c = j % PATCH
-    img_off = ((n * 3)[:, None] + ch[None, :]) * H * W \
-        + ((gy * PATCH)[:, None] + r[None, :]) * W + (gx * PATCH)[:, None] + c[None, :]
+    img_off = (
+        ((n * 3)[:, None] + ch[None, :]) * H * W
+        + ((gy * PATCH)[:, None] + r[None, :]) * W
+        + (gx * PATCH)[:, None]
+        + c[None, :]
+    )
     pred_off = (row * P)[:, None] + ((r * PATCH + c) * 3 + ch)[None, :]
     live = tl.where(valid, m[:, None], 0.0) != 0.0  # hidden patches only: visible ones load nothing
     t = tl.load(img_ptr + img_off, mask=live, other=0.0).to(tl.float32)
@@ -70,11 +92,13 @@ def _rows_per_program(dim: int) -> int:
 def _check(img, pred, mask, p):
     n, c, h, w = img.shape
     if c != 3 or h % p or w % p:
-        raise ValueError(f"img must be (N, 3, H, W) with H, W divisible by {p}, got {tuple(img.shape)}")
+        raise ValueError(f'img must be (N, 3, H, W) with H, W divisible by {p}, got {tuple(img.shape)}')
     num_patches, dim = (h // p) * (w // p), p * p * 3
     if pred.shape != (n, num_patches, dim) or mask.shape != (n, num_patches):
-        raise ValueError(f"pred {tuple(pred.shape)} / mask {tuple(mask.shape)} do not match "
-                         f"({n}, {num_patches}, {dim}) / ({n}, {num_patches})")
+        raise ValueError(
+            f'pred {tuple(pred.shape)} / mask {tuple(mask.shape)} do not match '
+            f'({n}, {num_patches}, {dim}) / ({n}, {num_patches})'
+        )
 
 
 def _launch(img, pred, mask, p, store_loss: bool, grad_scale=None):
@@ -90,10 +114,27 @@ def _launch(img, pred, mask, p, store_loss: bool, grad_scale=None):
     gscale = grad_scale.to(device=pred.device, dtype=torch.float32) if grad_scale is not None else msum
     rows = _rows_per_program(dim)
     _recon_loss_kernel[(triton.cdiv(n * num_patches, rows),)](
-        img, pred, m, msum, gscale, per_patch, grad if grad is not None else per_patch,
-        n * num_patches, num_patches, w // p, h, w, NORM_EPS,
-        PATCH=p, P=dim, BLOCK=next_pow2(dim), ROWS=rows,
-        STORE_LOSS=store_loss, COMPUTE_GRAD=grad is not None, num_warps=8)
+        img,
+        pred,
+        m,
+        msum,
+        gscale,
+        per_patch,
+        grad if grad is not None else per_patch,
+        n * num_patches,
+        num_patches,
+        w // p,
+        h,
+        w,
+        NORM_EPS,
+        PATCH=p,
+        P=dim,
+        BLOCK=next_pow2(dim),
+        ROWS=rows,
+        STORE_LOSS=store_loss,
+        COMPUTE_GRAD=grad is not None,
+        num_warps=8,
+    )
     loss = per_patch.sum() / torch.where(msum > 0, msum, torch.ones_like(msum)) if store_loss else None
     return loss, grad
 

@@ -1,4 +1,5 @@
 """Normalized-pixel reconstruction loss, plain PyTorch: the specification (docs/spec.md section 5)."""
+
 import torch
 
 NORM_EPS = 1e-6
@@ -8,7 +9,7 @@ def patchify(img: torch.Tensor, p: int) -> torch.Tensor:
     """(N, 3, H, W) -> (N, L, p*p*3): patch-major (row-major grid), inside a patch (row, column, channel)."""
     n, c, h, w = img.shape
     x = img.reshape(n, c, h // p, p, w // p, p)
-    x = torch.einsum("nchpwq->nhwpqc", x)
+    x = torch.einsum('nchpwq->nhwpqc', x)
     return x.reshape(n, (h // p) * (w // p), p * p * c)
 
 

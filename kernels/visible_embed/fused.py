@@ -6,6 +6,7 @@ index map inv[n, l] = k (-1 where hidden): it writes grad_x[:, l] completely (ze
 memset) and sums grad_pos[l] over the batch in registers: no atomics, deterministic.
 Precondition: the indices in each row of ids_keep are distinct (what masking produces).
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -14,9 +15,9 @@ from .._triton import is_interpreted, next_pow2
 
 
 @triton.jit
-def _gather_fwd_kernel(x_ptr, pos_ptr, ids_ptr, out_ptr, NK, K, D,
-                       sxn, sxl, sxd, spl, spd,
-                       BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+def _gather_fwd_kernel(
+    x_ptr, pos_ptr, ids_ptr, out_ptr, NK, K, D, sxn, sxl, sxd, spl, spd, BLOCK_D: tl.constexpr, ROWS: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # n * K + k
     row_ok = row < NK
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -29,9 +30,20 @@ def _gather_fwd_kernel(x_ptr, pos_ptr, ids_ptr, out_ptr, NK, K, D,
 
 
 @triton.jit
-def _gather_bwd_kernel(g_ptr, inv_ptr, gx_ptr, gpos_ptr, N, L, K, D,
-                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                       GRAD_X: tl.constexpr, GRAD_POS: tl.constexpr):
+def _gather_bwd_kernel(
+    g_ptr,
+    inv_ptr,
+    gx_ptr,
+    gpos_ptr,
+    N,
+    L,
+    K,
+    D,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    GRAD_X: tl.constexpr,
+    GRAD_POS: tl.constexpr,
+):
     l = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < D
@@ -45,8 +57,11 @@ def _gather_bwd_kernel(g_ptr, inv_ptr, gx_ptr, gpos_ptr, N, L, K, D,
         vis = (k >= 0)[:, None] & d_ok[None, :]
         g = tl.load(g_ptr + ((n * K + k) * D)[:, None] + d[None, :], mask=vis, other=0.0).to(tl.float32)
         if GRAD_X:
-            tl.store(gx_ptr + ((n * L + l) * D)[:, None] + d[None, :], g.to(gx_ptr.dtype.element_ty),
-                     mask=n_ok[:, None] & d_ok[None, :])
+            tl.store(
+                gx_ptr + ((n * L + l) * D)[:, None] + d[None, :],
+                g.to(gx_ptr.dtype.element_ty),
+                mask=n_ok[:, None] & d_ok[None, :],
+            )
         if GRAD_POS:
             acc += tl.sum(g, axis=0)
     if GRAD_POS:
@@ -73,13 +88,29 @@ def gather_visible_fwd(x: torch.Tensor, pos: torch.Tensor, ids_keep: torch.Tenso
     out = torch.empty(n, k, d, device=x.device, dtype=torch.promote_types(x.dtype, pos.dtype))
     block_d, rows = _tiles(n * k, d)
     grid = (triton.cdiv(n * k, rows), triton.cdiv(d, block_d))
-    _gather_fwd_kernel[grid](x, pos, ids, out, n * k, k, d, x.stride(0), x.stride(1), x.stride(2),
-                             pos.stride(1), pos.stride(2), BLOCK_D=block_d, ROWS=rows, num_warps=4)
+    _gather_fwd_kernel[grid](
+        x,
+        pos,
+        ids,
+        out,
+        n * k,
+        k,
+        d,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        pos.stride(1),
+        pos.stride(2),
+        BLOCK_D=block_d,
+        ROWS=rows,
+        num_warps=4,
+    )
     return out
 
 
-def gather_visible_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, num_patches: int, x_dtype, pos_dtype,
-                       need_x: bool, need_pos: bool):
+def gather_visible_bwd(
+    grad_out: torch.Tensor, ids_keep: torch.Tensor, num_patches: int, x_dtype, pos_dtype, need_x: bool, need_pos: bool
+):
     """grad_out (N, K, D) -> (grad_x (N, L, D) or None, grad_pos (1, L, D) or None)."""
     n, k, d = grad_out.shape
     g = grad_out.contiguous()
@@ -90,8 +121,21 @@ def gather_visible_bwd(grad_out: torch.Tensor, ids_keep: torch.Tensor, num_patch
     block_d, block_n = _tiles(n, d)
     block_n = min(block_n, 16) if not is_interpreted(_gather_bwd_kernel) else block_n
     grid = (num_patches, triton.cdiv(d, block_d))
-    _gather_bwd_kernel[grid](g, inv, grad_x if need_x else g, grad_pos if need_pos else g, n, num_patches, k, d,
-                             BLOCK_N=block_n, BLOCK_D=block_d, GRAD_X=need_x, GRAD_POS=need_pos, num_warps=4)
+    _gather_bwd_kernel[grid](
+        g,
+        inv,
+        grad_x if need_x else g,
+        grad_pos if need_pos else g,
+        n,
+        num_patches,
+        k,
+        d,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        GRAD_X=need_x,
+        GRAD_POS=need_pos,
+        num_warps=4,
+    )
     return grad_x, grad_pos
 
 

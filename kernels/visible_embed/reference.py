@@ -1,4 +1,5 @@
 """Input of the online encoder, plain PyTorch: visible patch embeddings plus their position embeddings."""
+
 import torch
 
 

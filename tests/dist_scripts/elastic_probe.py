@@ -6,6 +6,7 @@ Masks are drawn from a generator seeded by each image's content instead of the r
 around CMAE.forward), so that the same images get the same masks on any number of ranks: the only test-side
 change, and what lets a resumed run on another layout be compared with an uninterrupted one.
 """
+
 import argparse
 import hashlib
 
@@ -25,25 +26,30 @@ def _image_seed(img: torch.Tensor) -> int:
 
 def forward_with_image_masks(self, img, img_target=None, mask=None, generator=None):
     if mask is None:
-        mask = torch.cat([self.random_mask(1, img.device, generator=torch.Generator().manual_seed(_image_seed(x)))
-                          for x in img])
+        mask = torch.cat(
+            [self.random_mask(1, img.device, generator=torch.Generator().manual_seed(_image_seed(x))) for x in img]
+        )
     return _forward(self, img, img_target, mask=mask)
 
 
 def full_state(engine, model) -> dict:
     """Collective under ZeRO-3 (gathers)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
     named = list(model.named_parameters())
     opt = engine.optimizer
     if hasattr(opt, 'single_partition_of_fp32_groups'):  # ZeRO-1/2 link moments to parameters lazily
         from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
         for group, flat in zip(opt.bit16_groups, opt.single_partition_of_fp32_groups):
             lazy_init_hp_params_optimizer_state(group, flat, opt.optimizer.state)
-    out = {'online': {n: safe_get_full_fp32_param(p).clone() for n, p in named},
-           'exp_avg': {n: safe_get_full_optimizer_state(p, 'exp_avg').clone() for n, p in named},
-           'exp_avg_sq': {n: safe_get_full_optimizer_state(p, 'exp_avg_sq').clone() for n, p in named},
-           'target': {n: t.detach().clone() for n, t in model.target.state_dict().items()},
-           'buffers': {n: b.detach().clone() for n, b in model.named_buffers()}}
+    out = {
+        'online': {n: safe_get_full_fp32_param(p).clone() for n, p in named},
+        'exp_avg': {n: safe_get_full_optimizer_state(p, 'exp_avg').clone() for n, p in named},
+        'exp_avg_sq': {n: safe_get_full_optimizer_state(p, 'exp_avg_sq').clone() for n, p in named},
+        'target': {n: t.detach().clone() for n, t in model.target.state_dict().items()},
+        'buffers': {n: b.detach().clone() for n, b in model.named_buffers()},
+    }
     base = getattr(engine.optimizer, 'optimizer', engine.optimizer)
     steps = {float(s['step']) for s in base.state.values() if 'step' in s}
     out['adam_step'] = sorted(steps)

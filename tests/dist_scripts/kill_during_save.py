@@ -1,5 +1,6 @@
 """launch/pretrain.py with a fault injected: the process is SIGKILLed while saving the tag given as the first
 argument, after every rank's files are on disk and before the checkpoint is marked complete."""
+
 import os
 import runpy
 import signal

@@ -1,8 +1,9 @@
 """Run under the DeepSpeed launcher by tests/test_engine_dist.py; writes what it saw to --out on rank 0.
 
-  --mode ema   train() for a few steps and record the full online weights after every optimizer step
-  --mode loss  one step of the real engine on a fixed global batch split across ranks; record loss and gradients
+--mode ema   train() for a few steps and record the full online weights after every optimizer step
+--mode loss  one step of the real engine on a fixed global batch split across ranks; record loss and gradients
 """
+
 import argparse
 
 import torch
@@ -19,6 +20,7 @@ def full_state(model, zero_stage):
     params = list(model.named_parameters())
     if zero_stage == 3:
         import deepspeed
+
         with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
             return {n: p.detach().float().clone() for n, p in params}
     return {n: p.detach().float().clone() for n, p in params}
@@ -62,6 +64,7 @@ def run_loss(cfg, ds_path, out):
 def full_grads(model):
     """Averaged full gradients as the optimizer will see them (collective; works under every ZeRO stage)."""
     from deepspeed.utils import safe_get_full_grad
+
     return {n: safe_get_full_grad(p).detach().float().clone() for n, p in model.named_parameters()}
 
 
