@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from cmae_ds.data import MEAN, STD, build_classification_loader
-from cmae_ds.data.common import eval_resize_size, random_erasing
+from cmae_ds.data.erasing import random_erasing
+from cmae_ds.data.recipe import eval_resize_size
 
 from data_helpers import PIPELINES, cfg, coord_image, random_jpegs, write_folder
 

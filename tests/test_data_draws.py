@@ -3,7 +3,7 @@ batch (the torch workers draw per sample, the DALI feed per batch)."""
 
 import numpy as np
 
-from cmae_ds.data import common as C
+from cmae_ds.data import recipe as C
 from cmae_ds.data.draws import DALI_COLUMNS, UNIFORMS, dali_columns, draw_batch, draw_views, uniforms
 
 

@@ -12,7 +12,7 @@ import torch
 
 from cmae_ds.data import build_classification_loader
 from cmae_ds.data.build import dali_available
-from cmae_ds.data.common import MEAN, STD
+from cmae_ds.data.recipe import MEAN, STD
 from cmae_ds.data.scan import scan_folder
 from cmae_ds.data.sources import DataFileError, folder_samples
 

@@ -4,7 +4,7 @@ The engines call `build_pretrain_loader`, `build_classification_loader` and `lis
 """
 
 from .build import build_classification_loader, build_pretrain_loader, resolve_pipeline
-from .common import MEAN, STD
+from .recipe import MEAN, STD
 from .sources import DataSourceError, list_samples
 
 __all__ = [

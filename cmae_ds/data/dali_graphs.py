@@ -15,7 +15,7 @@ import numpy as np
 from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 
-from . import common as C
+from . import recipe as C
 from .draws import ATTEMPTS, CLS_COLUMNS, DALI_COLUMNS
 
 READER = 'reader'

@@ -18,9 +18,10 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from . import common as C
+from . import recipe as C
 from .base import EpochLoader
 from .draws import cls_columns, dali_columns, draw_batch
+from .erasing import batch_generator, random_erasing
 from .sampling import ShardPlan
 from .sources import DataFileError
 
@@ -156,7 +157,7 @@ class DaliLoader(EpochLoader):
         if self.mode == 'pretrain':
             out['img_target'] = raw['img_target'].to(self.device)
         elif self.erase:
-            C.random_erasing(out['img'], C.batch_generator(self.plan.seed, epoch, self.plan.rank, b))
+            random_erasing(out['img'], batch_generator(self.plan.seed, epoch, self.plan.rank, b))
         out['index'] = index.to(self.device)
         if self.mode != 'pretrain':
             out['label'] = self.labels[index.cpu()].to(self.device)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import common as C
+from . import recipe as C
 
 ATTEMPTS = 10  # torchvision RandomResizedCrop.get_params
 

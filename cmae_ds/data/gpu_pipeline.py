@@ -19,10 +19,11 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from . import common as C
+from . import recipe as C
 from . import views_gpu as G
 from . import views_torch as V
 from .draws import draw_batch
+from .normalize import normalize
 from .sampling import sample_rng
 from .torch_pipeline import TorchLoader, ViewDataset
 
@@ -189,9 +190,9 @@ class GpuLoader(TorchLoader):
                 raw['debug'] = G.debug_of(d, G.boxes_of(d, imgs))
             return dict(img=online, img_target=target)
         if ds.mode == 'cls_eval':
-            return dict(img=C.normalize(G.eval_views(imgs, ds.size)))
+            return dict(img=normalize(G.eval_views(imgs, ds.size)))
         d = draw_batch(seed, epoch, index, extra, scale=C.CLS_SCALE)
         if ds.mode == 'cls_probe':
-            return dict(img=C.normalize(G.probe_views(imgs, d, ds.size)))
+            return dict(img=normalize(G.probe_views(imgs, d, ds.size)))
         seeds = [int(sample_rng(seed, epoch, int(i)).integers(2**62)) for i in index]
-        return dict(img=C.normalize(G.train_views(imgs, d, seeds, ds.size)))
+        return dict(img=normalize(G.train_views(imgs, d, seeds, ds.size)))

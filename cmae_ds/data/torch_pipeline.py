@@ -14,10 +14,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from . import common as C
+from . import recipe as C
 from . import views_torch as V
 from .base import EpochLoader
 from .draws import draw_views, rrc_box
+from .erasing import batch_generator, random_erasing
+from .normalize import normalize
 from .sampling import ShardPlan, sample_rng
 
 MAX_SUBSTITUTES = 64
@@ -115,7 +117,7 @@ class TorchLoader(EpochLoader):
     def _finish(self, raw: dict, valid: np.ndarray, epoch: int, b: int) -> dict:
         self._report_bad(raw.pop('bad'))
         nb = self.device.type == 'cuda'
-        out = {k: C.normalize(raw[k].to(self.device, non_blocking=nb)) for k in ('img', 'img_target') if k in raw}
+        out = {k: normalize(raw[k].to(self.device, non_blocking=nb)) for k in ('img', 'img_target') if k in raw}
         return self._complete(out, raw, valid, epoch, b)
 
     def _report_bad(self, messages: list[str]) -> None:
@@ -130,7 +132,7 @@ class TorchLoader(EpochLoader):
     def _complete(self, out: dict, raw: dict, valid: np.ndarray, epoch: int, b: int) -> dict:
         """Erasing, index, labels, valid flags and debug decisions around the normalized views in `out`."""
         if self.erase:
-            C.random_erasing(out['img'], C.batch_generator(self.plan.seed, epoch, self.plan.rank, b))
+            random_erasing(out['img'], batch_generator(self.plan.seed, epoch, self.plan.rank, b))
         out['index'] = raw['index'].to(self.device)
         if self.dataset.mode != 'pretrain':
             out['label'] = raw['label'].to(self.device)

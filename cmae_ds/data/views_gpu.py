@@ -16,8 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import common as C
+from . import recipe as C
 from .draws import rrc_boxes
+from .normalize import normalize
 
 LUMA = (0.299, 0.587, 0.114)  # PIL's 'L' conversion (the torch pipeline's grayscale and contrast mean)
 BLUR_RADIUS = int(np.ceil(3 * C.BLUR_SIGMA[1]))  # 3 sigma of the largest sigma: a 13-tap kernel
@@ -185,11 +186,11 @@ def cmae_views(imgs: list[torch.Tensor], d: dict, size: int, extra: int) -> tupl
     target = windows(master, d['dy'], d['dx'], size)
     target = color_jitter(target, d['jitter'], d['factors'], d['order'])
     target = gaussian_blur(grayscale(target, d['gray']), d['blur'], d['sigma'])
-    return C.normalize(online), C.normalize(target)
+    return normalize(online), normalize(target)
 
 
 def debug_of(d: dict, boxes) -> dict:
-    """The decisions a pipeline reports under debug=True (common.DEBUG_KEYS), as CPU tensors."""
+    """The decisions a pipeline reports under debug=True (recipe.DEBUG_KEYS), as CPU tensors."""
     vals = dict(
         flip=d['flip'],
         dy=d['dy'],

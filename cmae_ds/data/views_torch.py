@@ -14,7 +14,7 @@ import torch
 import torchvision.transforms.functional as tvF
 from PIL import Image, ImageFilter
 
-from . import common as C
+from . import recipe as C
 from .draws import ViewDraws
 from .draws import rrc_box as rrc_box_of
 
@@ -94,7 +94,7 @@ def probe_view(img: Image.Image, d: ViewDraws, size: int) -> torch.Tensor:
 
 def train_view(img: Image.Image, d: ViewDraws, rng: np.random.Generator, size: int) -> torch.Tensor:
     """RandomResizedCrop (0.08, 1) bicubic + flip (shared draws) + RandAugment(2, 9, std 0.5, increasing, seeded
-    from `rng`) -> uint8 (3, S, S). Random erasing happens on the normalized batch (common.random_erasing)."""
+    from `rng`) -> uint8 (3, S, S). Random erasing happens on the normalized batch (erasing.random_erasing)."""
     img = resized_crop(img, rrc_box_of(d, img.width, img.height), size)
     if d.flip:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
