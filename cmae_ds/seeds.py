@@ -6,8 +6,10 @@ Engine streams (this module):
 - masks: one generator per rank, saved in checkpoints;
 - a rank that a checkpoint has no saved state for (a resume on more ranks), and every classification rank after
   a resume (DeepSpeed keeps only rank 0's client state): streams keyed by (seed, rank, step).
-Data streams are keyed by (seed, epoch, dataset index) in `cmae_ds.data.draws` (view decisions) and
-`cmae_ds.data.sampling` (order, per-sample generators), so they do not depend on ranks, workers or resumes.
+Data streams: every view decision is keyed by (seed, epoch, dataset index) (`cmae_ds.data.draws`, counter-based),
+the order and the per-sample generators by (seed, epoch[, index]) (`cmae_ds.data.sampling`), so they depend on
+neither ranks nor workers nor resumes; the per-batch streams below (random erasing, DALI's own operators,
+synthetic batches) are keyed by (seed, epoch, rank, batch).
 """
 
 from __future__ import annotations
@@ -37,3 +39,17 @@ def seed_classifier_rank(seed: int, rank: int, step: int) -> None:
     torch.manual_seed(key % 2**63)
     np.random.seed(key % 2**32)
     random.seed(key)
+
+
+def erasing_seed(seed: int, epoch: int, rank: int, batch: int) -> int:
+    """Random erasing of one batch of one rank (int hashes are not salted: stable across processes)."""
+    return hash((seed, epoch, rank, batch, 0xE4A5E)) & (2**63 - 1)
+
+
+def dali_pipeline_seed(seed: int, epoch: int, rank: int, start_batch: int) -> int:
+    """DALI's own operators (fine-tuning RandAugment) in a pipeline that starts at `start_batch`."""
+    return int(np.random.SeedSequence([seed, epoch, rank, start_batch, 0xDA11]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def synthetic_batch_seed(seed: int, epoch: int, rank: int, batch: int) -> int:
+    return hash((seed, epoch, rank, batch)) & 0xFFFFFFFF

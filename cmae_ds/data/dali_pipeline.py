@@ -18,16 +18,13 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..seeds import dali_pipeline_seed
 from . import recipe as C
 from .base import EpochLoader
 from .draws import cls_columns, dali_columns, draw_batch
 from .erasing import batch_generator, random_erasing
 from .sampling import ShardPlan
 from .sources import DataFileError
-
-
-def _pipeline_seed(seed: int, epoch: int, rank: int, start: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, rank, start, 0xDA11]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 def _graph_for(mode: str, size: int, extra: int, device: str, hw: float, debug: bool):
@@ -130,7 +127,7 @@ class DaliLoader(EpochLoader):
             if self.mode != 'cls_eval'
             else None
         )
-        pipe = self._build(files, indices, _pipeline_seed(self.plan.seed, epoch, self.plan.rank, start_batch), feed)
+        pipe = self._build(files, indices, dali_pipeline_seed(self.plan.seed, epoch, self.plan.rank, start_batch), feed)
         it = DALIGenericIterator(
             pipe,
             self.output_map,

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from ..seeds import erasing_seed
 from .recipe import ERASE_LOG_RATIO, ERASE_P
 
 
@@ -39,4 +40,4 @@ def random_erasing(
 
 def batch_generator(seed: int, epoch: int, rank: int, batch: int) -> torch.Generator:
     """The erasing stream of one batch of one rank."""
-    return torch.Generator().manual_seed(hash((seed, epoch, rank, batch, 0xE4A5E)) & (2**63 - 1))
+    return torch.Generator().manual_seed(erasing_seed(seed, epoch, rank, batch))

@@ -7,6 +7,7 @@ from typing import Iterator
 
 import torch
 
+from ..seeds import synthetic_batch_seed
 from .base import EpochLoader
 from .sampling import ShardPlan
 
@@ -25,7 +26,7 @@ class SyntheticLoader(EpochLoader):
         n, s = self.plan.batch_size, self.size
         for b in range(start_batch, len(self)):
             gen = torch.Generator(self.device).manual_seed(
-                hash((self.plan.seed, epoch, self.plan.rank, b)) & 0xFFFFFFFF
+                synthetic_batch_seed(self.plan.seed, epoch, self.plan.rank, b)
             )
             out = {'img': torch.randn(n, 3, s, s, generator=gen, device=self.device)}
             if self.mode == 'pretrain':
