@@ -8,6 +8,7 @@ live once each (test_a_payload_is_refused_unless_trusted_and_then_it_runs), so a
 
 import importlib.util
 import io
+import json
 import logging
 import os
 import pickle
@@ -326,6 +327,17 @@ PLANTS = {  # file of the step_00000002 tag -> where the payload goes
 }
 
 
+def rewrite_manifest(tag_dir):
+    """Whoever can plant a file in a checkpoint can rewrite its marker too: the file list then vouches for the planted
+    file, and the scan alone must refuse it (without this, the size check finds the change first)."""
+    from cmae_ds.engine import checkpoint_verify
+
+    path = tag_dir / 'complete.json'
+    marker = json.loads(path.read_text())
+    marker['files'] = checkpoint_verify.checksums(tag_dir, [checkpoint_verify.sizes(tag_dir)])
+    path.write_text(json.dumps(marker))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('name', PLANTS)
 def test_resume_refuses_a_planted_checkpoint_file(pretrained, tmp_path, marker, name):
@@ -333,6 +345,7 @@ def test_resume_refuses_a_planted_checkpoint_file(pretrained, tmp_path, marker, 
     shutil.copytree(pretrained['run'], run)
     planted = run / 'checkpoints' / 'step_00000002' / name
     plant(planted, PLANTS[name], Plain(marker))
+    rewrite_manifest(planted.parent)
     proc = resume(pretrained, run, '--resume', 'auto')
     assert proc.returncode == 2, tail(proc)
     assert_refused(proc.stderr, planted, SYSTEM, marker)
