@@ -15,10 +15,8 @@ from typing import Callable
 EXIT_OK, EXIT_USER_ERROR, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 2, 3, 75
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, ds_help: str) -> None:
-    """Options of a training run: the DeepSpeed JSON, resume, the launcher's --local_rank, overrides."""
-    parser.add_argument('--deepspeed_config', '--ds_config', dest='ds_config', default=None, help=ds_help)
-    parser.add_argument('--resume', default='auto', help="'auto' (newest complete checkpoint), 'none', or a tag")
+def add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    """--trust-checkpoint: the opt-out of cmae_ds.safe_load's checks, off by default."""
     parser.add_argument(
         '--trust-checkpoint',
         '--trust_checkpoint',
@@ -26,6 +24,13 @@ def add_run_arguments(parser: argparse.ArgumentParser, ds_help: str) -> None:
         action='store_true',
         help='load checkpoint files that name code to run (refused by default, docs/reliability.md)',
     )
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, ds_help: str) -> None:
+    """Options of a training run: the DeepSpeed JSON, resume, the launcher's --local_rank, overrides."""
+    parser.add_argument('--deepspeed_config', '--ds_config', dest='ds_config', default=None, help=ds_help)
+    parser.add_argument('--resume', default='auto', help="'auto' (newest complete checkpoint), 'none', or a tag")
+    add_trust_argument(parser)
     parser.add_argument(
         '--take-over-lock',
         '--take_over_lock',

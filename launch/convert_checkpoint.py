@@ -16,6 +16,7 @@ import sys
 import torch
 
 from cmae_ds.checkpoint import CheckpointError, encoder_state, encoder_to_timm, extract_encoder, load_official_cmae
+from cmae_ds.cli import add_trust_argument
 from cmae_ds.config import ConfigError, load_config
 
 
@@ -24,13 +25,7 @@ def parse(argv=None):
     parser.add_argument('action', choices=['official-to-ours', 'extract-encoder', 'to-timm', 'to-universal'])
     parser.add_argument('src')
     parser.add_argument('out', nargs='?', default=None)
-    parser.add_argument(
-        '--trust-checkpoint',
-        '--trust_checkpoint',
-        dest='trust_checkpoint',
-        action='store_true',
-        help='load checkpoint files that name code to run (refused by default, docs/reliability.md)',
-    )
+    add_trust_argument(parser)
     parser.add_argument('overrides', nargs='*', help='model.key=value')
     return parser.parse_args(argv)
 

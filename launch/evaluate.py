@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from cmae_ds.cli import add_trust_argument
+
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,13 +39,7 @@ def parse(argv=None):
     )
     parser.add_argument('--out', default=None, help='JSON result (default: <checkpoint>.eval.json)')
     parser.add_argument('--predictions', action='store_true', help="add every image's prediction to the JSON")
-    parser.add_argument(
-        '--trust-checkpoint',
-        '--trust_checkpoint',
-        dest='trust_checkpoint',
-        action='store_true',
-        help='load checkpoint files that name code to run (refused by default, docs/reliability.md)',
-    )
+    add_trust_argument(parser)
     parser.add_argument('--local_rank', type=int, default=None, help='set by the DeepSpeed launcher')
     parser.add_argument('overrides', nargs='*', help='section.key=value (model.*, val_data.*)')
     return parser.parse_intermixed_args(argv)

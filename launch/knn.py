@@ -15,19 +15,15 @@ import json
 import sys
 from pathlib import Path
 
+from cmae_ds.cli import add_trust_argument
+
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('checkpoint', help='pretraining run folder or model.pt, extracted encoder, official checkpoint')
     parser.add_argument('--config', default=None, help='YAML file or preset with sections model, data, val_data, knn')
     parser.add_argument('--out', default='knn.json', help='JSON result')
-    parser.add_argument(
-        '--trust-checkpoint',
-        '--trust_checkpoint',
-        dest='trust_checkpoint',
-        action='store_true',
-        help='load checkpoint files that name code to run (refused by default, docs/reliability.md)',
-    )
+    add_trust_argument(parser)
     parser.add_argument('--local_rank', type=int, default=None, help='set by the DeepSpeed launcher')
     parser.add_argument('overrides', nargs='*', help='section.key=value')
     return parser.parse_intermixed_args(argv)
