@@ -176,33 +176,36 @@ class Loop:
         if self.metrics.due(step, final):
             self.metrics.check_finite(step)
             self.logger.scalars(step, self.metrics.collect(self.engine, self._log_values(task, step)))
-        with watchdog.paused():
-            if epoch_done or final:
+        if epoch_done or final:
+            with watchdog.phase('end of epoch'):
                 task.end_of_epoch(self, final)
-            if self.checkpointer.due(step, final=final, epoch_end=epoch_done):
-                self._save(step)
-            if self.observer is not None:
+        if self.checkpointer.due(step, final=final, epoch_end=epoch_done):
+            self._save(step)
+        if self.observer is not None:
+            with watchdog.phase('observer'):
                 self.observer(step)
         if not final and self.start.stop.agreed():
             self._preempt(step)
 
     def _save(self, step: int) -> Path:
         self.metrics.check_finite(step)
-        return self.checkpointer.save(step)
+        with self.start.watchdog.phase('checkpoint save'):
+            return self.checkpointer.save(step)
 
     def _preempt(self, step: int) -> None:
         """Every rank agreed to stop: a complete checkpoint of this step (unless one was just written), a note in
         the run folder for requeue scripts, then Preempted."""
         saved = self.checkpointer.last_saved
         if saved is None or saved.name != checkpoint_tag(step):
-            with self.start.watchdog.paused():
-                saved = self._save(step)
-        reason = self.start.stop.reason
+            saved = self._save(step)
+        origins = self.start.stop.origins()
+        by_reason: dict[str, list[str]] = {}
+        for rank, why in origins.items():
+            by_reason.setdefault(why, []).append(str(rank))
+        reason = '; '.join(f'{why} (rank {", ".join(r)})' for why, r in by_reason.items()) or self.start.stop.reason
         if self.start.ctx.is_main:
-            atomic_write_text(
-                self.start.run_dir / PREEMPTED,
-                json.dumps({'step': step, 'reason': reason, 'checkpoint': str(saved), 'time': time.time()}),
-            )
+            note = {'step': step, 'reason': reason, 'ranks': origins, 'checkpoint': str(saved), 'time': time.time()}
+            atomic_write_text(self.start.run_dir / PREEMPTED, json.dumps(note))
         raise Preempted(
             f'{reason}; stopped at step {step} with a complete checkpoint {saved}; run the same command '
             'again to resume from it'

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+PEER_REQUEST = 'another rank was asked to stop'
 
 
 def _cmdline(pid: int) -> str:
@@ -127,5 +128,11 @@ class StopRequests:
         flag = torch.tensor([1 if local else 0], dtype=torch.int32)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._group)
         if flag.item() and self.reason is None:
-            self.reason = 'another rank was asked to stop'
+            self.reason = PEER_REQUEST
         return bool(flag.item())
+
+    def origins(self) -> dict[int, str]:
+        """Which ranks were asked to stop, and why, once `agreed()` said yes (collective)."""
+        from .dist import gather_objects
+
+        return {rank: r for rank, r in enumerate(gather_objects(self.reason)) if r not in (None, PEER_REQUEST)}
