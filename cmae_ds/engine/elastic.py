@@ -292,8 +292,18 @@ def load_universal(engine, model, folder: Path, trust: bool = False) -> dict:
         raise ConfigError(f'DeepSpeed could not load the universal checkpoint {folder}')
     for group, own in zip(optimizer.param_groups, settings):
         group.update(own)
+    _unshare_step_counters(optimizer)
     restore_unoptimized_state(model, _open_states(_model_states_file(folder), trust)['module'], folder)
     return client_state
+
+
+def _unshare_step_counters(optimizer) -> None:
+    """ZeRO-3's universal load gives every sub-group the same `step` tensor object; torch's Adam increments each
+    state's counter in place, so a shared one advanced once per sub-group per step (2 -> 4 after one step here),
+    and the bias correction, hence every update, went wrong from the first step after the resume."""
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get('step')):
+            state['step'] = state['step'].clone()
 
 
 def restore_unoptimized_state(model, saved: dict, where: Path) -> list[str]:
@@ -366,6 +376,11 @@ def resume(
         )
     else:
         state = checkpointing.load(engine, ckpt_dir, tag, trust=trust)
+    if now.zero_stage == 3:
+        # Loading leaves some ZeRO-3 parameters gathered (persistent ones among them); the first step after the
+        # resume then records DeepSpeed's prefetch trace from that state, and the second fails on it with
+        # 'tracing error ... expected the next 1 parameters'. Released, every step starts as on a fresh engine.
+        engine.empty_partition_cache()
     state['progress'], note = carry_position(state['progress'], saved, now, steps_per_epoch)
     if note:
         _say(is_main, note)

@@ -37,6 +37,7 @@ def full_state(engine, model) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     named = list(model.named_parameters())
+    target = getattr(model, 'target', None)  # MAE mode has no target branch
     opt = engine.optimizer
     if hasattr(opt, 'single_partition_of_fp32_groups'):  # ZeRO-1/2 link moments to parameters lazily
         from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
@@ -47,7 +48,7 @@ def full_state(engine, model) -> dict:
         'online': {n: safe_get_full_fp32_param(p).clone() for n, p in named},
         'exp_avg': {n: safe_get_full_optimizer_state(p, 'exp_avg').clone() for n, p in named},
         'exp_avg_sq': {n: safe_get_full_optimizer_state(p, 'exp_avg_sq').clone() for n, p in named},
-        'target': {n: t.detach().clone() for n, t in model.target.state_dict().items()},
+        'target': {n: t.detach().clone() for n, t in target.state_dict().items()} if target is not None else {},
         'buffers': {n: b.detach().clone() for n, b in model.named_buffers()},
     }
     base = getattr(engine.optimizer, 'optimizer', engine.optimizer)
