@@ -44,10 +44,17 @@ def add_run_arguments(parser: argparse.ArgumentParser, ds_help: str) -> None:
 
 def run_guarded(body: Callable[[], int]) -> int:
     """`body()`'s exit code, or the documented code of an ending that is not a bug, printed as one line."""
+    import faulthandler
+
+    from .engine.dist import shutdown_distributed
     from .errors import USER_ERRORS, NonFiniteLoss, Preempted
 
+    # A rank killed by a fatal signal (a segfault, a C++ std::terminate) prints every thread's Python stack, not
+    # only the launcher's 'return code = -6'.
+    if not faulthandler.is_enabled():
+        faulthandler.enable(all_threads=True)
     try:
-        return body()
+        code = body()
     except USER_ERRORS as e:
         print(f'error: {e}', file=sys.stderr)
         return EXIT_USER_ERROR
@@ -56,7 +63,10 @@ def run_guarded(body: Callable[[], int]) -> int:
         return EXIT_NONFINITE
     except Preempted as e:
         print(f'preempted: {e}', file=sys.stderr)
-        return EXIT_PREEMPTED
+        code = EXIT_PREEMPTED
+    # every rank ends a finished or preempted run together (the stop is agreed at a step boundary)
+    shutdown_distributed()
+    return code
 
 
 def add_classifier_arguments(parser: argparse.ArgumentParser) -> None:

@@ -35,17 +35,18 @@ ARGS = TINY + [
 ]
 
 
-def _ds(tmp, name, ranks, stage, accum):
-    return write_ds(tmp, name, zero_optimization={'stage': stage}, gradient_accumulation_steps=accum)
+def _ds(tmp, name, ranks, stage, accum, zero=None):
+    zero = {'stage': stage, **(zero or {})}
+    return write_ds(tmp, name, zero_optimization=zero, gradient_accumulation_steps=accum)
 
 
-def _run(tmp, name, ranks, stage, accum, run_dir, extra=(), record='', expect_ok=True):
+def _run(tmp, name, ranks, stage, accum, run_dir, extra=(), record='', expect_ok=True, zero=None):
     out = tmp / f'{name}.pt'
     proc = run_deepspeed(
         [
             'tests/dist_scripts/elastic_probe.py',
             '--deepspeed_config',
-            _ds(tmp, f'{name}.json', ranks, stage, accum),
+            _ds(tmp, f'{name}.json', ranks, stage, accum, zero),
             '--out',
             str(out),
             '--record',
@@ -86,6 +87,16 @@ def _assert_equal(resumed: dict, saved: dict) -> None:
     assert [wd for _, wd in resumed['groups']] == [wd for _, wd in saved['groups']]
 
 
+def _assert_compact(folder: Path) -> None:
+    """Each parameter's file holds that tensor, not the whole flat buffer it is a view of (the target branch
+    under CMAE's flat EMA), which made a ViT-B checkpoint's universal form 24x its size."""
+    files = list((folder / 'zero').glob('target_encoder.*/fp32.pt'))
+    assert files
+    for f in files:
+        tensor = torch.load(f, weights_only=False)['param']
+        assert f.stat().st_size < tensor.numel() * tensor.element_size() + 4096, f
+
+
 @pytest.mark.slow
 @pytest.mark.dist
 def test_two_ranks_to_one_with_accumulation_resumes_everything(chain):
@@ -96,6 +107,7 @@ def test_two_ranks_to_one_with_accumulation_resumes_everything(chain):
     assert (tmp / 'B' / 'checkpoints' / 'step_00000002' / 'universal' / 'source.json').is_file()
     assert (tmp / 'B' / 'checkpoints' / 'step_00000002' / 'zero_pp_rank_1_mp_rank_00_optim_states.pt').is_file()
     assert b['start'] == 2
+    _assert_compact(tmp / 'B' / 'checkpoints' / 'step_00000002' / 'universal')
     _assert_equal(b[2], a[2])
     assert a[2]['adam_step'] == [2.0]
     # CMAE on another split computes another step (see the MAE continuation test below): only the count here.
@@ -137,6 +149,19 @@ def test_zero3_to_zero1_on_one_rank(tmp_path):
     proc, z1 = _run(tmp_path, 'Z1', 1, 1, 2, tmp_path / 'Z1', ['train.max_steps=1'])
     assert 'ZeRO-3, resumed on 1 rank(s)' in proc.stdout + proc.stderr
     _assert_equal(z1[2], z3[2])
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_zero2_on_two_ranks_to_zero3_with_optimizer_offload_on_one(chain, tmp_path):
+    """The universal form loads into an optimizer offloaded to the CPU (DeepSpeed keeps its fp32 weights and
+    moments there) with nothing reset."""
+    tmp, runs = chain
+    _copy_checkpoint(tmp / 'A', 'step_00000002', tmp_path / 'O')
+    offload = {'offload_optimizer': {'device': 'cpu'}}
+    proc, o = _run(tmp_path, 'O', 1, 3, 2, tmp_path / 'O', ['train.max_steps=1'], zero=offload)
+    assert 'ZeRO-2, resumed on 1 rank(s)' in proc.stdout + proc.stderr
+    _assert_equal(o[2], runs['A'][1][2])
 
 
 @pytest.fixture(scope='module')
@@ -226,6 +251,85 @@ def test_zero3_resumed_on_zero3_continues_like_the_uninterrupted_run(tmp_path, i
     _assert_equal(b[2], a[2])
     _assert_continues(b[4], a[4], a[2], ('online', 'target'), 'CMAE ZeRO-3 -> ZeRO-3')
     assert b[4]['adam_step'] == [4.0]
+
+
+def _classify(tmp: Path, name: str, task: str, layout: tuple, run_dir: Path, images: Path, pretrained, *extra, ok=True):
+    """A fine-tuning or probing run through launch/finetune.py (tests/dist_scripts/classifier_elastic_probe.py
+    records its state at each save and right after a resume); layout = (ranks, stage, accum)."""
+    ranks, stage, accum = layout
+    out = tmp / f'{name}.pt'
+    ds = {'zero_optimization': {'stage': stage}, 'gradient_accumulation_steps': accum}
+    if task == 'linprobe' and stage:
+        ds['zero_allow_untested_optimizer'] = True
+    cmd = ['tests/dist_scripts/classifier_elastic_probe.py', f'--probe-out={out}']
+    cmd += ['--linear-probe', '--config', 'linprobe_vit_base'] if task == 'linprobe' else ['--config', 'finetune_debug']
+    cmd += ['--deepspeed_config', write_ds(tmp, f'{name}.json', **ds), 'model.size=debug', 'model.img_size=32']
+    cmd += ['model.patch_size=8', f'{task}.pretrained={pretrained}', f'{task}.output_dir={run_dir}']
+    for part in ('data', 'val_data'):
+        cmd += [f'{part}.source=folder', f'{part}.root={images}', f'{part}.pipeline=torch', f'{part}.num_workers=0']
+    cmd += [f'{task}.{k}' for k in ('progress_bar=false', 'epochs=4', 'warmup_epochs=1', 'num_classes=2')]
+    cmd += [f'{task}.save_every_steps=2', f'{task}.keep_last=0', f'{task}.eval_every_epochs=0', *extra]
+    proc = run_deepspeed(cmd, num_gpus=ranks)
+    assert (proc.returncode == 0) == ok, tail(proc)
+    return proc, (torch.load(out, weights_only=False) if ok else None)
+
+
+def _assert_classifier_equal(resumed: dict, saved: dict) -> None:
+    for part in ('weights', 'buffers'):
+        assert resumed[part].keys() == saved[part].keys()
+        for name, value in saved[part].items():
+            assert torch.equal(resumed[part][name], value), f'{part} {name}'
+    for name, states in saved['optim'].items():
+        assert states and resumed['optim'][name].keys() == states.keys(), name
+        for key, value in states.items():
+            assert torch.equal(resumed['optim'][name][key], value), f'{name} {key}'
+    assert resumed['groups'] == saved['groups']
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_finetuning_resumes_on_one_rank_and_probing_on_two(chain, tmp_path, images):
+    """Fine-tuning (AdamW, layer-decay groups) from 2 ranks ZeRO-2 to 1 rank x accumulation 2 through the
+    universal form; probing (LARS, the default ZeRO-0, whose files hold the whole optimizer state) from 1 rank x
+    accumulation 2 to 2 ranks. Everything the optimizer holds is equal right after the resume."""
+    pretrained = chain[0] / 'A'
+    _, ft = _classify(tmp_path, 'FT', 'finetune', (2, 2, 1), tmp_path / 'FT', images, 'none', 'finetune.max_steps=2')
+    _copy_checkpoint(tmp_path / 'FT', 'step_00000002', tmp_path / 'FT1')
+    proc, ft1 = _classify(
+        tmp_path, 'FT1', 'finetune', (1, 2, 2), tmp_path / 'FT1', images, 'none', 'finetune.max_steps=1'
+    )
+    assert 'resumed on 1 rank(s)' in proc.stdout + proc.stderr
+    progress, state = ft1['resumed']
+    assert progress['step'] == 2 and progress['batch_in_epoch'] == 4  # 16 images = 4 micro-batches of 4 on 1 rank
+    _assert_classifier_equal(state, ft[2])
+
+    _, lp = _classify(
+        tmp_path, 'LP', 'linprobe', (1, 0, 2), tmp_path / 'LP', images, pretrained, 'linprobe.max_steps=2'
+    )
+    _copy_checkpoint(tmp_path / 'LP', 'step_00000002', tmp_path / 'LP2')
+    _, lp2 = _classify(
+        tmp_path, 'LP2', 'linprobe', (2, 0, 1), tmp_path / 'LP2', images, pretrained, 'linprobe.max_steps=1'
+    )
+    progress, state = lp2['resumed']
+    assert progress['step'] == 2 and progress['batch_in_epoch'] == 2
+    assert any('mu' in s for s in lp[2]['optim'].values())  # LARS momentum
+    _assert_classifier_equal(state, lp[2])
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_probe_under_zero_on_another_layout_is_refused_not_reset(chain, tmp_path, images):
+    """The universal format has no slot for LARS momentum: moving a ZeRO-2 probe to 1 rank stops with one line
+    instead of silently zeroing it."""
+    pretrained, layout = chain[0] / 'A', (2, 2, 1)
+    _classify(tmp_path, 'LZ', 'linprobe', layout, tmp_path / 'LZ', images, pretrained, 'linprobe.max_steps=2')
+    _copy_checkpoint(tmp_path / 'LZ', 'step_00000002', tmp_path / 'LZ1')
+    proc, _ = _classify(
+        tmp_path, 'LZ1', 'linprobe', (1, 2, 2), tmp_path / 'LZ1', images, pretrained, 'linprobe.max_steps=1', ok=False
+    )
+    assert proc.returncode == 2
+    assert 'resuming a LARS run on another layout is not supported' in proc.stderr
+    assert 'Traceback' not in proc.stderr
 
 
 @pytest.mark.slow

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -31,6 +34,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_own_env = False  # whether this process made up its own one-rank environment
+
+
 def setup_distributed(timeout_s: Optional[float] = None) -> DistContext:
     """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on the CPU).
 
@@ -40,7 +46,9 @@ def setup_distributed(timeout_s: Optional[float] = None) -> DistContext:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    if 'RANK' not in os.environ:
+    global _own_env
+    if _own_env or 'RANK' not in os.environ:  # a fresh port after shutdown_distributed: the old may linger
+        _own_env = True
         os.environ.update(
             RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(_free_port())
         )
@@ -49,6 +57,8 @@ def setup_distributed(timeout_s: Optional[float] = None) -> DistContext:
     if not torch.distributed.is_initialized():
         kw = {} if timeout_s is None else {'timeout': timedelta(seconds=timeout_s)}
         deepspeed.init_distributed(dist_backend=backend, **kw)
+        atexit.register(_destroy_gloo_group)
+        _unlink_shm_names()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
     if accel.device_name() == 'cuda':
@@ -58,6 +68,46 @@ def setup_distributed(timeout_s: Optional[float] = None) -> DistContext:
         device = torch.device('cpu')
     size_torch_threads(device)  # intra-op threads sized to this rank's cores (cmae_ds/data/threads.py)
     return DistContext(rank, world, local_rank, device)
+
+
+SHM_DIR = Path('/dev/shm')
+
+
+def shm_segment(rank: int) -> Path:
+    """DeepSpeed's CPU communication op: one segment per rank in /dev/shm, named after the master address, port and
+    the rank (deepspeed/ops/csrc/cpu/comm/shm.cpp)."""
+    addr, port = os.environ.get('MASTER_ADDR', ''), os.environ.get('MASTER_PORT', '')
+    return SHM_DIR / f'deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}'
+
+
+def _unlink_shm_names() -> None:
+    """DeepSpeed never unlinks its shared-memory segments: every CPU run left 69 MB per rank in /dev/shm, which is
+    RAM (seen here: 22 GB after a few hundred test runs, the machine swapping and runs timing out). Once every
+    rank has mapped every segment (init_distributed waits for that), the names can go: the memory lives on while
+    mapped and is freed when the last rank exits, however it exits."""
+    if torch.distributed.get_backend() != 'gloo':  # the same answer on every rank: all or none wait here
+        return
+    torch.distributed.barrier()
+    shm_segment(torch.distributed.get_rank()).unlink(missing_ok=True)
+
+
+def shutdown_distributed() -> None:
+    """Release the engine and destroy the process groups while the interpreter is whole. Left to interpreter
+    finalization, a gloo worker thread released the last collective's tensors after Python had started tearing
+    down, could not take the GIL, and the rank died of SIGABRT after its work was done ('terminate called without
+    an active exception'; pytorch/pytorch#190489): seen here in 4 of 19 pytest runs of tests/test_elastic.py.
+    The collection first: DeepSpeed's engine sits in reference cycles, and its teardown belongs before the groups'.
+    Under NCCL every rank must get here together (its teardown talks to the peers): call it where all do."""
+    gc.collect()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    gc.collect()
+
+
+def _destroy_gloo_group() -> None:
+    """At exit, whatever the path: gloo's teardown is local (NCCL's is left to shutdown_distributed's callers)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == 'gloo':
+        shutdown_distributed()
 
 
 def barrier() -> None:
