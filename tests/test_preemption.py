@@ -275,7 +275,9 @@ def test_ranks_do_not_outlive_the_deepspeed_launcher(tmp_path, folder):
         p.kill()
     assert not alive, 'ranks outlived their launcher'
     note = json.loads((tmp_path / 'run' / 'preempted.json').read_text())
-    assert set(note['ranks']) == {'0', '1'} and 'launcher process' in note['reason'], note
+    # each rank notices on its own clock: the one that noticed first starts the agreed stop, the other may
+    # join as its peer before its own check comes round
+    assert note['ranks'] and all('launcher process' in why for why in note['ranks'].values()), note
     ckpts = tmp_path / 'run' / 'checkpoints'
     assert (ckpts / (ckpts / 'latest').read_text() / 'complete.json').exists()
 

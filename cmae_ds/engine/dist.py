@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import os
+import signal
 import socket
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -71,6 +74,7 @@ def setup_distributed(timeout_s: Optional[float] = None) -> DistContext:
 
 
 SHM_DIR = Path('/dev/shm')
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
 
 
 def shm_segment(rank: int) -> Path:
@@ -98,10 +102,30 @@ def shutdown_distributed() -> None:
     an active exception'; pytorch/pytorch#190489): seen here in 4 of 19 pytest runs of tests/test_elastic.py.
     The collection first: DeepSpeed's engine sits in reference cycles, and its teardown belongs before the groups'.
     Under NCCL every rank must get here together (its teardown talks to the peers): call it where all do."""
-    gc.collect()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    gc.collect()
+    with _signals_held():
+        gc.collect()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        gc.collect()
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """A late Ctrl-C or SIGTERM (the run's own handlers are gone by now) raised inside a Python callback of the C++
+    teardown and ended in std::terminate (exit -6 instead of -2). Recorded here, then delivered once the
+    teardown is over, so that it ends the process as it would have."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = {s: signal.signal(s, lambda n, _: caught.append(n)) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for n in caught:
+            signal.raise_signal(n)
 
 
 def _destroy_gloo_group() -> None:
