@@ -14,11 +14,13 @@ MAE computes the same step on another split), CMAE from ZeRO-2 to ZeRO-3, and CM
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from cmae_ds.config import ConfigError, load_config
+from cmae_ds.engine import elastic
 from cmae_ds.engine.elastic import Layout, carry_position, check_model_config, needs_universal
 
 from data_helpers import random_jpegs
@@ -95,6 +97,19 @@ def _assert_compact(folder: Path) -> None:
     for f in files:
         tensor = torch.load(f, weights_only=False)['param']
         assert f.stat().st_size < tensor.numel() * tensor.element_size() + 4096, f
+
+
+def test_conversion_saves_views_without_their_buffer(tmp_path):
+    """What ds_to_universal writes per parameter (torch.save of a view of a flat buffer) holds that view only."""
+    flat = torch.zeros(100_000)
+    module = SimpleNamespace(torch=torch)
+    with elastic._compact_saves(module):
+        module.torch.save({'param': flat[:10]}, tmp_path / 'view.pt')
+        assert module.torch.zeros(2).tolist() == [0.0, 0.0]  # everything else is torch's own
+    assert module.torch is torch
+    assert (tmp_path / 'view.pt').stat().st_size < 4096
+    torch.save({'param': flat[:10]}, tmp_path / 'plain.pt')
+    assert (tmp_path / 'plain.pt').stat().st_size > 400_000  # what it was before
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ image, and the step count is renumbered so that the lr and momentum schedules ke
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -203,9 +204,12 @@ def _ds_to_universal(src: Path, dst: Path, workers: int) -> None:
 def _compact(obj):
     if torch.is_tensor(obj) and obj.untyped_storage().nbytes() > obj.numel() * obj.element_size():
         return obj.clone()
-    if isinstance(obj, dict):
-        return {k: _compact(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
+    if isinstance(obj, dict):  # a shallow copy keeps the mapping's own type (OrderedDict, defaultdict)
+        out = copy.copy(obj)
+        for k, v in out.items():
+            out[k] = _compact(v)
+        return out
+    if type(obj) in (list, tuple):  # torch.Size and named tuples hold no tensors
         return type(obj)(_compact(v) for v in obj)
     return obj
 
