@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from ..data.threads import size_torch_threads
+from .preemption import SIGNALS
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ def setup_distributed(timeout_s: Optional[float] = None) -> DistContext:
     if not torch.distributed.is_initialized():
         kw = {} if timeout_s is None else {'timeout': timedelta(seconds=timeout_s)}
         deepspeed.init_distributed(dist_backend=backend, **kw)
+        atexit.unregister(_destroy_gloo_group)  # once per process, however often a group is set up
         atexit.register(_destroy_gloo_group)
         _unlink_shm_names()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -74,10 +76,9 @@ def setup_distributed(timeout_s: Optional[float] = None) -> DistContext:
 
 
 SHM_DIR = Path('/dev/shm')
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
 
 
-def shm_segment(rank: int) -> Path:
+def _shm_segment(rank: int) -> Path:
     """DeepSpeed's CPU communication op: one segment per rank in /dev/shm, named after the master address, port and
     the rank (deepspeed/ops/csrc/cpu/comm/shm.cpp)."""
     addr, port = os.environ.get('MASTER_ADDR', ''), os.environ.get('MASTER_PORT', '')
@@ -92,7 +93,7 @@ def _unlink_shm_names() -> None:
     if torch.distributed.get_backend() != 'gloo':  # the same answer on every rank: all or none wait here
         return
     torch.distributed.barrier()
-    shm_segment(torch.distributed.get_rank()).unlink(missing_ok=True)
+    _shm_segment(torch.distributed.get_rank()).unlink(missing_ok=True)
 
 
 def shutdown_distributed() -> None:
@@ -118,7 +119,7 @@ def _signals_held():
         yield
         return
     caught = []
-    previous = {s: signal.signal(s, lambda n, _: caught.append(n)) for s in STOP_SIGNALS}
+    previous = {s: signal.signal(s, lambda n, _: caught.append(n)) for s in SIGNALS}
     try:
         yield
     finally:
