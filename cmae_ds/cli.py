@@ -69,6 +69,20 @@ def run_guarded(body: Callable[[], int]) -> int:
     return code
 
 
+def exit_process(code: int) -> None:
+    """End a training process without interpreter finalization, after the exit handlers (the process-group
+    teardown among them) have run: gloo's worker threads could still release tensors during finalization, and the
+    rank died of SIGABRT after a finished or preempted run (pytorch/pytorch#190489; seen in a CI-style run here
+    even after the teardown). Everything a run writes is closed by then."""
+    import atexit
+    import os
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def add_classifier_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of fine-tuning and linear probing."""
     parser.add_argument(

@@ -12,9 +12,8 @@ The run folder gets model_best.pt and model_last.pt for launch/evaluate.py; see 
 """
 
 import argparse
-import sys
 
-from cmae_ds.cli import add_classifier_arguments, run_classifier, run_guarded
+from cmae_ds.cli import add_classifier_arguments, exit_process, run_classifier, run_guarded
 
 
 def parse(argv=None):
@@ -36,4 +35,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    exit_process(main())

@@ -8,9 +8,8 @@ See docs/finetune.md.
 """
 
 import argparse
-import sys
 
-from cmae_ds.cli import add_classifier_arguments, run_classifier, run_guarded
+from cmae_ds.cli import add_classifier_arguments, exit_process, run_classifier, run_guarded
 
 
 def parse(argv=None):
@@ -25,4 +24,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    exit_process(main())

@@ -10,10 +10,9 @@ Trailing `section.key=value` arguments override any config field (values are par
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-from cmae_ds.cli import add_run_arguments, run_guarded
+from cmae_ds.cli import add_run_arguments, exit_process, run_guarded
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,4 +76,4 @@ def run(args) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    exit_process(main())

@@ -4,6 +4,7 @@ classifier's full state (trained weights, optimizer state, buffers, group settin
 right after a resume.
 """
 
+import atexit
 import os
 import runpy
 import sys
@@ -70,11 +71,9 @@ def main():
 
     elastic.resume, checkpointing.Checkpointer.save = recording_resume, recording_save
     sys.argv[0] = str(ROOT / 'launch' / 'finetune.py')
-    try:
-        runpy.run_path(sys.argv[0], run_name='__main__')
-    finally:
-        if os.environ.get('RANK', '0') == '0':
-            torch.save(seen, out)
+    if os.environ.get('RANK', '0') == '0':  # the script ends through its exit handlers (cli.exit_process)
+        atexit.register(lambda: torch.save(seen, out))
+    runpy.run_path(sys.argv[0], run_name='__main__')
 
 
 if __name__ == '__main__':
