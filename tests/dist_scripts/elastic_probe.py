@@ -13,6 +13,7 @@ import hashlib
 import torch
 import torch.distributed as dist
 
+from cmae_ds.cli import exit_process
 from cmae_ds.config import load_config
 from cmae_ds.engine.pretrain import train
 from cmae_ds.models import CMAE
@@ -87,3 +88,4 @@ def main():
 
 if __name__ == '__main__':
     main()
+    exit_process(0)  # like the launch scripts: no interpreter finalization with gloo threads alive
