@@ -28,6 +28,7 @@ from ..output_dir import OutputWriteError, is_write_failure, remove_partial, wri
 from ..safe_load import CheckpointError, checked_deepspeed_loads, load_checkpoint_file, scan_folder
 from .checkpoint_verify import CHECKSUM, MARKER, check_tag, checksums, sizes
 from .dist import barrier, gather_objects, rank_world
+from .elastic_zero0 import names_entry
 
 POINTER = 'latest'
 
@@ -201,7 +202,8 @@ def save(
         (tag_dir / MARKER).unlink(missing_ok=True)
         shutil.rmtree(tag_dir, ignore_errors=True)
     barrier()
-    error = _write_rank_files(engine, ckpt_dir, tag, {**client_state, 'layout': layout}, rank_state)
+    client_state = {**client_state, 'layout': layout, **names_entry(engine)}
+    error = _write_rank_files(engine, ckpt_dir, tag, client_state, rank_state)
     # every rank's files are on disk (or one failed) before the checkpoint is declared complete
     _stop_if_failed(gather_objects(error), ckpt_dir, tag, is_main)
     files = checksums(tag_dir, gather_objects(sizes(tag_dir)))

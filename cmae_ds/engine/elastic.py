@@ -3,7 +3,9 @@
 DeepSpeed's own checkpoints hold each rank's shard of the optimizer and reopen only on the world size and ZeRO
 stage that wrote them. When either differs, the checkpoint is converted once to DeepSpeed's universal format (one
 folder per parameter: fp32 weights, Adam moments, step), cached as <tag>/universal beside the original files, and
-loaded with `load_universal`. That path restores only what the optimizer holds, so afterwards:
+loaded with `load_universal`. DeepSpeed converts and loads ZeRO 1-3 only; a ZeRO-0 side (the whole optimizer in
+every rank's file) is written and read by engine/elastic_zero0.py. That path restores only what the optimizer
+holds, so afterwards:
 - the target branch (EMA, outside DeepSpeed) and the module buffers (fixed pos-embeds, BatchNorm statistics) are
   copied from the module state saved in the checkpoint;
 - every optimizer group gets back its own hyperparameters (ZeRO-3's universal load copies group 0's weight decay
@@ -32,6 +34,7 @@ import torch
 
 from ..config import ConfigError
 from ..safe_load import checked_deepspeed_loads, load_checkpoint_file, scan_folder
+from . import elastic_zero0
 from .checkpointing import MARKER, engine_layout, read_marker
 from .dist import barrier
 
@@ -115,18 +118,12 @@ def check_model_config(saved: Optional[dict], model_cfg, where: str) -> None:
 
 
 def needs_universal(saved: Layout, now: Layout, where: str) -> bool:
-    """Whether DeepSpeed's own files cannot be loaded as they are; raises where no conversion exists."""
+    """Whether DeepSpeed's own files cannot be loaded as they are (then the checkpoint goes through its universal
+    form; engine/elastic_zero0.py writes and reads that form on a ZeRO-0 side)."""
     if (saved.zero_stage, saved.world_size) == (now.zero_stage, now.world_size):
         return False
     if saved.zero_stage == 0 and now.zero_stage == 0:  # every rank saved and loads the whole optimizer state
         return False
-    if 0 in (saved.zero_stage, now.zero_stage):
-        raise ConfigError(
-            f'{where} was written with ZeRO-{saved.zero_stage} on {saved.world_size} rank(s); '
-            f"resuming it with ZeRO-{now.zero_stage} on {now.world_size} is not supported: DeepSpeed's "
-            'universal checkpoints need a ZeRO optimizer (stage 1-3) on both sides; resume with '
-            f'ZeRO-{saved.zero_stage} (any number of ranks when it is 0), or use stage 1-3 for both'
-        )
     _check_deepspeed_version()
     return True
 
@@ -165,8 +162,16 @@ def convert(tag_dir: Path, workers: int = 1) -> Path:
         # DeepSpeed's reader walks the folder recursively: a leftover copy of the model states would be read too
         shutil.rmtree(stale, ignore_errors=True)
     tmp = tag_dir / f'.{UNIVERSAL}.{os.getpid()}'
-    _ds_to_universal(tag_dir, tmp, workers)
-    (tag_dir / 'latest_universal').unlink(missing_ok=True)  # ds_to_universal points its parent folder at tmp
+    states = _open_states(_model_states_file(tag_dir))
+    if elastic_zero0.is_zero0(states):  # DeepSpeed's converter reads ZeRO 1-3 shards only
+        try:
+            elastic_zero0.write_universal(states, tag_dir, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    else:
+        _ds_to_universal(tag_dir, tmp, workers)
+        (tag_dir / 'latest_universal').unlink(missing_ok=True)  # ds_to_universal points its parent folder at tmp
     _add_model_states_names(tmp)
     _serve_every_stage(tmp / 'zero')
     shutil.copyfile(tag_dir / MARKER, tmp / SOURCE)
@@ -420,7 +425,12 @@ def resume(
     if needs_universal(saved, now, str(where)):
         _check_adam_state(engine, saved, where)
         folder = ensure_universal(where, is_main)
-        state = load_universal(engine, model, folder, trust)
+        if now.zero_stage == 0:
+            states = _open_states(_model_states_file(folder), trust)
+            state = elastic_zero0.load_universal(engine, folder, states, trust)
+            restore_unoptimized_state(model, states['module'], folder)
+        else:
+            state = load_universal(engine, model, folder, trust)
         _say(
             is_main,
             f'{where}: written by {saved.describe()}, resumed on {now.describe()} through its universal form {folder}',

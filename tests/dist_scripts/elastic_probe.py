@@ -33,22 +33,49 @@ def forward_with_image_masks(self, img, img_target=None, mask=None, generator=No
     return _forward(self, img, img_target, mask=mask)
 
 
-def full_state(engine, model) -> dict:
-    """Collective under ZeRO-3 (gathers)."""
+def zero0_state(engine, named) -> tuple[dict, dict, dict]:
+    """(fp32 weights, exp_avg, exp_avg_sq) by name of a ZeRO-0 engine: fp32 runs step the parameters themselves,
+    bf16 runs on the CPU (FP16_UnfusedOptimizer) an fp32 copy of each."""
+    opt = engine.optimizer
+    masters = {}
+    if hasattr(opt, 'fp32_groups'):
+        for lp_group, fp32_group in zip(opt.fp16_groups, opt.fp32_groups):
+            masters.update({id(lp): fp32 for lp, fp32 in zip(lp_group, fp32_group)})
+    base = getattr(opt, 'optimizer', opt)
+    master = {n: masters.get(id(p), p) for n, p in named}
+    online = {n: m.detach().float().clone() for n, m in master.items()}
+    moments = ({n: base.state[m][key].clone() for n, m in master.items()} for key in ('exp_avg', 'exp_avg_sq'))
+    return online, *moments
+
+
+def zero_state(engine, named) -> tuple[dict, dict, dict]:
+    """The same under ZeRO 1-3 (collective under ZeRO-3: gathers)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    named = list(model.named_parameters())
-    target = getattr(model, 'target', None)  # MAE mode has no target branch
     opt = engine.optimizer
     if hasattr(opt, 'single_partition_of_fp32_groups'):  # ZeRO-1/2 link moments to parameters lazily
         from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 
         for group, flat in zip(opt.bit16_groups, opt.single_partition_of_fp32_groups):
             lazy_init_hp_params_optimizer_state(group, flat, opt.optimizer.state)
+    online = {n: safe_get_full_fp32_param(p).clone() for n, p in named}
+    keys = ('exp_avg', 'exp_avg_sq')
+    moments = ({n: safe_get_full_optimizer_state(p, key).clone() for n, p in named} for key in keys)
+    return online, *moments
+
+
+def full_state(engine, model) -> dict:
+    """Collective under ZeRO-3 (gathers)."""
+    named = list(model.named_parameters())
+    if engine.zero_optimization_stage() == 0:
+        online, exp_avg, exp_avg_sq = zero0_state(engine, named)
+    else:
+        online, exp_avg, exp_avg_sq = zero_state(engine, named)
+    target = getattr(model, 'target', None)  # MAE mode has no target branch
     out = {
-        'online': {n: safe_get_full_fp32_param(p).clone() for n, p in named},
-        'exp_avg': {n: safe_get_full_optimizer_state(p, 'exp_avg').clone() for n, p in named},
-        'exp_avg_sq': {n: safe_get_full_optimizer_state(p, 'exp_avg_sq').clone() for n, p in named},
+        'online': online,
+        'exp_avg': exp_avg,
+        'exp_avg_sq': exp_avg_sq,
         'target': {n: t.detach().clone() for n, t in target.state_dict().items()} if target is not None else {},
         'buffers': {n: b.detach().clone() for n, b in model.named_buffers()},
     }
