@@ -207,7 +207,7 @@ def validate(ds: dict, cfg: Optional[Config], world_size: int, *, path: str) -> 
     _check_typos(ds, KNOWN_TOP_LEVEL, '', path)
     _check_owned_sections(ds, path)
     micro, accum, global_batch = _resolve_batch(ds, world_size, path)
-    precision = _resolve_precision(ds, path)
+    precision = resolve_precision(ds, path)
     stage, offload = _resolve_zero(ds, path)
     _check_clipping(ds, path)
     if cfg is not None:
@@ -343,7 +343,8 @@ def _enabled(ds: dict, key: str, path: str) -> bool:
     return enabled
 
 
-def _resolve_precision(ds: dict, path: str) -> str:
+def resolve_precision(ds: dict, path: str) -> str:
+    """'bf16', 'fp16' or 'fp32' from a DeepSpeed config (also the one a checkpoint carries)."""
     if 'bf16' in ds and 'bfloat16' in ds:
         raise ConfigError(f'{path}: both "bf16" and its old name "bfloat16" are present; keep only "bf16"')
     if 'amp' in ds:

@@ -134,12 +134,18 @@ def test_two_ranks_to_one_with_accumulation_resumes_everything(chain):
 def test_one_rank_to_two_and_zero2_to_zero3(chain):
     tmp, runs = chain
     (proc, c), (_, b) = runs['C'], runs['B']
-    assert 'ZeRO-2, resumed on 2 rank(s)' in proc.stdout + proc.stderr
+    assert 'ZeRO-2 fp32, resumed on 2 rank(s)' in proc.stdout + proc.stderr
     _assert_equal(c[4], b[4])
     # rank 1 had no RNG file in a 1-rank checkpoint: reseeded, and its own file is written now
     assert (tmp / 'C' / 'checkpoints' / 'step_00000006' / 'rank_state_00001.pt').is_file()
     marker = json.loads((tmp / 'C' / 'checkpoints' / 'step_00000006' / 'complete.json').read_text())
-    assert marker['layout'] == {'world_size': 2, 'zero_stage': 3, 'micro_batch': 4, 'grad_accum': 1}
+    assert marker['layout'] == {
+        'world_size': 2,
+        'zero_stage': 3,
+        'micro_batch': 4,
+        'grad_accum': 1,
+        'precision': 'fp32',
+    }
 
 
 @pytest.mark.slow
@@ -162,7 +168,7 @@ def test_zero3_to_zero1_on_one_rank(tmp_path):
     _, z3 = _run(tmp_path, 'Z3', 2, 3, 1, tmp_path / 'Z3', ['train.max_steps=2'], record='2')
     _copy_checkpoint(tmp_path / 'Z3', 'step_00000002', tmp_path / 'Z1')
     proc, z1 = _run(tmp_path, 'Z1', 1, 1, 2, tmp_path / 'Z1', ['train.max_steps=1'])
-    assert 'ZeRO-3, resumed on 1 rank(s)' in proc.stdout + proc.stderr
+    assert 'ZeRO-3 fp32, resumed on 1 rank(s)' in proc.stdout + proc.stderr
     _assert_equal(z1[2], z3[2])
 
 
@@ -175,7 +181,7 @@ def test_zero2_on_two_ranks_to_zero3_with_optimizer_offload_on_one(chain, tmp_pa
     _copy_checkpoint(tmp / 'A', 'step_00000002', tmp_path / 'O')
     offload = {'offload_optimizer': {'device': 'cpu'}}
     proc, o = _run(tmp_path, 'O', 1, 3, 2, tmp_path / 'O', ['train.max_steps=1'], zero=offload)
-    assert 'ZeRO-2, resumed on 1 rank(s)' in proc.stdout + proc.stderr
+    assert 'ZeRO-2 fp32, resumed on 1 rank(s)' in proc.stdout + proc.stderr
     _assert_equal(o[2], runs['A'][1][2])
 
 
@@ -194,14 +200,37 @@ def test_zero0_moves_to_a_zero_stage_on_two_ranks_and_back(tmp_path, precision, 
         assert proc.returncode == 0 and 'step_00000002/universal' in proc.stdout, tail(proc)
     _copy_checkpoint(tmp_path / 'Z0', 'step_00000002', tmp_path / 'ZK')
     proc, zk = _run(tmp_path, 'ZK', 2, stage, 1, tmp_path / 'ZK', ['train.max_steps=2'], record='4', ds=ds)
-    assert f'ZeRO-0, resumed on 2 rank(s) x micro 4 x accumulation 1 (global 8), ZeRO-{stage}' in proc.stdout
+    assert (
+        f'ZeRO-0 {precision}, resumed on 2 rank(s) x micro 4 x accumulation 1 (global 8), ZeRO-{stage}' in proc.stdout
+    )
     assert (tmp_path / 'ZK' / 'checkpoints' / 'step_00000002' / 'universal' / 'source.json').is_file()
     _assert_equal(zk[2], z0[2])
     _copy_checkpoint(tmp_path / 'ZK', 'step_00000004', tmp_path / 'Z0B')
     proc, back = _run(tmp_path, 'Z0B', 1, 0, 2, tmp_path / 'Z0B', ['train.max_steps=1'], ds=ds)
-    assert f'ZeRO-{stage}, resumed on 1 rank(s) x micro 4 x accumulation 2 (global 8), ZeRO-0' in proc.stdout
+    assert (
+        f'ZeRO-{stage} {precision}, resumed on 1 rank(s) x micro 4 x accumulation 2 (global 8), ZeRO-0' in proc.stdout
+    )
     _assert_equal(back[4], zk[4])
     assert zk[4]['adam_step'] == [s + 2 for s in z0[2]['adam_step']]
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_another_precision_goes_through_the_universal_form(chain, tmp_path):
+    """DeepSpeed reopens its files only in the precision that wrote them (an fp32 ZeRO-0 checkpoint resumed in bf16
+    ended in a KeyError inside its fp16 optimizer; ZeRO-2 looked for shards named after bf16): fp32 -> bf16 with
+    the same ranks and stage, on ZeRO-2 and on ZeRO-0, goes through the universal form with nothing reset."""
+    tmp, runs = chain
+    bf16 = {'bf16': {'enabled': True}}
+    _copy_checkpoint(tmp / 'A', 'step_00000002', tmp_path / 'P2')
+    proc, p2 = _run(tmp_path, 'P2', 2, 2, 1, tmp_path / 'P2', ['train.max_steps=1'], ds=bf16)
+    assert 'ZeRO-2 fp32, resumed on 2 rank(s) x micro 4 x accumulation 1 (global 8), ZeRO-2 bf16' in proc.stdout
+    _assert_equal(p2[2], runs['A'][1][2])
+    _, z0 = _run(tmp_path, 'Z0', 1, 0, 1, tmp_path / 'Z0', ['train.max_steps=2'], record='2')
+    _copy_checkpoint(tmp_path / 'Z0', 'step_00000002', tmp_path / 'P0')
+    proc, p0 = _run(tmp_path, 'P0', 1, 0, 1, tmp_path / 'P0', ['train.max_steps=1'], ds=bf16)
+    assert 'ZeRO-0 fp32, resumed on 1 rank(s) x micro 4 x accumulation 1 (global 4), ZeRO-0 bf16' in proc.stdout
+    _assert_equal(p0[2], z0[2])
 
 
 @pytest.fixture(scope='module')
@@ -412,6 +441,8 @@ def test_what_needs_a_conversion():
     assert needs_universal(Layout(2, 3, 4, 1), Layout(2, 1, 4, 1), 'x')
     assert needs_universal(Layout(2, 0, 4, 1), Layout(1, 2, 4, 2), 'x')  # engine/elastic_zero0.py: both ways
     assert needs_universal(Layout(2, 3, 4, 1), Layout(2, 0, 4, 1), 'x')
+    assert needs_universal(Layout(2, 0, 4, 1, 'fp32'), Layout(2, 0, 4, 1, 'bf16'), 'x')  # another optimizer form
+    assert not needs_universal(Layout(2, 2, 4, 1, None), Layout(2, 2, 4, 1, 'bf16'), 'x')  # unknown: as before
 
 
 def test_model_mismatch_names_the_fields():

@@ -220,12 +220,13 @@ def save(
 
 
 def engine_layout(engine) -> dict:
-    """How the engine splits the global batch and the optimizer state: what a resume must match or convert."""
+    """How the engine splits the global batch and keeps the optimizer state: what a resume must match or convert."""
     return {
         'world_size': engine.dp_world_size,
         'zero_stage': int(engine.zero_optimization_stage()),
         'micro_batch': engine.train_micro_batch_size_per_gpu(),
         'grad_accum': engine.gradient_accumulation_steps(),
+        'precision': 'bf16' if engine.bfloat16_enabled() else 'fp16' if engine.fp16_enabled() else 'fp32',
     }
 
 

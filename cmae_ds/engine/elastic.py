@@ -1,10 +1,10 @@
 """Resuming a run on another number of ranks or another ZeRO stage (README, "Changing the number of GPUs").
 
-DeepSpeed's own checkpoints hold each rank's shard of the optimizer and reopen only on the world size and ZeRO
-stage that wrote them. When either differs, the checkpoint is converted once to DeepSpeed's universal format (one
-folder per parameter: fp32 weights, Adam moments, step), cached as <tag>/universal beside the original files, and
-loaded with `load_universal`. DeepSpeed converts and loads ZeRO 1-3 only; a ZeRO-0 side (the whole optimizer in
-every rank's file) is written and read by engine/elastic_zero0.py. That path restores only what the optimizer
+DeepSpeed's own checkpoints hold each rank's shard of the optimizer and reopen only on the world size, ZeRO stage
+and precision that wrote them. When one differs, the checkpoint is converted once to DeepSpeed's universal format
+(one folder per parameter: fp32 weights, Adam moments, step), cached as <tag>/universal beside the original files,
+and loaded with `load_universal`. DeepSpeed converts and loads ZeRO 1-3 only; a ZeRO-0 side (the whole optimizer
+in every rank's file) is written and read by engine/elastic_zero0.py. That path restores only what the optimizer
 holds, so afterwards:
 - the target branch (EMA, outside DeepSpeed) and the module buffers (fixed pos-embeds, BatchNorm statistics) are
   copied from the module state saved in the checkpoint;
@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 
 from ..config import ConfigError
+from ..ds_config import resolve_precision
 from ..safe_load import checked_deepspeed_loads, load_checkpoint_file, scan_folder
 from . import elastic_zero0
 from .checkpointing import MARKER, engine_layout, read_marker
@@ -53,6 +54,7 @@ class Layout:
     zero_stage: int
     micro_batch: int
     grad_accum: int
+    precision: Optional[str] = None  # None: a marker written before it was recorded (then read from DeepSpeed's)
 
     @property
     def global_batch(self) -> int:
@@ -65,7 +67,7 @@ class Layout:
     def describe(self) -> str:
         return (
             f'{self.world_size} rank(s) x micro {self.micro_batch} x accumulation {self.grad_accum} '
-            f'(global {self.global_batch}), ZeRO-{self.zero_stage}'
+            f'(global {self.global_batch}), ZeRO-{self.zero_stage}' + (f' {self.precision}' if self.precision else '')
         )
 
 
@@ -86,17 +88,19 @@ def saved_facts(ckpt_dir: Path, tag: str, trust: bool = False) -> tuple[Layout, 
     """(layout, model config) of a checkpoint: from our marker, or, for checkpoints written before the marker
     carried them, from DeepSpeed's states file (its JSON and world size, our client state)."""
     marker = read_marker(ckpt_dir, tag)
-    if 'layout' in marker:
+    if marker.get('layout', {}).get('precision'):
         return Layout(**marker['layout']), marker.get('model')
-    states = _open_states(_model_states_file(ckpt_dir / tag), trust)
+    path = _model_states_file(ckpt_dir / tag)
+    states = _open_states(path, trust)
     ds = states.get('ds_config') or {}
     layout = Layout(
         world_size=int(states['dp_world_size']),
         zero_stage=int(ds.get('zero_optimization', {}).get('stage', 0)),
         micro_batch=int(ds['train_micro_batch_size_per_gpu']),
         grad_accum=int(ds.get('gradient_accumulation_steps', 1)),
+        precision=resolve_precision(ds, str(path)),
     )
-    return layout, (states.get('config') or {}).get('model')
+    return layout, marker.get('model', (states.get('config') or {}).get('model'))
 
 
 def check_model_config(saved: Optional[dict], model_cfg, where: str) -> None:
@@ -120,10 +124,12 @@ def check_model_config(saved: Optional[dict], model_cfg, where: str) -> None:
 def needs_universal(saved: Layout, now: Layout, where: str) -> bool:
     """Whether DeepSpeed's own files cannot be loaded as they are (then the checkpoint goes through its universal
     form; engine/elastic_zero0.py writes and reads that form on a ZeRO-0 side)."""
-    if (saved.zero_stage, saved.world_size) == (now.zero_stage, now.world_size):
+    other_precision = None not in (saved.precision, now.precision) and saved.precision != now.precision
+    # DeepSpeed's loaders expect the optimizer form of their own precision (files named after it, fp32 copies or not)
+    if (saved.zero_stage, saved.world_size) == (now.zero_stage, now.world_size) and not other_precision:
         return False
-    if saved.zero_stage == 0 and now.zero_stage == 0:  # every rank saved and loads the whole optimizer state
-        return False
+    if saved.zero_stage == 0 and now.zero_stage == 0 and not other_precision:
+        return False  # every rank saved and loads the whole optimizer state
     _check_deepspeed_version()
     return True
 
