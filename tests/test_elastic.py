@@ -352,7 +352,7 @@ def _assert_classifier_equal(resumed: dict, saved: dict) -> None:
         assert states and resumed['optim'][name].keys() == states.keys(), name
         for key, value in states.items():
             assert torch.equal(resumed['optim'][name][key], value), f'{name} {key}'
-    assert resumed['groups'] == saved['groups']
+    assert resumed['groups'] == saved['groups'] and resumed['steps'] == saved['steps']
 
 
 @pytest.mark.slow
@@ -383,6 +383,21 @@ def test_finetuning_resumes_on_one_rank_and_probing_on_two(chain, tmp_path, imag
     assert progress['step'] == 2 and progress['batch_in_epoch'] == 2
     assert any('mu' in s for s in lp[2]['optim'].values())  # LARS momentum
     _assert_classifier_equal(state, lp[2])
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_finetuning_moves_from_zero0_on_one_rank_to_zero2_on_two(tmp_path, images):
+    """The ZeRO-0 side with fine-tuning's layer-decay groups (one per depth and decay, each named in the
+    checkpoint): 1 rank x accumulation 2 on ZeRO-0 -> 2 ranks on ZeRO-2, everything equal right after."""
+    _, ft = _classify(tmp_path, 'F0', 'finetune', (1, 0, 2), tmp_path / 'F0', images, 'none', 'finetune.max_steps=2')
+    _copy_checkpoint(tmp_path / 'F0', 'step_00000002', tmp_path / 'F2')
+    proc, f2 = _classify(tmp_path, 'F2', 'finetune', (2, 2, 1), tmp_path / 'F2', images, 'none', 'finetune.max_steps=1')
+    assert 'ZeRO-0 fp32, resumed on 2 rank(s)' in proc.stdout
+    progress, state = f2['resumed']
+    assert progress['step'] == 2 and progress['batch_in_epoch'] == 2
+    assert len(state['groups']) > 2  # layer decay: more than the decay / no-decay pair
+    _assert_classifier_equal(state, ft[2])
 
 
 @pytest.mark.slow

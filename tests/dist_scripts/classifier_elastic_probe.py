@@ -38,7 +38,9 @@ def full_state(engine) -> dict:
     base = getattr(engine.optimizer, 'optimizer', engine.optimizer)
     if engine.zero_optimization_stage() == 0:  # the optimizer holds the module's own parameters
         weights = {n: p.detach().float().clone() for n, p in named}
-        optim = {n: {k: v.clone() for k, v in base.state[p].items() if torch.is_tensor(v)} for n, p in named}
+        optim = {
+            n: {k: v.clone() for k, v in base.state[p].items() if torch.is_tensor(v) and v.dim()} for n, p in named
+        }
     else:
         from deepspeed.utils import safe_get_full_fp32_param
 
@@ -48,6 +50,7 @@ def full_state(engine) -> dict:
         'weights': weights,
         'optim': optim,
         'buffers': {n: b.detach().clone() for n, b in model.named_buffers()},
+        'steps': sorted({float(st['step']) for st in base.state.values() if 'step' in st}),
         # 'lr' is not state: the loop sets it from the schedule at the resumed step before the first step.
         'groups': [{k: v for k, v in g.items() if k not in ('params', 'step', 'lr')} for g in base.param_groups],
     }
