@@ -129,3 +129,28 @@ def test_sizes_that_do_not_match_the_names_are_refused(tmp_path: Path):
     states[elastic_zero0.NAMES] = [names[0][:1], names[1]]
     with pytest.raises(ConfigError, match='group 0 holds 18 values'):
         elastic_zero0.write_universal(states, tmp_path / 'ckpt', tmp_path / 'universal')
+
+
+def test_the_step_deepspeed_takes_when_building_a_zero0_bf16_optimizer_is_undone():
+    """FP16_Optimizer creates its state by stepping on zero gradients: AdamW decays the masters once and counts a
+    step. Undone, the first real step is AdamW's first step from the initial weights, as in fp32."""
+    from cmae_ds.engine.optim import undo_initial_step
+
+    engine = _engine('flat', seed=0)
+    lp = [p.detach().float().clone() for p in engine.module.parameters()]
+    flat = engine.optimizer.fp32_groups_flat
+    assert len(engine.optimizer.optimizer.state) == 2  # what DeepSpeed did: one state per flat group, step 1
+    assert not torch.equal(flat[0][:12], lp[0].reshape(-1))  # 0.weight, decayed by lr x weight decay
+    undo_initial_step(engine)
+    assert len(engine.optimizer.optimizer.state) == 0
+    reference = _module(0, torch.bfloat16).float()
+    ref = torch.optim.AdamW(_groups(reference), lr=1e-2, betas=(0.9, 0.95), foreach=True)
+    _train(engine, 1)
+    gen = torch.Generator().manual_seed(1)  # _train's gradients, rounded to bf16 as the engine's are
+    for p in reference.parameters():
+        p.grad = torch.randn(p.shape, generator=gen).to(torch.bfloat16).float()
+    ref.step()
+    by_name = dict(reference.named_parameters())
+    for names, master in zip(elastic_zero0.param_names(engine), flat):
+        expected = torch.cat([by_name[n].detach().reshape(-1) for n in names])
+        assert torch.equal(master, expected)

@@ -38,7 +38,7 @@ from .loop import Loop, Progress, RunStart, start_run
 from .lr_decay import layer_decay_groups
 from .metrics import StepMetrics, due
 from .model_state import consolidated_state_dict
-from .optim import build_optimizer, build_probe_optimizer, probe_param_groups
+from .optim import build_optimizer, build_probe_optimizer, probe_param_groups, undo_initial_step
 from .run_files import write_run_files
 
 __all__ = ['train', 'train_step', 'FinetuneResult', 'NonFiniteLoss']
@@ -146,6 +146,7 @@ def build_engine(
             offload=batch_cfg.offload_optimizer,
         )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    undo_initial_step(engine)
     return engine, model, name
 
 

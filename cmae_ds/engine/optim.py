@@ -44,6 +44,19 @@ def build_optimizer(groups: list[dict], *, lr: float, betas, backend: str, devic
     return build_adamw(clean, lr=lr, betas=tuple(betas), backend=backend, device=device, offload=offload)
 
 
+def undo_initial_step(engine) -> None:
+    """DeepSpeed's ZeRO-0 bf16/fp16 optimizers (FP16_Optimizer, FP16_UnfusedOptimizer) create their state by one
+    optimizer step on zero gradients when built: AdamW then decays the fp32 master weights once at the peak lr and
+    counts a step no batch made, which puts every bias correction of the run one step ahead (ZeRO 1-3, fp32 and the
+    official code start at step 0 from the initial weights). Both are put back: the masters from the module weights
+    they were copied from, and an empty state, which the first real step creates."""
+    optimizer = engine.optimizer
+    if int(engine.zero_optimization_stage()) != 0 or not hasattr(optimizer, 'refresh_fp32_params'):
+        return
+    optimizer.refresh_fp32_params()
+    optimizer.optimizer.state.clear()
+
+
 def set_lr(optimizer, lr: float) -> None:
     """The step's learning rate, times each group's 'lr_scale' (layer-wise decay in fine-tuning)."""
     for group in optimizer.param_groups:

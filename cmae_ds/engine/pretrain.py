@@ -27,7 +27,7 @@ from .logger import RunLogger
 from .loop import Loop, Progress, RunStart, start_run
 from .metrics import StepMetrics, due
 from .model_state import save_model_file
-from .optim import build_optimizer, param_groups
+from .optim import build_optimizer, param_groups, undo_initial_step
 from .run_files import write_run_files
 
 
@@ -112,6 +112,7 @@ def build_engine(cfg: Config, ds: dict, batch_cfg: ResolvedBatch, ctx: DistConte
         offload=batch_cfg.offload_optimizer,
     )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    undo_initial_step(engine)
     model.to(engine.device)
     if batch_cfg.zero_stage != 3:  # ZeRO-3 partitions the online weights: momentum_step gathers them instead
         model.enable_flat_ema()
