@@ -191,9 +191,11 @@ def test_zero2_on_two_ranks_to_zero3_with_optimizer_offload_on_one(chain, tmp_pa
 def test_zero0_moves_to_a_zero_stage_on_two_ranks_and_back(tmp_path, precision, stage):
     """ZeRO-0 on 1 rank x accumulation 2 -> ZeRO-`stage` on 2 ranks -> ZeRO-0 on 1 rank. DeepSpeed's universal
     format has no ZeRO-0 side: cmae_ds writes it from the ZeRO-0 checkpoint and reads it into the ZeRO-0 optimizer
-    (the fp32 one steps the parameters themselves, the bf16 one on the CPU an fp32 copy of each). Everything is
-    equal right after each move."""
+    in each of its forms: fp32 steps the parameters themselves; bf16 with a non-fused optimizer an fp32 copy of
+    each (the way there); bf16 with DeepSpeed's FusedAdam, as on a GPU, one flat fp32 tensor per group (the way
+    back; its CPU op is built on first use). Everything is equal right after each move."""
     ds = {'bf16': {'enabled': True}} if precision == 'bf16' else {}
+    fused = ['train.optimizer=deepspeed_fused'] if precision == 'bf16' else []
     _, z0 = _run(tmp_path, 'Z0', 1, 0, 2, tmp_path / 'Z0', ['train.max_steps=2'], record='2', ds=ds)
     assert z0[2]['adam_step'] == [2.0]  # bf16: none counted when DeepSpeed built the optimizer (optim.py)
     if precision == 'fp32':  # converted ahead of time here; the bf16 case converts on resume
@@ -207,12 +209,17 @@ def test_zero0_moves_to_a_zero_stage_on_two_ranks_and_back(tmp_path, precision, 
     assert (tmp_path / 'ZK' / 'checkpoints' / 'step_00000002' / 'universal' / 'source.json').is_file()
     _assert_equal(zk[2], z0[2])
     _copy_checkpoint(tmp_path / 'ZK', 'step_00000004', tmp_path / 'Z0B')
-    proc, back = _run(tmp_path, 'Z0B', 1, 0, 2, tmp_path / 'Z0B', ['train.max_steps=1'], ds=ds)
+    proc, back = _run(tmp_path, 'Z0B', 1, 0, 2, tmp_path / 'Z0B', ['train.max_steps=1', *fused], ds=ds)
     assert (
         f'ZeRO-{stage} {precision}, resumed on 1 rank(s) x micro 4 x accumulation 2 (global 8), ZeRO-0' in proc.stdout
     )
     _assert_equal(back[4], zk[4])
     assert zk[4]['adam_step'] == [s + 2 for s in z0[2]['adam_step']]
+    if fused:  # the same ZeRO-0 layout and precision, another optimizer form: DeepSpeed's loader reads its own only
+        _copy_checkpoint(tmp_path / 'Z0', 'step_00000002', tmp_path / 'ZF')
+        proc, zf = _run(tmp_path, 'ZF', 1, 0, 2, tmp_path / 'ZF', ['train.max_steps=1', *fused], ds=ds)
+        assert 'ZeRO-0 bf16 (optimizer form copies, here flat), resumed on' in proc.stdout
+        _assert_equal(zf[2], z0[2])
 
 
 @pytest.mark.slow

@@ -77,6 +77,7 @@ def _moments(engine) -> list[dict]:
 def test_zero0_optimizer_state_round_trips_through_the_universal_folder(tmp_path: Path, form: str):
     saved = _engine(form, seed=0)
     _train(saved, 3)
+    assert elastic_zero0.saved_form(saved.optimizer.state_dict()) == elastic_zero0.live_form(saved) == form
     elastic_zero0.write_universal(_states(saved), tmp_path / 'ckpt', tmp_path / 'universal')
     names = {p.name for p in (tmp_path / 'universal' / 'zero').iterdir() if p.is_dir()}
     assert names == {n for n, _ in saved.module.named_parameters()}

@@ -428,7 +428,8 @@ def resume(
     saved, saved_model = saved_facts(ckpt_dir, tag, trust)
     check_model_config(saved_model, model_cfg, str(where))
     now = Layout(**engine_layout(engine))
-    if needs_universal(saved, now, str(where)):
+    form = _other_zero0_form(engine, saved, now, where, trust)
+    if form or needs_universal(saved, now, str(where)):
         _check_adam_state(engine, saved, where)
         folder = ensure_universal(where, is_main)
         if now.zero_stage == 0:
@@ -439,7 +440,8 @@ def resume(
             state = load_universal(engine, model, folder, trust)
         _say(
             is_main,
-            f'{where}: written by {saved.describe()}, resumed on {now.describe()} through its universal form {folder}',
+            f'{where}: written by {saved.describe()}{form or ""}, resumed on {now.describe()} through its '
+            f'universal form {folder}',
         )
     else:
         state = checkpointing.load(engine, ckpt_dir, tag, trust=trust)
@@ -453,6 +455,19 @@ def resume(
         _say(is_main, note)
     barrier()
     return state
+
+
+def _other_zero0_form(engine, saved: Layout, now: Layout, where: Path, trust: bool) -> Optional[str]:
+    """ZeRO-0 on both sides in one precision, but the optimizer in another form (bf16 with FusedAdam keeps one flat
+    fp32 tensor per group, a non-fused optimizer a copy per parameter), which DeepSpeed's loader cannot read: the
+    change, for the log; None when there is none."""
+    if (saved.zero_stage, now.zero_stage) != (0, 0) or saved.precision != now.precision:
+        return None
+    states = _open_states(_model_states_file(where), trust)
+    if not elastic_zero0.is_zero0(states):
+        return None
+    then, here = elastic_zero0.saved_form(states['optimizer']), elastic_zero0.live_form(engine)
+    return None if then == here else f' (optimizer form {then}, here {here})'
 
 
 def _say(is_main: bool, message: str) -> None:

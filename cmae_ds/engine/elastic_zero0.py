@@ -62,6 +62,20 @@ def is_zero0(states: dict) -> bool:
     return states.get('optimizer') is not None
 
 
+def saved_form(optimizer_state: dict) -> str:
+    """'flat' (FP16_Optimizer), 'copies' (FP16_UnfusedOptimizer) or 'plain' (fp32): which form wrote the state."""
+    return (
+        'flat' if 'fp32_groups_flat' in optimizer_state else 'copies' if 'fp32_groups' in optimizer_state else 'plain'
+    )
+
+
+def live_form(engine) -> str:
+    optimizer = engine.optimizer
+    return (
+        'flat' if hasattr(optimizer, 'fp32_groups_flat') else 'copies' if hasattr(optimizer, 'fp32_groups') else 'plain'
+    )
+
+
 def write_universal(states: dict, where: Path, dst: Path) -> None:
     """The universal folder `dst` (zero/<name>/{fp32,exp_avg,exp_avg_sq,step}.pt, zero/optimizer_state.pt and the
     model states without the optimizer) from the model states file of a ZeRO-0 checkpoint at `where`."""

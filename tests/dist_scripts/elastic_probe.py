@@ -37,6 +37,8 @@ def zero0_state(engine, named) -> tuple[dict, dict, dict]:
     """(fp32 weights, exp_avg, exp_avg_sq) by name of a ZeRO-0 engine: fp32 runs step the parameters themselves,
     bf16 runs on the CPU (FP16_UnfusedOptimizer) an fp32 copy of each."""
     opt = engine.optimizer
+    if hasattr(opt, 'fp32_groups_flat'):
+        return _flat_state(opt, named)
     masters = {}
     if hasattr(opt, 'fp32_groups'):
         for lp_group, fp32_group in zip(opt.fp16_groups, opt.fp32_groups):
@@ -46,6 +48,20 @@ def zero0_state(engine, named) -> tuple[dict, dict, dict]:
     online = {n: m.detach().float().clone() for n, m in master.items()}
     moments = ({n: base.state[m][key].clone() for n, m in master.items()} for key in ('exp_avg', 'exp_avg_sq'))
     return online, *moments
+
+
+def _flat_state(opt, named) -> tuple[dict, dict, dict]:
+    """FP16_Optimizer (bf16 with DeepSpeed's FusedAdam): each group's weights and moments are slices of one flat
+    fp32 tensor."""
+    name_of = {id(p): n for n, p in named}
+    out = ({}, {}, {})
+    for group, flat in zip(opt.fp16_groups, opt.fp32_groups_flat):
+        state, offset = opt.optimizer.state[flat], 0
+        for p in group:
+            for part, whole in zip(out, (flat.detach(), state['exp_avg'], state['exp_avg_sq'])):
+                part[name_of[id(p)]] = whole[offset : offset + p.numel()].view(p.shape).clone()
+            offset += p.numel()
+    return out
 
 
 def zero_state(engine, named) -> tuple[dict, dict, dict]:
