@@ -16,7 +16,7 @@ ZeRO-0 checkpoint also carries its optimizer's parameter names (`optimizer_param
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -89,7 +89,7 @@ def write_universal(states: dict, where: Path, dst: Path) -> None:
     zero.mkdir(parents=True)
     saved = states['optimizer']
     inner = saved.get('optimizer_state_dict', saved)
-    for name, tensors in per_param_state(saved, states['module'], names, where).items():
+    for name, tensors in per_param_state(saved, states['module'], names, where):
         folder = zero / name
         folder.mkdir()
         for key, tensor in tensors.items():
@@ -99,13 +99,14 @@ def write_universal(states: dict, where: Path, dst: Path) -> None:
     torch.save({**states, 'optimizer': None}, dst / 'mp_rank_00_model_states.pt')
 
 
-def per_param_state(saved: dict, module: dict, names: list[list[str]], where: Path) -> dict[str, dict]:
-    """{name: {'fp32', 'exp_avg', 'exp_avg_sq', 'step'}} from a ZeRO-0 optimizer state_dict in any of its forms."""
+def per_param_state(saved: dict, module: dict, names: list[list[str]], where: Path) -> Iterator[tuple[str, dict]]:
+    """(name, {'fp32', 'exp_avg', 'exp_avg_sq', 'step'}) for each parameter, from a ZeRO-0 optimizer state_dict in
+    any of its forms; one parameter at a time, so that converting a large model does not hold a second copy of it
+    (a memory-mapped checkpoint's tensors are read as they are copied)."""
     inner = saved.get('optimizer_state_dict', saved)
     groups = inner['param_groups']
     if len(groups) != len(names):
         raise ConfigError(f'{where}: the optimizer has {len(groups)} parameter groups, the run {len(names)}')
-    out = {}
     for i, (group, group_names) in enumerate(zip(groups, names)):
         shapes = [_shape(module, name, where) for name in group_names]
         states = [inner['state'].get(index, {}) for index in group['params']]
@@ -124,8 +125,8 @@ def per_param_state(saved: dict, module: dict, names: list[list[str]], where: Pa
             ]
         for name, shape, tensors in zip(group_names, shapes, per):
             _check_sizes(tensors['fp32'].numel(), shape.numel(), name, where)
-            out[name] = {k: v.float().reshape(shape).clone() for k, v in tensors.items()} | {'step': step}
-    return out
+            # clone: a slice of a flat group would be saved with the whole group's storage
+            yield name, {k: v.float().reshape(shape).clone() for k, v in tensors.items()} | {'step': step}
 
 
 def _shape(module: dict, name: str, where: Path) -> torch.Size:
