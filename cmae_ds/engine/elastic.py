@@ -44,7 +44,7 @@ SOURCE = 'source.json'  # the original's marker, copied: a rewritten tag invalid
 MIN_DEEPSPEED = '0.14.4'
 # Model fields a resume may change: how the forward is executed, not what it computes or stores.
 EXECUTION_FIELDS = ('activation_checkpointing',)
-ZERO1_FILES = 'mp_rank_00_model_states.pt'
+ZERO1_FILES = elastic_zero0.MODEL_STATES
 ZERO3_FILES = 'zero_pp_rank_{}_mp_rank_00_model_states.pt'
 
 

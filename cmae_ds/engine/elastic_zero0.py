@@ -24,6 +24,7 @@ from ..config import ConfigError
 from ..safe_load import load_checkpoint_file, scan_folder
 
 NAMES = 'optimizer_param_names'
+MODEL_STATES = 'mp_rank_00_model_states.pt'  # DeepSpeed's name for the (ZeRO 0-2) model states file
 MOMENTS = ('exp_avg', 'exp_avg_sq')
 # What DeepSpeed's loader keeps for itself out of a model states file; the rest is the client state.
 DEEPSPEED_KEYS = (
@@ -83,7 +84,7 @@ def write_universal(states: dict, where: Path, dst: Path) -> None:
     if names is None:
         raise ConfigError(
             f'{where}: this ZeRO-0 checkpoint was written before cmae_ds saved the parameter names that moving it to '
-            'ZeRO 1-3 needs; resume it on ZeRO-0 and save once (any number of ranks), then move that checkpoint'
+            'another layout needs; resume it on ZeRO-0 and save once (any number of ranks), then move that checkpoint'
         )
     zero = dst / 'zero'
     zero.mkdir(parents=True)
@@ -96,7 +97,7 @@ def write_universal(states: dict, where: Path, dst: Path) -> None:
             torch.save(tensor if key == 'step' else {'cat_dim': 0, 'param': tensor}, folder / f'{key}.pt')
     global_state = {'param_groups': inner['param_groups'], 'ds_version': states.get('ds_version')}
     torch.save(global_state, zero / 'optimizer_state.pt')
-    torch.save({**states, 'optimizer': None}, dst / 'mp_rank_00_model_states.pt')
+    torch.save({**states, 'optimizer': None}, dst / MODEL_STATES)
 
 
 def per_param_state(saved: dict, module: dict, names: list[list[str]], where: Path) -> Iterator[tuple[str, dict]]:
