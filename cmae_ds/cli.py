@@ -16,7 +16,7 @@ EXIT_OK, EXIT_USER_ERROR, EXIT_NONFINITE, EXIT_PREEMPTED = 0, 2, 3, 75
 
 
 def add_trust_argument(parser: argparse.ArgumentParser) -> None:
-    """--trust-checkpoint: the opt-out of cmae_ds.safe_load's checks, off by default."""
+    """--trust-checkpoint: the opt-out of cmae_ds.modelfiles.safe_load's checks, off by default."""
     parser.add_argument(
         '--trust-checkpoint',
         '--trust_checkpoint',
@@ -108,7 +108,7 @@ def run_classifier(args, task: str) -> int:
     """Fine-tune (`task` 'finetune') or linearly probe ('linprobe') as the parsed `args` say; prints a summary."""
     from .config import load_task_config
     from .engine.dist import is_main_process
-    from .engine.finetune import train
+    from .tasks.finetune import train
 
     cfg = load_task_config(task, args.config or f'{task}_vit_base', args.overrides)
     result = train(

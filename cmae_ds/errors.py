@@ -1,10 +1,10 @@
 """The errors a user can cause (bad config, data, checkpoint, run folder): launch scripts print them without a
 traceback."""
 
-from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data.sources import DataFileError, DataSourceError
-from .output_dir import OutputWriteError
+from .modelfiles.formats import CheckpointError
+from .storage.output_dir import OutputWriteError
 
 
 class RunLockedError(RuntimeError):

@@ -54,7 +54,7 @@ def parse(argv=None):
 
 
 def cells(args, base_cfg_overrides):
-    from cmae_ds.ds_config import load_ds_config
+    from cmae_ds.config.ds_config import load_ds_config
 
     sizes = args.sizes or [None]
     for ds_path in args.ds_configs:
@@ -71,7 +71,7 @@ def cells(args, base_cfg_overrides):
 
 def run_one(args, ds_name, ds, overrides, ctx):
     from cmae_ds.config import load_config
-    from cmae_ds.engine.benchmark import BenchResult, run_cell
+    from cmae_ds.tasks.benchmark import BenchResult, run_cell
 
     cfg = load_config(args.config, overrides)
     try:
@@ -115,9 +115,9 @@ def unfused(fn):
 
 def main(argv=None) -> int:
     args = parse(argv)
-    from cmae_ds.engine.benchmark import format_table
     from cmae_ds.engine.dist import setup_distributed
     from cmae_ds.errors import USER_ERRORS
+    from cmae_ds.tasks.benchmark import format_table
 
     ctx = setup_distributed()
     results = []

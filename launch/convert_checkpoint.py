@@ -15,9 +15,15 @@ import sys
 
 import torch
 
-from cmae_ds.checkpoint import CheckpointError, encoder_state, encoder_to_timm, extract_encoder, load_official_cmae
 from cmae_ds.cli import add_trust_argument
 from cmae_ds.config import ConfigError, load_config
+from cmae_ds.modelfiles.formats import (
+    CheckpointError,
+    encoder_state,
+    encoder_to_timm,
+    extract_encoder,
+    load_official_cmae,
+)
 
 
 def parse(argv=None):
@@ -56,8 +62,8 @@ def to_universal(run: str, tag=None) -> int:
     import time
     from pathlib import Path
 
-    from cmae_ds.engine.checkpointing import find_resume_tag
-    from cmae_ds.engine.elastic import convert
+    from cmae_ds.engine.checkpoints.elastic import convert
+    from cmae_ds.engine.checkpoints.store import find_resume_tag
 
     ckpt = Path(run) / 'checkpoints'
     tag = tag or find_resume_tag(ckpt)

@@ -61,10 +61,10 @@ def _config(args):
 def run(args) -> dict:
     import torch
 
-    from cmae_ds.classifier_files import load_classifier, resolve_checkpoint
     from cmae_ds.data import build_classification_loader, list_samples
     from cmae_ds.engine.dist import setup_distributed
-    from cmae_ds.engine.evaluate import check_labels, evaluate
+    from cmae_ds.modelfiles.classifier import load_classifier, resolve_checkpoint
+    from cmae_ds.tasks.evaluate import check_labels, evaluate
 
     cfg = _config(args)
     ctx = setup_distributed()
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     from cmae_ds.engine.dist import is_main_process
 
     if is_main_process():
-        from cmae_ds.classifier_files import resolve_checkpoint
+        from cmae_ds.modelfiles.classifier import resolve_checkpoint
 
         ckpt = resolve_checkpoint(args.checkpoint)
         report(out, Path(args.out) if args.out else ckpt.with_name(ckpt.stem + '.eval.json'))

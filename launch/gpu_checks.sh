@@ -15,7 +15,7 @@
 # gets at most what is left and one that would get under 5 s is skipped, so the run ends inside 8 minutes whatever
 # happens. Steps run in order of importance: the data rate and the e2e step first.
 #
-# Estimate on one H200 (989 bf16 TFLOP/s dense, 40% MFU assumed; train FLOPs per image from cmae_ds.flops: ViT-B
+# Estimate on one H200 (989 bf16 TFLOP/s dense, 40% MFU assumed; train FLOPs per image from cmae_ds.tasks.flops: ViT-B
 # 112 G, ViT-L 291 G, ViT-H 730 G): a step takes 18-36 ms (B, micro 64-128), 47-94 ms (L), 58-117 ms (H, micro
 # 32-64), a third more with activation checkpointing, so the ~30 timed cells compute for ~20 s in all; engine
 # set-up (~6-10 s a cell), Triton compilation and process starts dominate: install 20 s, JPEGs 20 s, data 15 s,

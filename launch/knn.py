@@ -4,7 +4,7 @@
   python launch/knn.py runs/debug/model.pt data.source=folder data.root=train/ val_data.source=folder val_data.root=val/
   deepspeed --num_gpus 8 launch/knn.py runs/cmae_b300/model.pt --config my_knn.yaml
 
-The checkpoint is anything cmae_ds.checkpoint.load_encoder reads (our model.pt or run folder, an extracted encoder,
+The checkpoint is anything modelfiles.formats.load_encoder reads (our model.pt or run folder, an extracted encoder,
 an official pretraining checkpoint or backbone). Our model.pt describes its model; otherwise the model section does.
 Features: mean of the patch tokens after the encoder's final norm, at model.img_size. Sections: model, data (the
 labeled training images that vote), val_data, knn. Prints a table and writes JSON (--out).
@@ -32,8 +32,8 @@ def parse(argv=None):
 def _read(checkpoint: Path, fallback, trust: bool):
     """(the file's object, its model config): our model.pt carries its ModelConfig; anything else uses the
     config's model section."""
-    from cmae_ds.checkpoint import read_file
     from cmae_ds.config import ModelConfig
+    from cmae_ds.modelfiles.formats import read_file
 
     obj = read_file(checkpoint, 'checkpoint', trust=trust)
     cfg = ModelConfig(**obj['model_config']) if isinstance(obj, dict) and 'model_config' in obj else fallback
@@ -41,10 +41,10 @@ def _read(checkpoint: Path, fallback, trust: bool):
 
 
 def run(args) -> dict:
-    from cmae_ds.checkpoint import load_encoder
     from cmae_ds.config import load_task_config
     from cmae_ds.engine.dist import setup_distributed
-    from cmae_ds.engine.knn import KnnEvaluator, mean_patch_features
+    from cmae_ds.modelfiles.formats import load_encoder
+    from cmae_ds.tasks.knn import KnnEvaluator, mean_patch_features
 
     cfg = load_task_config('knn', args.config, args.overrides)
     ckpt = Path(args.checkpoint)

@@ -32,7 +32,7 @@ def knn_monitor(cfg):
     """kNN accuracy of the online encoder every knn.every_steps steps (knn_train / knn_val: labeled sets)."""
     if cfg.knn.every_steps <= 0:
         return None
-    from cmae_ds.engine.knn import KnnMonitor
+    from cmae_ds.tasks.knn import KnnMonitor
 
     return KnnMonitor(cfg.knn, cfg.knn_train, cfg.knn_val, cfg.model.img_size, run_dir=Path(cfg.train.output_dir))
 
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     from cmae_ds.config import load_config
-    from cmae_ds.engine.pretrain import train
+    from cmae_ds.tasks.pretrain import train
 
     cfg = load_config(args.config, args.overrides)
     observer = knn_monitor(cfg)

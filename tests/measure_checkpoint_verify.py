@@ -1,5 +1,5 @@
 """What verifying a checkpoint costs next to loading it, in one process: CMAE at a given size (default ViT-B) under
-DeepSpeed (ZeRO-0 fp32, AdamW state after one step) is saved with engine.checkpointing.save, then
+DeepSpeed (ZeRO-0 fp32, AdamW state after one step) is saved with engine.checkpoints.store.save, then
 checkpointing.verify and checkpointing.load are timed on the same files, warm (in the page cache, as right after a
 save) and cold (the checkpoint's pages evicted with posix_fadvise, as after a requeue on another node).
 
@@ -45,10 +45,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from cmae_ds.config import load_config
-    from cmae_ds.ds_config import validate
-    from cmae_ds.engine import checkpointing
+    from cmae_ds.config.ds_config import validate
+    from cmae_ds.engine.checkpoints import store as checkpointing
     from cmae_ds.engine.dist import setup_distributed
-    from cmae_ds.engine.pretrain import build_engine, train_step
+    from cmae_ds.tasks.pretrain import build_engine, train_step
 
     ctx = setup_distributed()
     # a small image keeps the one CPU step cheap; the parameter count is the size's (but for the position table)

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from cmae_ds.checkpoint import (
+from cmae_ds.modelfiles.formats import (
     CheckpointError,
     build_timm_vit,
     classifier_from_pretrained,
@@ -14,8 +14,8 @@ from cmae_ds.checkpoint import (
     load_encoder,
     load_official_cmae,
 )
+from cmae_ds.modelfiles.safe_load import load_checkpoint_file
 from cmae_ds.models import CMAE
-from cmae_ds.safe_load import load_checkpoint_file
 
 from helpers import debug_cfg, fixture_config, rel, save_official_like
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cmae_ds.config import Config, ConfigError, load_config
-from cmae_ds.ds_config import ResolvedBatch, check_precision_supported, load_ds_config, validate
+from cmae_ds.config.ds_config import ResolvedBatch, check_precision_supported, load_ds_config, validate
 
 REPO = Path(__file__).resolve().parents[1]
 PATH = 'ds_configs/test.json'
@@ -180,7 +180,7 @@ def test_typos_get_a_suggestion():
     'section, hint',
     [
         ('optimizer', 'train.'),
-        ('scheduler', 'cmae_ds.schedules'),
+        ('scheduler', 'cmae_ds.engine.schedules'),
         ('activation_checkpointing', 'model.activation_checkpointing'),
     ],
 )
@@ -225,7 +225,7 @@ _ENGINE_SCRIPT = textwrap.dedent("""
     import copy, json, sys
     import torch, deepspeed
     from cmae_ds.config import load_config
-    from cmae_ds.ds_config import load_ds_config, validate
+    from cmae_ds.config.ds_config import load_ds_config, validate
     path = sys.argv[1]
     ds = load_ds_config(path)
     before = copy.deepcopy(ds)

@@ -1,4 +1,4 @@
-"""Resume on another number of ranks or another ZeRO stage (cmae_ds/engine/elastic.py).
+"""Resume on another number of ranks or another ZeRO stage (cmae_ds/engine/checkpoints/elastic.py).
 
 One chain of real DeepSpeed runs on the CPU (gloo), shared by every assertion (module-scoped): A trains 6 steps on
 2 ranks with ZeRO-2 and saves every 2; B resumes A's step 2 on 1 rank with accumulation 2 (same global batch) and
@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from cmae_ds.config import ConfigError, load_config
-from cmae_ds.engine import elastic
-from cmae_ds.engine.elastic import Layout, carry_position, check_model_config, needs_universal
+from cmae_ds.engine.checkpoints import elastic
+from cmae_ds.engine.checkpoints.elastic import Layout, carry_position, check_model_config, needs_universal
 
 from data_helpers import random_jpegs
 from engine_helpers import TINY, run_deepspeed, run_python, tail, write_ds
@@ -462,7 +462,7 @@ def test_what_needs_a_conversion():
     assert not needs_universal(Layout(2, 0, 4, 1), Layout(4, 0, 4, 1), 'x')  # ZeRO-0: full state on every rank
     assert needs_universal(Layout(2, 2, 4, 1), Layout(1, 2, 4, 2), 'x')
     assert needs_universal(Layout(2, 3, 4, 1), Layout(2, 1, 4, 1), 'x')
-    assert needs_universal(Layout(2, 0, 4, 1), Layout(1, 2, 4, 2), 'x')  # engine/elastic_zero0.py: both ways
+    assert needs_universal(Layout(2, 0, 4, 1), Layout(1, 2, 4, 2), 'x')  # checkpoints/elastic_zero0.py: both ways
     assert needs_universal(Layout(2, 3, 4, 1), Layout(2, 0, 4, 1), 'x')
     assert needs_universal(Layout(2, 0, 4, 1, 'fp32'), Layout(2, 0, 4, 1, 'bf16'), 'x')  # another optimizer form
     assert not needs_universal(Layout(2, 2, 4, 1, None), Layout(2, 2, 4, 1, 'bf16'), 'x')  # unknown: as before

@@ -1,4 +1,4 @@
-"""The ZeRO-0 side of a resume on another ZeRO stage (cmae_ds/engine/elastic_zero0.py), on DeepSpeed's real ZeRO-0
+"""The ZeRO-0 side of a resume on another ZeRO stage (engine/checkpoints/elastic_zero0.py), on DeepSpeed's real ZeRO-0
 optimizers without a process group: the flat FP16_Optimizer (the GPU form, FusedAdam under bf16/fp16) and a
 plain fp32 torch AdamW. A checkpoint's optimizer state goes through the universal folder into a freshly built
 optimizer of the same form and must come back equal. The per-rank FP16_UnfusedOptimizer (the CPU form) needs a
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cmae_ds.config import ConfigError
-from cmae_ds.engine import elastic_zero0
+from cmae_ds.engine.checkpoints import elastic_zero0
 
 
 def _module(seed: int, dtype) -> torch.nn.Module:

@@ -4,11 +4,11 @@ path; padded samples are not counted; our model files round-trip; wrong checkpoi
 import pytest
 import torch
 
-from cmae_ds.checkpoint import CheckpointError
-from cmae_ds.classifier_files import load_classifier, save_classifier_file
 from cmae_ds.config import ConfigError, ModelConfig
-from cmae_ds.engine.evaluate import check_labels, evaluate
+from cmae_ds.modelfiles.classifier import load_classifier, save_classifier_file
+from cmae_ds.modelfiles.formats import CheckpointError
 from cmae_ds.models import ViTClassifier
+from cmae_ds.tasks.evaluate import check_labels, evaluate
 
 from helpers import fixture_config, rel
 

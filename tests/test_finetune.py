@@ -110,10 +110,10 @@ def test_finetune_resume_and_evaluate_on_one_and_two_ranks(setup):
 
 
 def test_linear_probe_writes_an_evaluable_probe(setup):
-    from cmae_ds.classifier_files import load_classifier
     from cmae_ds.config import DataConfig
     from cmae_ds.data import build_classification_loader
-    from cmae_ds.engine.evaluate import evaluate
+    from cmae_ds.modelfiles.classifier import load_classifier
+    from cmae_ds.tasks.evaluate import evaluate
 
     s, run = setup, setup['root'] / 'lp'
     proc = run_python(

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cmae_ds.config import ModelConfig
-from cmae_ds.flops import PEAK_TFLOPS, flops_per_image, forward_flops_per_image, mfu, peak_tflops
 from cmae_ds.kernels import configure as configure_kernels
+from cmae_ds.tasks.flops import PEAK_TFLOPS, flops_per_image, forward_flops_per_image, mfu, peak_tflops
 
 
 def block(n, d, hidden):
@@ -65,7 +65,7 @@ SMALL = [
     dict(size='debug', img_size=96, mode='cmae'),
     dict(size='debug', img_size=96, mode='mae'),
     # Encoder MLP ratio left at 4: the decoders' ratio is 4 by docs/spec.md section 4 whatever the encoder's
-    # (see flops.py).
+    # (see tasks/flops.py).
     dict(
         size='debug',
         img_size=64,
@@ -87,7 +87,7 @@ def test_matches_flop_counter_on_the_real_model(kw, monkeypatch):
     """Count the lead's CMAE forward + backward with torch's FlopCounterMode: a different counter, same answer.
 
     The only matmul outside the model is the contrastive logits: (B x d) @ (d x B) forward, and its gradient for
-    the online side only (the target has no grad), 4 B d per image; flops.py leaves it out on purpose.
+    the online side only (the target has no grad), 4 B d per image; tasks/flops.py leaves it out on purpose.
     """
     models = pytest.importorskip('cmae_ds.models')
     from torch.utils.flop_counter import FlopCounterMode

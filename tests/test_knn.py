@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from cmae_ds.config import DataConfig, KnnConfig, KnnMonitorConfig, ModelConfig
-from cmae_ds.engine.knn import KnnEvaluator, KnnMonitor, knn_accuracy, knn_predict, mean_patch_features
 from cmae_ds.models import CMAE
+from cmae_ds.tasks.knn import KnnEvaluator, KnnMonitor, knn_accuracy, knn_predict, mean_patch_features
 
 from engine_helpers import TINY, run_python, tail, write_ds
 from finetune_helpers import write_class_folder

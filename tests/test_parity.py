@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from cmae_ds.checkpoint import load_official_classifier, load_official_cmae
 from cmae_ds.kernels import configure as configure_kernels
+from cmae_ds.modelfiles.formats import load_official_classifier, load_official_cmae
 
 from conftest import FIXTURE_A, ROOT
 from helpers import fixture_config, rel
@@ -91,7 +91,7 @@ WHICH_RAN = """
 import torch, sys
 sys.path.insert(0, 'tests')
 from helpers import fixture_config
-from cmae_ds.checkpoint import load_official_cmae
+from cmae_ds.modelfiles.formats import load_official_cmae
 from cmae_ds.kernels import last_impl
 fx = torch.load(sys.argv[1], weights_only=True)
 m = load_official_cmae(fx['state_dict'], fixture_config(fx)).train()

@@ -117,7 +117,7 @@ def test_signal_saves_a_checkpoint_exits_75_and_resumes_exactly(tmp_path, folder
 
 SECOND_SIGINT = """
 import os, signal, sys, time
-from cmae_ds.engine.preemption import StopRequests
+from cmae_ds.engine.guards.preemption import StopRequests
 stop = StopRequests().install()
 os.kill(os.getpid(), signal.SIGINT)
 time.sleep(0.2)  # the first is handled (Python runs one handler for signals that arrive together)

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from cmae_ds.config import PRESET_DIR, load_config
-from cmae_ds.ds_config import load_ds_config, validate
-from cmae_ds.schedules import scaled_lr
+from cmae_ds.config.ds_config import load_ds_config, validate
+from cmae_ds.engine.schedules import scaled_lr
 
 REPO = Path(__file__).resolve().parents[1]
 DS_DIR = REPO / 'ds_configs'

@@ -10,8 +10,9 @@ import zlib
 import pytest
 import torch
 
-from cmae_ds.checkpoint import CheckpointError
-from cmae_ds.engine import checkpoint_verify, checkpointing
+from cmae_ds.engine.checkpoints import store as checkpointing
+from cmae_ds.engine.checkpoints import verify as checkpoint_verify
+from cmae_ds.modelfiles.formats import CheckpointError
 
 from engine_helpers import TINY, run_deepspeed, tail, write_ds
 from reliability_helpers import error_lines, marker, pretrain

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from cmae_ds.engine import run_lock
-from cmae_ds.engine.run_lock import LOCK, RunLock, RunLockedError
+from cmae_ds.engine.guards import run_lock
+from cmae_ds.engine.guards.run_lock import LOCK, RunLock, RunLockedError
 
 from engine_helpers import ROOT, env, tail
 from reliability_helpers import error_lines, pretrain

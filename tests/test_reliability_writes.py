@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from cmae_ds.engine import checkpoint_verify, checkpointing
-from cmae_ds.output_dir import OutputWriteError, check_output_dir, write_atomically
+from cmae_ds.engine.checkpoints import store as checkpointing
+from cmae_ds.engine.checkpoints import verify as checkpoint_verify
+from cmae_ds.storage.output_dir import OutputWriteError, check_output_dir, write_atomically
 
 from engine_helpers import tail
 from reliability_helpers import error_lines, marker, pretrain

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 import torch
 
-from cmae_ds.checkpoint import CheckpointError, UnsafeCheckpoint, load_official_cmae
-from cmae_ds.classifier_files import load_classifier, save_classifier_file
 from cmae_ds.config import ModelConfig, load_task_config
-from cmae_ds.engine import checkpointing
-from cmae_ds.engine.finetune import build_model
+from cmae_ds.engine.checkpoints import store as checkpointing
+from cmae_ds.modelfiles.classifier import load_classifier, save_classifier_file
+from cmae_ds.modelfiles.formats import CheckpointError, UnsafeCheckpoint, load_official_cmae
+from cmae_ds.modelfiles.safe_load import UNRESOLVED, load_checkpoint_file, pickle_globals, scan_folder
 from cmae_ds.models import CMAE, ViTClassifier
-from cmae_ds.safe_load import UNRESOLVED, load_checkpoint_file, pickle_globals, scan_folder
+from cmae_ds.tasks.finetune import build_model
 
 from engine_helpers import ROOT, TINY, run_python, tail, write_ds
 from finetune_helpers import write_class_folder
@@ -138,7 +138,7 @@ def test_a_payload_is_refused_unless_trusted_and_then_it_runs(tmp_path, marker, 
         load_checkpoint_file(path)
     assert_refused(str(err.value), path, name, marker)
     assert '--trust-checkpoint' in str(err.value) and '\n' not in str(err.value)
-    with caplog.at_level(logging.WARNING, logger='cmae_ds.safe_load'):
+    with caplog.at_level(logging.WARNING, logger='cmae_ds.modelfiles.safe_load'):
         try:
             load_checkpoint_file(path, trust=True)
         except Exception:  # the subclass payload fails after it ran: os.system returns an int, not a tensor
@@ -216,7 +216,7 @@ def test_convert_refuses_our_planted_model_file(tmp_path, marker, capsys, verb):
 def test_trust_checkpoint_loads_a_file_the_user_vouches_for_and_says_so(tmp_path, marker, capsys, caplog):
     src = tmp_path / 'model.pt'
     torch.save({'state_dict': CMAE(MODEL).state_dict(), 'meta': Plain(marker)}, src)
-    with caplog.at_level(logging.WARNING, logger='cmae_ds.safe_load'):
+    with caplog.at_level(logging.WARNING, logger='cmae_ds.modelfiles.safe_load'):
         rc = launch('convert_checkpoint').main(
             ['--trust-checkpoint', 'extract-encoder', str(src), str(tmp_path / 'encoder.pth'), *MODEL_ARGS]
         )
@@ -330,7 +330,7 @@ PLANTS = {  # file of the step_00000002 tag -> where the payload goes
 def rewrite_manifest(tag_dir):
     """Whoever can plant a file in a checkpoint can rewrite its marker too: the file list then vouches for the planted
     file, and the scan alone must refuse it (without this, the size check finds the change first)."""
-    from cmae_ds.engine import checkpoint_verify
+    from cmae_ds.engine.checkpoints import verify as checkpoint_verify
 
     path = tag_dir / 'complete.json'
     marker = json.loads(path.read_text())
@@ -358,7 +358,7 @@ def test_real_checkpoints_resume_and_deepspeed_reads_them_weights_only(pretraine
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from deepspeed.runtime.state_dict_factory import SDLoaderFactory
 
-    from cmae_ds.safe_load import _CheckedCheckpointEngine
+    from cmae_ds.modelfiles.safe_load import _CheckedCheckpointEngine
 
     run = tmp_path / 'run'
     shutil.copytree(pretrained['run'], run)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from cmae_ds.schedules import lr_at, momentum_at, scaled_lr
+from cmae_ds.engine.schedules import lr_at, momentum_at, scaled_lr
 
 LR = 2.4e-3
 

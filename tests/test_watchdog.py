@@ -15,7 +15,7 @@ EXIT_STALLED = 76
 PRELUDE = """
 import sys, time
 from pathlib import Path
-from cmae_ds.engine.watchdog import StepWatchdog
+from cmae_ds.engine.guards.watchdog import StepWatchdog
 dog = StepWatchdog(Path(sys.argv[1]), rank=3, factor=4, min_s=0.3, warmup=3, poll_s=0.02).start()
 def steps(n, first=1):
     for i in range(first, first + n):

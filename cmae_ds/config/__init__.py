@@ -1,5 +1,5 @@
 """Typed configuration. DeepSpeed's JSON owns ZeRO, precision, batch arithmetic and clipping; these dataclasses own
-everything else, and `cmae_ds.ds_config.validate` checks the two against each other before anything heavy starts.
+everything else, and `cmae_ds.config.ds_config.validate` checks the two against each other before anything heavy starts.
 
 sizes.py: the named model sizes. sections.py: the pretraining sections. tasks.py: fine-tuning, probing and kNN.
 fields.py: declared ranges and choices, type coercion. loading.py: YAML, presets and overrides.

@@ -17,7 +17,9 @@ from typing import Optional
 import torch
 
 from ..data.threads import size_torch_threads
-from .preemption import SIGNALS
+
+# The signals that ask a run to stop (guards/preemption.py installs their handlers; the teardown holds them).
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 @dataclass(frozen=True)

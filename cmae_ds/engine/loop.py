@@ -16,22 +16,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Protocol
 
-from ..atomic_write import atomic_write_text
 from ..config import KernelConfig
-from ..ds_config import ResolvedBatch, check_precision_supported, load_ds_config, validate
+from ..config.ds_config import ResolvedBatch, check_precision_supported, load_ds_config, validate
 from ..errors import Preempted
 from ..kernels import configure as configure_kernels
-from ..safe_load import scan_folder
-from ..schedules import Schedule
-from . import run_lock
-from .checkpointing import Checkpointer, select_resume_tag
-from .checkpointing import tag_for as checkpoint_tag
+from ..modelfiles.safe_load import scan_folder
+from ..storage.atomic_write import atomic_write_text
+from .checkpoints.store import Checkpointer, select_resume_tag
+from .checkpoints.store import tag_for as checkpoint_tag
 from .dist import DistContext, setup_distributed
+from .guards import run_lock
+from .guards.preemption import StopRequests
+from .guards.watchdog import StepWatchdog
 from .logger import RunLogger
 from .metrics import StepMetrics
 from .optim import set_lr
-from .preemption import StopRequests
-from .watchdog import StepWatchdog
+from .schedules import Schedule
 
 PREEMPTED = 'preempted.json'
 
@@ -70,7 +70,7 @@ class RunStart:
     stop: StopRequests
     watchdog: StepWatchdog
     trust: bool = False
-    """Read checkpoint files without cmae_ds.safe_load's checks (--trust-checkpoint)."""
+    """Read checkpoint files without cmae_ds.modelfiles.safe_load's checks (--trust-checkpoint)."""
 
     @property
     def ckpt_dir(self) -> Path:

@@ -11,7 +11,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 
 from ..errors import NonFiniteLoss
-from . import checkpointing
+from .checkpoints import store
 
 
 def grad_norm(engine) -> Optional[float]:
@@ -82,7 +82,7 @@ class StepMetrics:
     def check_finite(self, step: int) -> None:
         """Reads the device flag (a host sync): only at log, save and evaluation steps."""
         if bool(self.nonfinite):
-            last = checkpointing.find_resume_tag(self.ckpt_dir)
+            last = store.find_resume_tag(self.ckpt_dir)
             raise NonFiniteLoss(
                 f'the loss became NaN or inf at or before step {step}; stopped without saving. '
                 f'Last good checkpoint: {self.ckpt_dir / last if last else "none"}'

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from ..atomic_write import atomic_write_text
+from ..storage.atomic_write import atomic_write_text
 
 
 def write_run_files(run_dir: Path, cfg, ds: dict, step: int) -> None:

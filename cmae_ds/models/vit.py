@@ -1,7 +1,7 @@
 """Vision Transformer pieces shared by the encoders, decoders and the classifier.
 
 Parameter names follow timm's VisionTransformer (patch_embed.proj, blocks.i.norm1, attn.qkv, mlp.fc1, ...), so the
-timm export is a rename-free copy; the official mmselfsup names are mapped in cmae_ds.checkpoint.
+timm export is a rename-free copy; the official mmselfsup names are mapped in cmae_ds.modelfiles.formats.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from cmae_ds.engine import checkpointing, elastic
+from cmae_ds.engine.checkpoints import elastic
+from cmae_ds.engine.checkpoints import store as checkpointing
 
 ROOT = Path(__file__).resolve().parents[2]
 

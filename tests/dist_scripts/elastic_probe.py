@@ -15,8 +15,8 @@ import torch.distributed as dist
 
 from cmae_ds.cli import exit_process
 from cmae_ds.config import load_config
-from cmae_ds.engine.pretrain import train
 from cmae_ds.models import CMAE
+from cmae_ds.tasks.pretrain import train
 
 _forward = CMAE.forward
 

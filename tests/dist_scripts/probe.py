@@ -10,9 +10,9 @@ import torch
 import torch.distributed as dist
 
 from cmae_ds.config import load_config
-from cmae_ds.ds_config import load_ds_config, validate
+from cmae_ds.config.ds_config import load_ds_config, validate
 from cmae_ds.engine.dist import setup_distributed
-from cmae_ds.engine.pretrain import build_engine, train
+from cmae_ds.tasks.pretrain import build_engine, train
 
 
 def full_state(model, zero_stage):

@@ -12,9 +12,9 @@ import time
 import torch
 
 from cmae_ds.config import load_config
-from cmae_ds.engine.benchmark import run_cell
 from cmae_ds.engine.dist import setup_distributed
-from cmae_ds.engine.preemption import StopRequests
+from cmae_ds.engine.guards.preemption import StopRequests
+from cmae_ds.tasks.benchmark import run_cell
 
 
 def main():

@@ -32,12 +32,12 @@ from typing import Optional
 
 import torch
 
-from ..config import ConfigError
-from ..ds_config import resolve_precision
-from ..safe_load import checked_deepspeed_loads, load_checkpoint_file, scan_folder
+from ...config import ConfigError
+from ...config.ds_config import resolve_precision
+from ...modelfiles.safe_load import checked_deepspeed_loads, load_checkpoint_file, scan_folder
+from ..dist import barrier
 from . import elastic_zero0
-from .checkpointing import MARKER, engine_layout, read_marker
-from .dist import barrier
+from .store import MARKER, engine_layout, read_marker
 
 UNIVERSAL = 'universal'
 SOURCE = 'source.json'  # the original's marker, copied: a rewritten tag invalidates the cache
@@ -80,7 +80,7 @@ def _model_states_file(tag_dir: Path) -> Path:
 
 def _open_states(path: Path, trust: bool = False) -> dict:
     """A DeepSpeed states file, memory-mapped (reading its metadata does not read its tensors), through
-    cmae_ds.safe_load like every checkpoint file."""
+    cmae_ds.modelfiles.safe_load like every checkpoint file."""
     return load_checkpoint_file(path, trust=trust, mmap=True)
 
 
@@ -422,7 +422,7 @@ def resume(
 ) -> dict:
     """Collective. Load checkpoint `tag` into the engine on whatever layout this run has (converting when the
     world size or ZeRO stage differs); returns its client state with 'progress' in this run's layout."""
-    from . import checkpointing
+    from . import store
 
     where = ckpt_dir / tag
     saved, saved_model = saved_facts(ckpt_dir, tag, trust)
@@ -444,7 +444,7 @@ def resume(
             f'universal form {folder}',
         )
     else:
-        state = checkpointing.load(engine, ckpt_dir, tag, trust=trust)
+        state = store.load(engine, ckpt_dir, tag, trust=trust)
     if now.zero_stage == 3:
         # Loading leaves some ZeRO-3 parameters gathered (persistent ones among them); the first step after the
         # resume then records DeepSpeed's prefetch trace from that state, and the second fails on it with

@@ -1,6 +1,6 @@
 """Model checkpoints: official CMAE conversion, encoder extraction, timm export, strict loading with clear errors.
 
-DeepSpeed training checkpoints (save/resume of a run) live in cmae_ds.engine.checkpointing; this module is about
+DeepSpeed training checkpoints (save/resume of a run) live in cmae_ds.engine.checkpoints.store; this module is about
 model weights moving between formats.
 """
 
@@ -13,8 +13,8 @@ from typing import Optional, Union
 
 from torch import nn
 
-from .config import ModelConfig
-from .models import CMAE, LinearProbe, ViTClassifier, ViTEncoder, build_encoder, resize_pos_embed
+from ..config import ModelConfig
+from ..models import CMAE, LinearProbe, ViTClassifier, ViTEncoder, build_encoder, resize_pos_embed
 from .safe_load import CheckpointError, UnsafeCheckpoint, load_checkpoint_file  # noqa: F401 (part of this API)
 
 StateSource = Union[str, Path, dict]
@@ -84,7 +84,7 @@ def convert_official_classifier(state: dict) -> dict:
 
 
 def read_file(path: Union[str, Path], what: str = 'checkpoint', *, trust: bool = False):
-    """The object in a checkpoint file, read through cmae_ds.safe_load (`trust`: see there)."""
+    """The object in a checkpoint file, read through cmae_ds.modelfiles.safe_load (`trust`: see there)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'{what} {path}: no such file')

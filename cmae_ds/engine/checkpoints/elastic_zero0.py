@@ -20,8 +20,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..config import ConfigError
-from ..safe_load import load_checkpoint_file, scan_folder
+from ...config import ConfigError
+from ...modelfiles.safe_load import load_checkpoint_file, scan_folder
 
 NAMES = 'optimizer_param_names'
 MODEL_STATES = 'mp_rank_00_model_states.pt'  # DeepSpeed's name for the (ZeRO 0-2) model states file

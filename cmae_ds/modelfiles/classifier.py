@@ -11,10 +11,10 @@ from typing import Optional, Union
 
 from torch import nn
 
-from .checkpoint import CheckpointError, load_official_classifier, load_strict, read_file, read_state
-from .config import ConfigError, ModelConfig
-from .models import ViTClassifier, resize_pos_embed
-from .output_dir import save_atomically
+from ..config import ConfigError, ModelConfig
+from ..models import ViTClassifier, resize_pos_embed
+from ..storage.output_dir import save_atomically
+from .formats import CheckpointError, load_official_classifier, load_strict, read_file, read_state
 
 CLASSIFIER_FORMAT = 'cmae_ds.classifier'
 BEST, LAST = 'model_best.pt', 'model_last.pt'
@@ -74,7 +74,7 @@ def load_classifier(
     """Ours (a fine-tuning or probing run folder or its model file; a bare ViTClassifier state dict) or an official
     fine-tuned classifier .pth. The last two do not describe their model: model_cfg gives the architecture and the
     evaluation resolution (model_cfg.img_size; the position embedding is resized to it); the head's size is read
-    from the file and checked against num_classes when given. `trust`: see cmae_ds.safe_load."""
+    from the file and checked against num_classes when given. `trust`: see cmae_ds.modelfiles.safe_load."""
     path = resolve_checkpoint(source)
     obj = read_file(path, trust=trust)
     if isinstance(obj, dict) and obj.get('format') == CLASSIFIER_FORMAT:
@@ -111,7 +111,7 @@ def _load_ours(obj: dict, path: Path) -> LoadedClassifier:
     cfg = ModelConfig(**obj['model_config'])
     num_classes, img_size, kind = int(obj['num_classes']), int(obj['img_size']), obj.get('kind', 'finetune')
     if kind == 'linprobe':
-        from .models import build_probe
+        from ..models import build_probe
 
         model = build_probe(cfg, num_classes, pool=obj.get('pool', 'cls'), img_size=img_size)
     else:

@@ -16,7 +16,8 @@ from typing import Optional
 
 import torch
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+from ..dist import SIGNALS, gather_objects
+
 PEER_REQUEST = 'another rank was asked to stop'
 
 
@@ -133,6 +134,4 @@ class StopRequests:
 
     def origins(self) -> dict[int, str]:
         """Which ranks were asked to stop, and why, once `agreed()` said yes (collective)."""
-        from .dist import gather_objects
-
         return {rank: r for rank, r in enumerate(gather_objects(self.reason)) if r not in (None, PEER_REQUEST)}

@@ -97,7 +97,7 @@ def make_schedule(opt, global_batch: int, grad_accum: int, batches_per_epoch: in
     `batches_per_epoch`: micro-batches per rank. `where` names the DeepSpeed JSON in the error."""
     steps_per_epoch = batches_per_epoch // grad_accum
     if steps_per_epoch == 0:
-        from .config import ConfigError
+        from ..config import ConfigError
 
         raise ConfigError(
             f'{where}: {batches_per_epoch} micro-batches per rank per epoch are fewer than '

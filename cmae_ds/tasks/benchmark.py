@@ -17,12 +17,12 @@ from typing import Optional
 import torch
 
 from ..config import Config
+from ..config.ds_config import ResolvedBatch, check_precision_supported, compute_dtype, validate
 from ..data import build_pretrain_loader
-from ..ds_config import ResolvedBatch, check_precision_supported, compute_dtype, validate
-from ..flops import flops_per_image, mfu, peak_tflops
+from ..engine.dist import DistContext
+from ..engine.schedules import scaled_lr
 from ..kernels import last_impl
-from ..schedules import scaled_lr
-from .dist import DistContext
+from .flops import flops_per_image, mfu, peak_tflops
 from .pretrain import mask_generator, momentum_step, train_step
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .config import DECODER_MLP_RATIO
+from ..config import DECODER_MLP_RATIO
 
 TRAIN_MULT = 3.0  # forward + input grad + weight grad
 PATCH_EMBED_MULT = 2.0  # forward + weight grad (the image needs no grad)

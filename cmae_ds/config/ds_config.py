@@ -144,7 +144,7 @@ KNOWN_BF16 = frozenset(
 _OWNED_BY_YAML = {
     'optimizer': 'the optimizer is built from the YAML train section (train.optimizer, train.base_lr, '
     'train.weight_decay, train.betas, with the no-decay parameter groups of docs/spec.md section 8)',
-    'scheduler': 'lr and momentum follow cmae_ds.schedules from the YAML (train.warmup_epochs, train.epochs, '
+    'scheduler': 'lr and momentum follow cmae_ds.engine.schedules from the YAML (train.warmup_epochs, train.epochs, '
     'train.base_lr, train.min_lr)',
     'activation_checkpointing': 'per-block activation checkpointing is switched by model.activation_checkpointing '
     "in the YAML; DeepSpeed's section has no effect on this model",

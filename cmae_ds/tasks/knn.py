@@ -149,7 +149,7 @@ class KnnEvaluator:
 
 
 class KnnMonitor:
-    """Pretraining observer (`cmae_ds.engine.pretrain.train(..., observer=KnnMonitor(...))`): every
+    """Pretraining observer (`cmae_ds.tasks.pretrain.train(..., observer=KnnMonitor(...))`): every
     `knn.every_steps` optimizer steps, kNN top-1/top-5 of the online encoder's mean-pooled patch features, logged
     to TensorBoard as knn/top1, knn/top5 in <run_dir>/tensorboard and appended to <run_dir>/knn.jsonl (rank 0;
     nothing is written without run_dir). Collective: the observer runs on every rank. The loaders are built at the

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from ..output_dir import save_atomically
+from ...storage.output_dir import save_atomically
 
 
 def consolidated_state_dict(engine, model: torch.nn.Module, zero_stage: int) -> dict:

@@ -1,4 +1,4 @@
-"""Top-1 / top-5 evaluation on one or many ranks (the classifier files it reads: cmae_ds.classifier_files).
+"""Top-1 / top-5 evaluation on one or many ranks (the classifier files it reads: cmae_ds.modelfiles.classifier).
 
 With several ranks the evaluation loader pads the last batch DistributedSampler-style; padded samples carry
 `valid=False` and are not counted, so every image of the validation set counts exactly once.

@@ -14,21 +14,21 @@ from typing import Optional
 import torch
 
 from ..config import Config
+from ..config.ds_config import ResolvedBatch, compute_dtype
 from ..data import build_pretrain_loader
-from ..ds_config import ResolvedBatch, compute_dtype
+from ..engine.checkpoints import elastic, store
+from ..engine.checkpoints.model_state import save_model_file
+from ..engine.checkpoints.store import Checkpointer
+from ..engine.dist import DistContext
+from ..engine.logger import RunLogger
+from ..engine.loop import Loop, Progress, RunStart, start_run
+from ..engine.metrics import StepMetrics, due
+from ..engine.optim import build_optimizer, param_groups, undo_initial_step
+from ..engine.run_files import write_run_files
+from ..engine.schedules import make_schedule, momentum_at
 from ..errors import NonFiniteLoss  # noqa: F401 (part of this module's API)
 from ..models import CMAE
-from ..schedules import make_schedule, momentum_at
 from ..seeds import mask_seed, model_seed, resumed_rank_seeds
-from . import checkpointing, elastic
-from .checkpointing import Checkpointer
-from .dist import DistContext
-from .logger import RunLogger
-from .loop import Loop, Progress, RunStart, start_run
-from .metrics import StepMetrics, due
-from .model_state import save_model_file
-from .optim import build_optimizer, param_groups, undo_initial_step
-from .run_files import write_run_files
 
 
 def momentum_at_step(cfg: Config, schedule, step: int) -> float:
@@ -73,13 +73,13 @@ def _restore_rank_state(
 ) -> None:
     """RNG streams of this rank. A resume on more ranks than saved reseeds the new ranks from (seed, rank, step):
     the run continues correctly, only not bit-for-bit as an uninterrupted one would."""
-    state = checkpointing.load_rank_state(ckpt_dir, tag, ctx.rank, trust=trust)
+    state = store.load_rank_state(ckpt_dir, tag, ctx.rank, trust=trust)
     if state is None:
         torch_seed, mask = resumed_rank_seeds(cfg.train.seed, ctx.rank, progress.step)
         torch.manual_seed(torch_seed)
         mask_gen.manual_seed(mask)
         return
-    checkpointing.set_rng_state(state['rng'])
+    store.set_rng_state(state['rng'])
     mask_gen.set_state(state['mask_rng'])
 
 
@@ -162,7 +162,7 @@ class PretrainTask:
         return {'progress': asdict(progress), 'config': self.cfg.to_dict()}
 
     def rank_state(self) -> dict:
-        return {'rng': checkpointing.rng_state(), 'mask_rng': self.mask_gen.get_state()}
+        return {'rng': store.rng_state(), 'mask_rng': self.mask_gen.get_state()}
 
 
 def train(
@@ -177,7 +177,7 @@ def train(
 
     `observer(step, engine, model)`, if given, is called on every rank at start and after each optimizer step's
     momentum update (tests use it to follow the weights; monitors to evaluate). `trust_checkpoint`: resume without
-    the checks of cmae_ds.safe_load; `take_over_lock`: take the run folder's lock from a run that is gone.
+    the checks of cmae_ds.modelfiles.safe_load; `take_over_lock`: take the run folder's lock from a run that is gone.
     """
     with start_run(
         ds_path, cfg, cfg.train, cfg.kernels, resume, trust=trust_checkpoint, take_over_lock=take_over_lock

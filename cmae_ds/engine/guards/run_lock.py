@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from ..errors import RunLockedError
-from ..output_dir import MIN_FREE_BYTES, check_output_dir
-from . import checkpointing
+from ...errors import RunLockedError
+from ...storage.output_dir import MIN_FREE_BYTES, check_output_dir
+from ..checkpoints import store
 
 LOCK = 'run.lock'
 HEARTBEAT_S = 15.0
@@ -229,7 +229,7 @@ def guard(run_dir: Path | str, take_over: bool = False, key: str = 'train.output
     """Around a training run: the run folder is writable with room for a checkpoint (every rank: each writes its
     own files), and rank 0 holds its lock until the run ends, normally or by an exception."""
     run_dir = Path(run_dir)
-    need = max(checkpointing.newest_size(run_dir / 'checkpoints'), MIN_FREE_BYTES)
+    need = max(store.newest_size(run_dir / 'checkpoints'), MIN_FREE_BYTES)
     check_output_dir(run_dir, need_bytes=need, key=key)
     lock = RunLock(run_dir) if _is_rank0() else None
     if lock is not None:

@@ -1,5 +1,5 @@
 """Run checkpoints on top of DeepSpeed's: a completion marker per tag listing every file with its checksums
-(engine/checkpoint_verify.py), an atomically replaced `latest` pointer, resume selection that passes over damaged
+(verify.py), an atomically replaced `latest` pointer, resume selection that passes over damaged
 checkpoints, pruning to the last K, and `Checkpointer`, which owns when a run saves. A crash or kill during a save
 leaves `latest` on the previous complete checkpoint; a save that cannot write (full disk, read-only, permission)
 removes its partial folder on every rank's word and stops the run with one line (output_dir.OutputWriteError).
@@ -22,13 +22,13 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..atomic_write import atomic_write_text
-from ..config import ConfigError
-from ..output_dir import OutputWriteError, is_write_failure, remove_partial, write_error
-from ..safe_load import CheckpointError, checked_deepspeed_loads, load_checkpoint_file, scan_folder
-from .checkpoint_verify import CHECKSUM, MARKER, check_tag, checksums, sizes
-from .dist import barrier, gather_objects, rank_world
+from ...config import ConfigError
+from ...modelfiles.safe_load import CheckpointError, checked_deepspeed_loads, load_checkpoint_file, scan_folder
+from ...storage.atomic_write import atomic_write_text
+from ...storage.output_dir import OutputWriteError, is_write_failure, remove_partial, write_error
+from ..dist import barrier, gather_objects, rank_world
 from .elastic_zero0 import names_entry
+from .verify import CHECKSUM, MARKER, check_tag, checksums, sizes
 
 POINTER = 'latest'
 
@@ -314,7 +314,7 @@ def load_rank_state(ckpt_dir: Path, tag: str, rank: int, *, trust: bool = False)
 def load(engine, ckpt_dir: Path, tag: str, *, trust: bool = False) -> dict:
     """Load model, optimizer and scheduler state of `tag` into the engine; returns the client state.
 
-    Every file of the tag is scanned first (cmae_ds.safe_load), also those DeepSpeed reads with its own torch.load
+    Every file of the tag is scanned first (modelfiles/safe_load.py), also those DeepSpeed reads with its own torch.load
     (universal checkpoints), and the engine's checkpoint engine reads weights-only; `trust` skips both."""
     scan_folder(ckpt_dir / tag, trust=trust)
     with checked_deepspeed_loads(engine, trust=trust):

@@ -20,26 +20,26 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..checkpoint import classifier_from_pretrained, probe_from_pretrained
-from ..classifier_files import BEST, LAST, save_classifier_file
 from ..config import ConfigError, FinetuneConfig, LinearProbeConfig, TaskConfig
+from ..config.ds_config import ResolvedBatch, compute_dtype
 from ..data import build_classification_loader, list_samples
-from ..ds_config import ResolvedBatch, compute_dtype
+from ..engine.checkpoints import elastic
+from ..engine.checkpoints.model_state import consolidated_state_dict
+from ..engine.checkpoints.store import Checkpointer
+from ..engine.dist import DistContext
+from ..engine.logger import RunLogger
+from ..engine.loop import Loop, Progress, RunStart, start_run
+from ..engine.lr_decay import layer_decay_groups
+from ..engine.metrics import StepMetrics, due
+from ..engine.optim import build_optimizer, build_probe_optimizer, probe_param_groups, undo_initial_step
+from ..engine.run_files import write_run_files
+from ..engine.schedules import make_schedule
 from ..errors import NonFiniteLoss
+from ..modelfiles.classifier import BEST, LAST, save_classifier_file
+from ..modelfiles.formats import classifier_from_pretrained, probe_from_pretrained
 from ..models import ViTClassifier
-from ..schedules import make_schedule
 from ..seeds import model_seed, seed_classifier_rank
-from . import elastic
-from .checkpointing import Checkpointer
-from .dist import DistContext
 from .evaluate import EvalResult, check_labels, evaluate
-from .logger import RunLogger
-from .loop import Loop, Progress, RunStart, start_run
-from .lr_decay import layer_decay_groups
-from .metrics import StepMetrics, due
-from .model_state import consolidated_state_dict
-from .optim import build_optimizer, build_probe_optimizer, probe_param_groups, undo_initial_step
-from .run_files import write_run_files
 
 __all__ = ['train', 'train_step', 'FinetuneResult', 'NonFiniteLoss']
 
@@ -307,7 +307,7 @@ def train(
 ) -> FinetuneResult:
     """Fine-tune (cfg.task a FinetuneConfig) or linearly probe (a LinearProbeConfig) with the DeepSpeed JSON at
     `ds_path`. `resume`: 'auto' (newest complete checkpoint of the run folder), 'none', or a tag.
-    `trust_checkpoint`: read the pretrained weights and the resumed checkpoint without cmae_ds.safe_load's checks;
+    `trust_checkpoint`: read the pretrained weights and the resumed checkpoint without modelfiles/safe_load.py's checks;
     `take_over_lock`: take the run folder's lock from a run that is gone."""
     with start_run(
         ds_path,

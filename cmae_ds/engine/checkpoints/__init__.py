@@ -1,0 +1,1 @@
+"""Run checkpoints: completion marker, verification, resume on another layout, model state."""

@@ -1,0 +1,1 @@
+"""Run guards: stop requests, the step watchdog, the run lock."""

@@ -1,0 +1,1 @@
+"""Model files: formats and converters, classifier files, safe loading."""

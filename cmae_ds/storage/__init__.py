@@ -1,0 +1,1 @@
+"""Writing to disk without leaving half a file: temp-then-rename, run-folder checks."""
