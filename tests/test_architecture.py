@@ -2,6 +2,7 @@
 which, what stays out of models/ and data/, and no import cycle among cmae_ds modules."""
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,7 @@ def resolve(name: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=None)
 def imports(module: str) -> list:
     """(imported name, at module level) for every import statement of the module, relative ones resolved."""
     path = MODULES[module]
@@ -72,6 +74,7 @@ def imports(module: str) -> list:
     return found
 
 
+@functools.lru_cache(maxsize=None)
 def edges(module_level_only: bool) -> dict:
     graph = {}
     for module in MODULES:
