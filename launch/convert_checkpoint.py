@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Convert model checkpoints.
+"""Convert model files between formats (official, ours, encoder only, timm), and run checkpoints to universal.
+
+  python launch/convert_checkpoint.py extract-encoder runs/b300/model.pt encoder.pth model.size=vit_base
 
   official-to-ours SRC OUT [model.key=value ...]   official CMAE pretraining checkpoint -> our CMAE state dict
   extract-encoder  SRC OUT [model.key=value ...]   online encoder only (ours or official source)

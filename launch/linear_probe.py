@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Linear probing (MAE protocol) of a pretrained encoder; the same as `launch/finetune.py --linear-probe`.
-See docs/finetune.md.
 
   deepspeed --num_gpus 8 launch/linear_probe.py --config linprobe_vit_base \\
       --deepspeed_config ds_configs/linprobe_bf16.json linprobe.pretrained=runs/cmae_vit_base_300e/model.pt \\
       data.root=/data/imagenet/train val_data.root=/data/imagenet/val
+
+The run folder gets model_best.pt and model_last.pt for launch/evaluate.py; see docs/finetune.md.
 """
 
 import argparse

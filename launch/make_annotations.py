@@ -16,7 +16,7 @@ from cmae_ds.data.scan import make_annotations  # noqa: E402
 
 
 def parse(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('root', help='ImageNet-style folder: ROOT/<class>/<image>')
     ap.add_argument('out', help='annotation JSON to write')
     ap.add_argument('--prefix', default='', help="stored in every entry (official layout: 'train' or 'val')")

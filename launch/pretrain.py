@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""CMAE pretraining.
+"""CMAE (or MAE) pretraining under DeepSpeed, on one process or many ranks and nodes.
 
   python launch/pretrain.py                                     # embedded default: debug CMAE on shipped photos
   deepspeed --num_gpus 8 launch/pretrain.py --config cmae_vit_base_300e --deepspeed_config ds_configs/zero2_bf16.json \\

@@ -1,7 +1,9 @@
-"""Find unreadable images (truncated or corrupt JPEG, non-image, zero bytes) in an ImageNet-style folder, in
-parallel, and write a clean file list (data.source=filelist, data.root=ROOT) plus a report of the bad ones.
+"""Find the images of a folder that cannot be decoded, and write a clean file list and a report of the bad ones.
 
     python launch/scan_dataset.py data/ImageNet/train --out train_clean.txt --workers 16
+
+Every image is decoded in full, in parallel (truncated or corrupt JPEG, non-image, zero bytes are caught); the clean
+list is for data.source=filelist data.root=ROOT data.ann_file=OUT.
 """
 
 import argparse
@@ -15,7 +17,7 @@ from cmae_ds.data.scan import scan_folder  # noqa: E402
 
 
 def parse(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('root', help='ImageNet-style folder: ROOT/<class>/<image>')
     ap.add_argument('--out', required=True, help='clean file list to write (paths relative to ROOT, label)')
     ap.add_argument('--report', default=None, help='bad files, "path<TAB>reason" a line (default OUT.bad.txt)')

@@ -1,6 +1,6 @@
 """What verifying a checkpoint costs next to loading it, in one process: CMAE at a given size (default ViT-B) under
 DeepSpeed (ZeRO-0 fp32, AdamW state after one step) is saved with engine.checkpoints.store.save, then
-checkpointing.verify and checkpointing.load are timed on the same files, warm (in the page cache, as right after a
+engine.checkpoints.verify.verify and store.load are timed on the same files, warm (in the page cache, as right after a
 save) and cold (the checkpoint's pages evicted with posix_fadvise, as after a requeue on another node).
 
   PYTHONPATH=. python tests/measure_checkpoint_verify.py /tmp/ckpt_bench [--size vit_base] [--repeats 3]
@@ -47,6 +47,8 @@ def main() -> None:
     from cmae_ds.config import load_config
     from cmae_ds.config.ds_config import validate
     from cmae_ds.engine.checkpoints import store as checkpointing
+    from cmae_ds.engine.checkpoints.verify import checksums, manifest, sizes
+    from cmae_ds.engine.checkpoints.verify import verify as verify_files
     from cmae_ds.engine.dist import setup_distributed
     from cmae_ds.tasks.pretrain import build_engine, train_step
 
@@ -67,12 +69,12 @@ def main() -> None:
     save_s = timed(lambda: checkpointing.save(engine, ckpt_dir, 1, {}, 1, True, rank_state={'x': 1}))
     tag = checkpointing.tag_for(1)
     tag_dir = ckpt_dir / tag
-    files = checkpointing.manifest(ckpt_dir, tag)
+    files = manifest(ckpt_dir, tag)
     total = sum(f['size'] for f in files.values())
-    sums_s = timed(lambda: checkpointing._checksums(tag_dir, [checkpointing._sizes(tag_dir)]))
+    sums_s = timed(lambda: checksums(tag_dir, [sizes(tag_dir)]))
 
     def verify():
-        assert checkpointing.verify(ckpt_dir, tag, files) is None
+        assert verify_files(ckpt_dir, tag, files) is None
 
     def load():
         checkpointing.load(engine, ckpt_dir, tag)

@@ -34,6 +34,8 @@ SCRIPT = re.compile(r'^(?:\S*/)?launch/(\w+)\.py$')
 LAUNCHER_START = re.compile(r'^(?:python3?|deepspeed|launch/)')
 INLINE_CODE = re.compile(r'`([^`\n]+(?:\n[^`\n]+)?)`')
 SHELL_SEPARATORS = {'&&', '||', '|', ';', '&'}
+SHELLS = {'bash', 'sh'}
+SHELL_VARIABLE = re.compile(r'^\$\{?\w+\}?$')
 ELIDED = '...'
 
 PARSER_OF: dict = {}  # script -> (the script whose parse() it uses, keyword arguments), where they differ
@@ -45,6 +47,7 @@ class Command:
     text: str
     script: str
     argv: list
+    launcher: Optional[list] = None  # the `deepspeed` launcher's own arguments, when it starts the script
 
 
 class CommandError(Exception):
@@ -79,6 +82,10 @@ def commands_in(text: str, where: str, line: int, inline: bool = False) -> Itera
         return
     segments = [list(g) for sep, g in itertools.groupby(tokens, lambda t: t in SHELL_SEPARATORS) if not sep]
     for seg in segments:
+        shell = next((i for i, t in enumerate(seg[:-2]) if t in SHELLS and seg[i + 1] == '-c'), None)
+        if shell is not None:  # `bash -c "deepspeed ... launch/x.py ..."`, as srun lines in batch scripts have it
+            yield from commands_in(seg[shell + 2], where, line, inline)
+            continue
         hits = [i for i, t in enumerate(seg) if SCRIPT.match(t)]
         if not hits:
             continue
@@ -86,11 +93,12 @@ def commands_in(text: str, where: str, line: int, inline: bool = False) -> Itera
         args = list(itertools.takewhile(lambda t: not re.match(r'^\d?[<>]', t), seg[i + 1 :]))
         if inline and not args:
             continue
-        if 'deepspeed' in seg[:i]:
+        launcher = seg[seg.index('deepspeed') + 1 : i] if 'deepspeed' in seg[:i] else None
+        if launcher is not None:
             args = ['--local_rank=0'] + args
         words = [t.split('|') if re.fullmatch(r'[\w.-]+(\|[\w.-]+)+', t) else [t] for t in args]
         for argv in itertools.product(*words):
-            yield Command(f'{where}:{line}', ' '.join(seg), SCRIPT.match(seg[i]).group(1), list(argv))
+            yield Command(f'{where}:{line}', ' '.join(seg), SCRIPT.match(seg[i]).group(1), list(argv), launcher)
 
 
 def commands_in_prose(lines: list[str], where: str, first: int) -> Iterator[Command]:
@@ -220,10 +228,32 @@ def check_ds_configs(args) -> None:
             raise CommandError(f'{path} is not in the repository')
 
 
+@functools.lru_cache(maxsize=1)
+def deepspeed_runner():
+    from deepspeed.launcher import runner
+
+    return runner
+
+
+def check_launcher(launcher: Optional[list]) -> None:
+    """The `deepspeed` launcher's own flags, against its own parser (a shell variable stands for some value)."""
+    if not launcher:
+        return
+    argv = ['0' if SHELL_VARIABLE.match(t) else t for t in launcher] + ['script.py']
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            deepspeed_runner().parse_args(argv)
+    except SystemExit:
+        message = err.getvalue().strip().splitlines()[-1].split(': error: ', 1)[-1]
+        raise CommandError(f'deepspeed {" ".join(launcher)}: {message}') from None
+
+
 def problem(cmd: Command) -> Optional[str]:
     if not cmd.script:
         return f'{cmd.where}: {cmd.text}\n    {cmd.argv[0]}'
     try:
+        check_launcher(cmd.launcher)
         args = parse(cmd.script, cmd.argv)
         if args is not None:
             check_config(cmd.script, args)
@@ -252,6 +282,9 @@ def test_every_source_and_script_is_covered():
         'docs/finetune.md',
         'docs/data.md',
         'docs/benchmarks.md',
+        'docs/cluster.md',
+        'docs/pretrain.md',
+        'docs/resume.md',
         'launch/pretrain.py',
         'launch/evaluate.py',
         'launch/knn.py',
@@ -277,6 +310,8 @@ def test_every_source_and_script_is_covered():
         ('python launch/pretrain.py --config debug train.no_such_key=1', "unknown key(s) ['no_such_key']"),
         ('python launch/knn.py ckpt.pth knn.k=many', 'knn.k'),
         ('python launch/finetune.py --deepspeed_config ds_configs/missing.json', 'ds_configs/missing.json'),
+        ('deepspeed --hostfile hosts --no_such_flag launch/pretrain.py', 'unrecognized arguments: --no_such_flag'),
+        ('srun bash -c "deepspeed --master_port any launch/pretrain.py"', "--master_port: invalid int value: 'any'"),
     ],
 )
 def test_a_broken_command_is_reported_with_file_and_line(tmp_path, line, message):
@@ -291,14 +326,16 @@ def test_notation_continuations_alternatives_and_optional_groups(tmp_path):
     doc.write_text(
         'Use `launch/benchmark.py --mode model|data` or\n`python launch/make_annotations.py ROOT OUT.json\n'
         '[--prefix train]`.\n\n```\ndeepspeed --num_gpus 2 launch/pretrain.py \\\n'
-        '    train.epochs=2  # a comment\n```\n'
+        '    train.epochs=2  # a comment\n'
+        'srun bash -c "exec deepspeed --no_ssh --node_rank \\$SLURM_NODEID launch/pretrain.py train.epochs=3" &\n```\n'
     )
-    found = [(c.where, c.script, c.argv) for c in markdown_commands(doc, 'README.md')]
+    found = [(c.where, c.script, c.argv, c.launcher) for c in markdown_commands(doc, 'README.md')]
     assert found == [
-        ('README.md:1', 'benchmark', ['--mode', 'model']),
-        ('README.md:1', 'benchmark', ['--mode', 'data']),
-        ('README.md:2', 'make_annotations', ['ROOT', 'OUT.json', '--prefix', 'train']),
-        ('README.md:6', 'pretrain', ['--local_rank=0', 'train.epochs=2']),
+        ('README.md:1', 'benchmark', ['--mode', 'model'], None),
+        ('README.md:1', 'benchmark', ['--mode', 'data'], None),
+        ('README.md:2', 'make_annotations', ['ROOT', 'OUT.json', '--prefix', 'train'], None),
+        ('README.md:6', 'pretrain', ['--local_rank=0', 'train.epochs=2'], ['--num_gpus', '2']),
+        ('README.md:8', 'pretrain', ['--local_rank=0', 'train.epochs=3'], ['--no_ssh', '--node_rank', '$SLURM_NODEID']),
     ]
 
 

@@ -1,8 +1,9 @@
 """Load the DeepSpeed JSON and check it against the YAML config and the world size before anything heavy starts.
 
 The JSON owns ZeRO, precision, loss scaling, batch arithmetic and clipping; the YAML owns the model, the data, the
-optimizer and the schedules (README.md, "Pretraining"). `validate` never writes into the user's dict: it returns a
-`ResolvedBatch` with the numbers the engine needs, and the caller passes the user's JSON to DeepSpeed unchanged.
+optimizer and the schedules (docs/pretrain.md, "Two configs"). `validate` never writes into the user's dict: it
+returns a `ResolvedBatch` with the numbers the engine needs, and the caller passes the user's JSON to DeepSpeed
+unchanged.
 
 Decisions worth knowing:
 - "auto" values (a Hugging Face Trainer / Accelerate convention that DeepSpeed itself does not resolve: its

@@ -173,7 +173,7 @@ def train(
     trust_checkpoint: bool = False,
     take_over_lock: bool = False,
 ) -> RunResult:
-    """Pretrain CMAE with the DeepSpeed JSON at `ds_path`; see the README for the run folder layout.
+    """Pretrain CMAE with the DeepSpeed JSON at `ds_path`; the run folder layout is in docs/pretrain.md.
 
     `observer(step, engine, model)`, if given, is called on every rank at start and after each optimizer step's
     momentum update (tests use it to follow the weights; monitors to evaluate). `trust_checkpoint`: resume without

@@ -1,4 +1,4 @@
-"""Resuming a run on another number of ranks or another ZeRO stage (README, "Changing the number of GPUs").
+"""Resuming a run on another number of ranks or another ZeRO stage (docs/resume.md).
 
 DeepSpeed's own checkpoints hold each rank's shard of the optimizer and reopen only on the world size, ZeRO stage
 and precision that wrote them. When one differs, the checkpoint is converted once to DeepSpeed's universal format

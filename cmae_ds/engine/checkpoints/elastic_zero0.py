@@ -1,4 +1,4 @@
-"""The ZeRO-0 side of a resume on another ZeRO stage (engine/elastic.py, README "Changing the number of GPUs").
+"""The ZeRO-0 side of a resume on another ZeRO stage (engine/checkpoints/elastic.py, docs/resume.md).
 
 DeepSpeed's universal checkpoint format is written from, and read into, ZeRO 1-3 optimizers only. This module
 writes the universal folder from a ZeRO-0 checkpoint and reads one into a ZeRO-0 engine, so that a run moves
