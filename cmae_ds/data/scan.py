@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import io
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,11 +14,20 @@ from .sources import Sample, folder_samples, write_filelist, write_official_json
 def check_file(path: str) -> Optional[str]:
     """None if `path` decodes completely as an image, else the reason (zero bytes, not an image, truncated...)."""
     try:
-        if os.path.getsize(path) == 0:
-            return 'zero bytes'
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return f'{type(e).__name__}: {e}'
+    return check_bytes(data)
+
+
+def check_bytes(data: bytes) -> Optional[str]:
+    """check_file for the bytes of a file or of a shard record."""
+    if not data:
+        return 'zero bytes'
+    try:
         from PIL import Image
 
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im.load()  # a full decode: verify() alone misses truncated JPEG scans
             if im.width <= 0 or im.height <= 0:
                 return 'empty image'
