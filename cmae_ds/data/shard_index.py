@@ -33,6 +33,7 @@ INDEX_NAME = 'shards.index.npz'
 VERSION = 1
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'ppm', 'pgm', 'pbm', 'pnm', 'tif', 'tiff')
 CHUNK = 8 << 20
+BLOCK = 512
 
 
 class ShardError(DataSourceError):
@@ -90,7 +91,9 @@ def walk_shard(path: Path) -> list[tuple[str, int, int, int]]:
         while True:
             try:
                 m = tf.next()
-            except tarfile.TarError as e:
+            except tarfile.TarError as e:  # it checks that the previous member's blocks are all there
+                if 'unexpected end of data' in str(e):
+                    raise ShardError(f'{path}: truncated at key {last} (its blocks run past the end)') from None
                 raise ShardError(f'{path}: corrupt tar header after key {last} ({e})') from None
             if m is None:
                 break
@@ -128,6 +131,8 @@ def _read_cls(f, m: tarfile.TarInfo, path: Path) -> int:
 
 def _check_tail(f, offset: int, end: int, path: Path, last: str) -> None:
     """tarfile stops at the first block that is not a valid header: only zero padding may follow it."""
+    if 0 < end - offset < BLOCK:
+        raise ShardError(f'{path}: truncated after key {last} (a partial tar header ends the file)')
     pos = offset
     while pos < end:
         block = os.pread(f.fileno(), min(CHUNK, end - pos), pos)
@@ -214,8 +219,7 @@ def load_index(root: str | os.PathLike) -> Index:
     names = shard_names(root)
     if not names:
         raise DataSourceError(f'data.source shards: no .tar files in {root}')
-    paths = [p for p in (root / INDEX_NAME, cached_index_path(root)) if p.is_file()]
-    found = [(p, read_index(p)) for p in paths]
+    found = [(p, read_index(p)) for p in index_files(root)]
     for path, index in found:
         if not stale_shards(root, index, names, path):
             return index
@@ -225,8 +229,19 @@ def load_index(root: str | os.PathLike) -> Index:
     else:
         log.warning('data: %s has shards without an index; building one (reads every shard once)', root)
         index = index_shards(root, names)
-    _store(index, root)
+    store_index(index, root)
     return index
+
+
+def index_files(root: Path) -> list[Path]:
+    """The index files of root that exist: beside the shards, then in the user cache."""
+    return [p for p in (Path(root) / INDEX_NAME, cached_index_path(root)) if p.is_file()]
+
+
+def load_index_file(root: Path):
+    """The first index file of root as it is (unchecked), or None."""
+    files = index_files(root)
+    return read_index(files[0]) if files else None
 
 
 def index_shards(root: Path, names: list[str]) -> Index:
@@ -290,9 +305,13 @@ def _reindex(root: Path, index: Index, names: list[str], rewalk: set) -> Index:
     return new
 
 
-def _store(index: Index, root: Path) -> Path:
+def writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK)
+
+
+def store_index(index: Index, root: Path) -> Path:
     """Beside the shards when that folder is writable, else in the user cache."""
-    if os.access(root, os.W_OK):
+    if writable(root):
         try:
             save_index(index, root / INDEX_NAME)
             return root / INDEX_NAME
