@@ -263,3 +263,24 @@ def test_training_from_shards_on_two_ranks_resumes_on_one(tmp_path, packed):
     _, b = _run(tmp_path, 'B', 1, 2, 2, tmp_path / 'B', ['train.max_steps=2', *data], record='4')
     _assert_equal(b[2], a[2])
     _assert_continues(b[4], a[4], a[2], ('online',), 'shards: MAE 2 ranks -> 1 rank x accumulation 2')
+
+
+def test_knn_evaluation_reads_labels_from_the_shards(tmp_path):
+    """The classification tasks take a DataConfig: kNN on shards equals kNN on the folders they were packed from."""
+    from cmae_ds.config import DataConfig, KnnConfig, ModelConfig
+    from cmae_ds.models import CMAE
+    from cmae_ds.tasks.knn import KnnEvaluator, mean_patch_features
+
+    from finetune_helpers import write_class_folder
+
+    results = {}
+    folders = [write_class_folder(tmp_path / s, [8] * 4, seed=k) for k, s in enumerate(('train', 'val'))]
+    for f in folders:
+        pack(list_samples(cfg(f, 'torch')), f.with_name(f.name + '_shards'), workers=1, progress=False)
+    encoder = CMAE(ModelConfig(size='debug', img_size=32, patch_size=8, decoder_depth=1)).encoder.eval()
+    for source, suffix in (('folder', ''), ('shards', '_shards')):
+        train, val = (DataConfig(source=source, root=f'{f}{suffix}', pipeline='torch', num_workers=0) for f in folders)
+        evaluator = KnnEvaluator(KnnConfig(batch_size=16), train, val, 32, 0, 1, torch.device('cpu'))
+        results[source] = (evaluator.num_classes, evaluator(mean_patch_features(encoder)))
+    assert results['shards'][0] == 4 and results['shards'] == results['folder']
+    assert results['shards'][1].top1 >= 90
