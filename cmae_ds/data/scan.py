@@ -93,7 +93,7 @@ def scan_shards(root: str, workers: int = 1, report: Optional[str] = None) -> Sc
 
     rootp = Path(root)
     names = shard_names(rootp)
-    fresh = index_shards(rootp, names)
+    fresh = index_shards(rootp, names, workers)
     old = load_index_file(rootp)
     if old is not None:
         fresh.meta = old.meta  # make_shards' fingerprint: a rerun of the packing still recognises the folder

@@ -244,9 +244,17 @@ def load_index_file(root: Path):
     return read_index(files[0]) if files else None
 
 
-def index_shards(root: Path, names: list[str]) -> Index:
-    records = [walk_shard(root / n) for n in names]
-    return build_index(root, [describe_shard(root / n) for n in names], records)
+def index_shards(root: Path, names: list[str], workers: int = 1) -> Index:
+    """Walk and checksum every shard, in `workers` processes (scan_dataset.py) or in this one (a rank)."""
+    paths = [root / n for n in names]
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            records, descs = list(pool.map(walk_shard, paths)), list(pool.map(describe_shard, paths))
+    else:
+        records, descs = [walk_shard(p) for p in paths], [describe_shard(p) for p in paths]
+    return build_index(root, descs, records)
 
 
 def stale_shards(root: Path, index: Index, names: list[str], where: Path) -> list[str]:
