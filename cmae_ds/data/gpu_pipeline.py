@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
@@ -51,7 +52,11 @@ def jpeg_components(buf: bytes) -> int:
     return 0
 
 
-def read_sample(data: bytes) -> torch.Tensor:
+def read_sample(path: str) -> torch.Tensor:
+    return sample_from_bytes(Path(path).read_bytes())
+
+
+def sample_from_bytes(data: bytes) -> torch.Tensor:
     """Worker side: a 3-component JPEG's bytes as uint8 (n,) for the batched decoder; anything else decoded here
     with PIL -> uint8 (3, H, W). Raises on a file PIL cannot read (the dataset turns that into a skip)."""
     if jpeg_components(data) == 3:
@@ -63,7 +68,7 @@ class BytesDataset(ViewDataset):
     """ViewDataset whose items carry the file (bytes or a CPU-decoded image) instead of the views."""
 
     def load(self, i: int) -> torch.Tensor:
-        return read_sample(record_bytes(self.samples, i))
+        return sample_from_bytes(record_bytes(self.samples, i))
 
     def _transform(self, img: torch.Tensor, epoch: int, index: int) -> dict:
         return dict(data=img)

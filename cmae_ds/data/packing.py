@@ -147,6 +147,13 @@ def check_out(out: Path, fp: str) -> str:
 def pack(samples: list[Sample], out, shard_bytes: int = 10**9, workers: int = 4, progress: bool = True) -> tuple:
     """Write the shards and index of `samples` into `out`; -> (index, shards written now)."""
     out = Path(out)
+    try:
+        return _pack(samples, out, shard_bytes, workers, progress)
+    except OSError as e:  # a source file gone or unreadable, a full disk: one line, naming the file
+        raise PackError(f'make_shards: {e}') from e
+
+
+def _pack(samples: list[Sample], out: Path, shard_bytes: int, workers: int, progress: bool) -> tuple:
     with ProcessPoolExecutor(max(1, workers)) as pool:
         sizes = list(pool.map(os.path.getsize, [p for p, _ in samples], chunksize=256))
         fp = fingerprint(samples, sizes, shard_bytes)
@@ -162,12 +169,18 @@ def pack(samples: list[Sample], out, shard_bytes: int = 10**9, workers: int = 4,
         jobs = {
             pool.submit(write_shard, str(out / shard_name(s)), [(i, *samples[i]) for i in plan[s]]): s for s in todo
         }
+        failed = None
         for job in as_completed(jobs):
             s = jobs[job]
+            if job.exception() is not None:  # the others are still recorded: a rerun writes only this one
+                failed = failed or job.exception()
+                continue
             desc, records = job.result()
             _write_json(work / f'{shard_name(s)}.json', dict(desc=desc, records=records))
             bar.update(sum(sizes[i] for i in plan[s]))
         bar.close()
+        if failed is not None:
+            raise failed
     index = _assemble(out, len(plan), fp)
     shutil.rmtree(work)
     return index, len(todo)
