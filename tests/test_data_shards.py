@@ -151,6 +151,21 @@ def test_a_truncated_shard_stops_with_one_line_naming_it_and_the_key(packed, tmp
     assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [f'error: {msg}']
 
 
+def test_a_touched_shard_is_checksummed_and_a_missing_one_refused(packed, tmp_path, caplog):
+    """Another mtime with the same bytes (a copy that did not keep times) costs one checksum, not a new walk."""
+    root = _copy(packed[1], tmp_path)
+    shard = root / 'shard-000004.tar'
+    os.utime(shard, ns=(1, 10**18))
+    with caplog.at_level(logging.WARNING):
+        assert len(list_samples(shards_cfg(root))) == N
+    assert 'new mtimes and unchanged checksums' in caplog.text and 'indexing them again' not in caplog.text
+    index = shard_index.read_index(root / INDEX_NAME)
+    assert [s['mtime_ns'] for s in index.shards if s['name'] == shard.name] == [10**18]
+    shard.unlink()
+    with pytest.raises(ShardError, match=f'{shard}: listed in the index .* but missing'):
+        list_samples(shards_cfg(root))
+
+
 def test_a_corrupt_header_stops_naming_the_shard_and_the_key_before_it(packed, tmp_path):
     root = _copy(packed[1], tmp_path)
     shard = root / 'shard-000001.tar'
