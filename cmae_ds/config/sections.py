@@ -12,7 +12,7 @@ from .fields import ConfigError, check_declared, choice, ranged
 from .sizes import ENCODER_SIZES, size_defaults
 
 PIPELINES = ('auto', 'dali', 'torch_gpu', 'torch')
-SOURCES = ('embedded', 'folder', 'json', 'filelist', 'synthetic')
+SOURCES = ('embedded', 'folder', 'json', 'filelist', 'shards', 'synthetic')
 
 
 @dataclass
@@ -107,9 +107,11 @@ class DataConfig:
 
     source: str = choice('embedded', SOURCES)
     """'embedded' (photos shipped with the package), 'folder' (ImageNet-style), 'json' (official annotation
-    file), 'filelist' (one path per line, optionally followed by a label), or 'synthetic'."""
+    file), 'filelist' (one path per line, optionally followed by a label), 'shards' (webdataset tars, read by index;
+    launch/make_shards.py packs the other sources), or 'synthetic'."""
     root: str = ''
-    """Image folder; for 'json' and 'filelist', the folder that relative paths in `ann_file` start from."""
+    """Image folder; for 'json' and 'filelist', the folder that relative paths in `ann_file` start from; for 'shards',
+    the folder of .tar files."""
     ann_file: str = ''
     """The official JSON annotation file or the file list, for those sources."""
     pipeline: str = choice('auto', PIPELINES)
@@ -127,8 +129,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_declared(self, self.section)
-        if self.source in ('folder',) and not self.root:
-            raise ConfigError("data.root must be set for data.source 'folder'")
+        if self.source in ('folder', 'shards') and not self.root:
+            raise ConfigError(f'data.root must be set for data.source {self.source!r}')
         if self.source in ('json', 'filelist') and not self.ann_file:
             raise ConfigError(f'data.ann_file must be set for data.source {self.source!r}')
 

@@ -21,9 +21,14 @@ from .draws import ATTEMPTS, CLS_COLUMNS, DALI_COLUMNS
 READER = 'reader'
 
 
-def read_files(files: list[str], indices: list[int]):
+def read_files(files, indices: list[int]):
     """-> (encoded bytes, dataset index). pad_last_batch repeats the last file so the final batch is full; the
-    iterator's PARTIAL policy trims it again."""
+    iterator's PARTIAL policy trims it again. `files` may instead be a dali_pipeline.RecordFeed (shards): an
+    external source of the batch's bytes, padded the same way."""
+    if callable(files):
+        return fn.external_source(
+            source=files, num_outputs=2, batch=True, batch_info=True, dtype=[types.UINT8, types.INT32]
+        )
     return fn.readers.file(files=files, labels=indices, random_shuffle=False, pad_last_batch=True, name=READER)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Iterator
 
@@ -24,6 +25,7 @@ from .base import EpochLoader
 from .draws import cls_columns, dali_columns, draw_batch
 from .erasing import batch_generator, random_erasing
 from .sampling import ShardPlan
+from .shards import ShardSamples, record_bytes
 from .sources import DataFileError
 
 
@@ -59,6 +61,26 @@ class DrawFeed:
         if self.cls:
             return cls_columns(draw_batch(self.seed, self.epoch, idx, self.extra, scale=C.CLS_SCALE))
         return dali_columns(draw_batch(self.seed, self.epoch, idx, self.extra))
+
+
+class RecordFeed:
+    """External source of the shard graph: iteration i -> (image bytes, dataset index) of batch i's samples, read by
+    index (pread) in `threads` threads. Padded, and repeated past the end, like DrawFeed."""
+
+    def __init__(self, samples: ShardSamples, indices: list[int], batch_size: int, threads: int):
+        self.samples, self.indices, self.batch_size = samples, indices, batch_size
+        self.pool = ThreadPoolExecutor(max(1, threads))
+
+    def __call__(self, info) -> tuple:
+        b = self.batch_size
+        i = min(info.iteration, (len(self.indices) - 1) // b)
+        idx = self.indices[i * b : (i + 1) * b]
+        idx = idx + [idx[-1]] * (b - len(idx))
+        data = list(self.pool.map(lambda k: np.frombuffer(self.samples.read(k), dtype=np.uint8), idx))
+        return data, [np.array([k], dtype=np.int32) for k in idx]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
 
 
 class DaliLoader(EpochLoader):
@@ -121,21 +143,30 @@ class DaliLoader(EpochLoader):
         if not batches:
             return
         indices = [int(i) for idx, _ in batches for i in idx]
-        files = [self.paths[i] for i in indices]
+        shards = isinstance(self.samples, ShardSamples)
+        files = (
+            RecordFeed(self.samples, indices, self.plan.batch_size, self.num_threads)
+            if shards
+            else [self.paths[i] for i in indices]
+        )
         feed = (
             DrawFeed(indices, self.plan.batch_size, self.plan.seed, epoch, self.extra, self.mode)
             if self.mode != 'cls_eval'
             else None
         )
         pipe = self._build(files, indices, dali_pipeline_seed(self.plan.seed, epoch, self.plan.rank, start_batch), feed)
-        it = DALIGenericIterator(
-            pipe,
-            self.output_map,
-            reader_name=READER,
-            auto_reset=False,
-            last_batch_policy=LastBatchPolicy.PARTIAL,
-            prepare_first_batch=False,
-        )
+        # The shard feed is no reader DALI can ask for the epoch size: it is given, with the padding the feed adds.
+        size = dict(size=len(indices), last_batch_padded=True) if shards else dict(reader_name=READER)
+        with warnings.catch_warnings():  # its advice to name a reader, which the feed is not
+            warnings.filterwarnings('ignore', message='Please set `reader_name`')
+            it = DALIGenericIterator(
+                pipe,
+                self.output_map,
+                **size,
+                auto_reset=False,
+                last_batch_policy=LastBatchPolicy.PARTIAL,
+                prepare_first_batch=False,
+            )
         try:
             for b, (_, valid) in enumerate(batches, start_batch):
                 try:
@@ -147,6 +178,8 @@ class DaliLoader(EpochLoader):
                 yield self._finish(raw, valid, epoch, b)
         finally:
             del it, pipe
+            if shards:
+                files.close()
 
     def _finish(self, raw: dict, valid: np.ndarray, epoch: int, b: int) -> dict:
         index = raw['index'].reshape(-1).to(torch.int64)
@@ -171,9 +204,7 @@ class DaliLoader(EpochLoader):
         msg = str(err)
         named = [p for p in set(re.findall(r'[\w./\\:-]*[\w-]\.\w+', msg)) if p in self._path_set()]
         if not named:
-            from .scan import check_file
-
-            named = [self.paths[i] for idx, _ in near for i in idx if check_file(self.paths[i]) is not None]
+            named = [self.paths[i] for idx, _ in near for i in idx if self._unreadable(i)]
         lines = [ln.strip() for ln in msg.splitlines() if ln.strip() and 'no longer valid' not in ln]
         first = lines[-1] if lines else type(err).__name__  # DALI puts the decoder's own words last
         names = ', '.join(dict.fromkeys(named)) or 'a file of this batch (could not tell which)'
@@ -181,6 +212,11 @@ class DaliLoader(EpochLoader):
             f'{self.name} pipeline cannot decode {names}: {first}\n'
             f'Run launch/scan_dataset.py to list every unreadable file and write a clean file list.'
         )
+
+    def _unreadable(self, i: int) -> bool:
+        from .scan import check_bytes
+
+        return check_bytes(record_bytes(self.samples, i)) is not None
 
     def _path_set(self) -> set:
         if not hasattr(self, '_paths_cache'):

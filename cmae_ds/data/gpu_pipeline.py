@@ -25,6 +25,7 @@ from . import views_torch as V
 from .draws import draw_batch
 from .normalize import normalize
 from .sampling import sample_rng
+from .shards import record_bytes
 from .torch_pipeline import TorchLoader, ViewDataset
 
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (DHT, JPG, DAC are not)
@@ -52,19 +53,22 @@ def jpeg_components(buf: bytes) -> int:
 
 
 def read_sample(path: str) -> torch.Tensor:
+    return sample_from_bytes(Path(path).read_bytes())
+
+
+def sample_from_bytes(data: bytes) -> torch.Tensor:
     """Worker side: a 3-component JPEG's bytes as uint8 (n,) for the batched decoder; anything else decoded here
     with PIL -> uint8 (3, H, W). Raises on a file PIL cannot read (the dataset turns that into a skip)."""
-    data = Path(path).read_bytes()
     if jpeg_components(data) == 3:
         return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return V.to_uint8_chw(V.decode_rgb(path))
+    return V.to_uint8_chw(V.decode_rgb(io.BytesIO(data)))
 
 
 class BytesDataset(ViewDataset):
     """ViewDataset whose items carry the file (bytes or a CPU-decoded image) instead of the views."""
 
-    def load(self, path: str) -> torch.Tensor:
-        return read_sample(path)
+    def load(self, i: int) -> torch.Tensor:
+        return sample_from_bytes(record_bytes(self.samples, i))
 
     def _transform(self, img: torch.Tensor, epoch: int, index: int) -> dict:
         return dict(data=img)
@@ -175,7 +179,7 @@ class GpuLoader(TorchLoader):
             if img is not None:
                 continue
             source = int(raw['source'][n])  # the file the worker read (the item's own or its substitute)
-            i, pil, passed = self.dataset.first_readable(source, start=1, load=V.decode_rgb)
+            i, pil, passed = self.dataset.first_readable(source, start=1, load=self.dataset.decode)
             bad += [f'{self.dataset.samples[source][0]} (decode_jpeg and PIL cannot decode it)'] + passed
             imgs[n] = V.to_uint8_chw(pil).to(self.device)
             raw['label'][n] = self.dataset.samples[i][1]

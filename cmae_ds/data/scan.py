@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+import numpy as np
 
 from .sources import Sample, folder_samples, write_filelist, write_official_json
 
@@ -14,11 +17,20 @@ from .sources import Sample, folder_samples, write_filelist, write_official_json
 def check_file(path: str) -> Optional[str]:
     """None if `path` decodes completely as an image, else the reason (zero bytes, not an image, truncated...)."""
     try:
-        if os.path.getsize(path) == 0:
-            return 'zero bytes'
+        data = Path(path).read_bytes()
+    except OSError as e:
+        return f'{type(e).__name__}: {e}'
+    return check_bytes(data)
+
+
+def check_bytes(data: bytes) -> Optional[str]:
+    """check_file for the bytes of a file or of a shard record."""
+    if not data:
+        return 'zero bytes'
+    try:
         from PIL import Image
 
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             im.load()  # a full decode: verify() alone misses truncated JPEG scans
             if im.width <= 0 or im.height <= 0:
                 return 'empty image'
@@ -31,6 +43,7 @@ def check_file(path: str) -> Optional[str]:
 class ScanResult:
     good: list[Sample] = field(default_factory=list)
     bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    report: str = ''
 
 
 def scan_samples(samples: list[Sample], workers: int = 1, chunksize: int = 64) -> ScanResult:
@@ -64,3 +77,49 @@ def scan_folder(root: str, out: str, workers: int = 1, report: Optional[str] = N
 def make_annotations(root: str, out: str, prefix: str = '') -> int:
     """The official CMAE annotation JSON for an ImageNet-style folder; returns the number of images."""
     return write_official_json(root, out, prefix)
+
+
+def _check_shard_records(path: str, records: list[tuple[str, int, int]]) -> list[Optional[str]]:
+    with open(path, 'rb') as f:
+        return [check_bytes(os.pread(f.fileno(), size, offset)) for _, offset, size in records]
+
+
+def scan_shards(root: str, workers: int = 1, report: Optional[str] = None) -> ScanResult:
+    """Walk every shard in full (a truncated or corrupt one stops with a ShardError naming it and the first bad
+    key), compare with the index (a stale one is rewritten, or cached when root is read-only) and decode every
+    record; bad records, 'shard.tar:member<TAB>reason' a line, go to `report` (default ROOT/shards.bad.txt, or the
+    cache folder when ROOT is read-only). ScanResult.good lists (record, label)."""
+    from .shard_index import cache_dir, index_shards, load_index_file, shard_names, store_index
+
+    rootp = Path(root)
+    names = shard_names(rootp)
+    fresh = index_shards(rootp, names, workers)
+    old = load_index_file(rootp)
+    if old is not None:
+        fresh.meta = old.meta  # make_shards' fingerprint: a rerun of the packing still recognises the folder
+    if old is None or not same_index(old, fresh):
+        where = store_index(fresh, rootp)
+        print(f'{"no" if old is None else "a stale"} index for {root}: written to {where}')
+    result = ScanResult()
+    per_shard = [[] for _ in names]
+    for i in range(len(fresh)):
+        per_shard[fresh.shard[i]].append((fresh.name[i].decode(), int(fresh.offset[i]), int(fresh.size[i])))
+    paths = [str(rootp / n) for n in names]
+    with ProcessPoolExecutor(max(1, workers)) as pool:
+        reasons = list(pool.map(_check_shard_records, paths, per_shard))
+    for s, (recs, why) in enumerate(zip(per_shard, reasons)):
+        for (name, _, _), reason, label in zip(recs, why, fresh.label[fresh.shard == s]):
+            (result.good if reason is None else result.bad).append(
+                (f'{paths[s]}:{name}', int(label)) if reason is None else (f'{paths[s]}:{name}', reason)
+            )
+    report = report or str(rootp / 'shards.bad.txt' if os.access(rootp, os.W_OK) else cache_dir() / 'shards.bad.txt')
+    Path(report).write_text(''.join(f'{p}\t{r}\n' for p, r in result.bad))
+    result.report = report
+    return result
+
+
+def same_index(a, b) -> bool:
+    keys = ('name', 'size', 'mtime_ns', 'crc32', 'samples')
+    if [[s[k] for k in keys] for s in a.shards] != [[s[k] for k in keys] for s in b.shards]:
+        return False
+    return all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ('shard', 'offset', 'size', 'label', 'name'))

@@ -9,6 +9,7 @@ Formats:
 - 'filelist': text, one path per line (relative to root unless absolute), optionally followed by whitespace and
   an integer label; blank lines and lines starting with '#' are ignored.
 - 'embedded': the photographs shipped in cmae_ds/data/embedded (label -1).
+- 'shards': webdataset tars in root, read by index (shards.py; labels from '.cls', -1 without).
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ def list_samples(data_cfg) -> list[Sample]:
         samples = filelist_samples(_resolve_ann(data_cfg), data_cfg.root)
     elif source == 'embedded':
         samples = embedded_samples()
+    elif source == 'shards':
+        from .shards import shard_samples
+
+        samples = shard_samples(data_cfg.root)
     elif source == 'synthetic':
         return []
     else:

@@ -21,6 +21,8 @@ from .draws import draw_views, rrc_box
 from .erasing import batch_generator, random_erasing
 from .normalize import normalize
 from .sampling import ShardPlan, sample_rng
+from .shard_index import ShardError
+from .shards import record_file
 
 MAX_SUBSTITUTES = 64
 
@@ -48,18 +50,23 @@ class ViewDataset(Dataset):
 
     def first_readable(self, index: int, start: int = 0, load=None) -> tuple[int, object, list[str]]:
         """(dataset index, loaded image, messages for the unreadable files passed) of the first file from
-        index + start on that `load` (default: self.load) reads."""
+        index + start on that `load(i)` (default: self.load) reads. A damaged shard is no unreadable file: it stops."""
         load, bad = load or self.load, []
         for k in range(start, start + MAX_SUBSTITUTES):
             i = (index + k) % len(self.samples)
             try:
-                return i, load(self.samples[i][0]), bad
+                return i, load(i), bad
+            except ShardError:
+                raise
             except Exception as e:  # noqa: BLE001 - any decoder failure means "unreadable file"
                 bad.append(f'{self.samples[i][0]} ({type(e).__name__}: {e})')
         raise RuntimeError(f'{MAX_SUBSTITUTES} unreadable files in a row from {self.samples[index][0]}: {bad[:3]}')
 
-    def load(self, path: str):
-        return V.decode_rgb(path)
+    def decode(self, i: int):
+        """Sample i as an RGB PIL image, from its file or its shard."""
+        return V.decode_rgb(record_file(self.samples, i))
+
+    load = decode
 
     def _transform(self, img, epoch: int, index: int) -> dict:
         if self.mode == 'pretrain':
