@@ -3,7 +3,7 @@
 See docs/finetune.md.
 
   deepspeed --num_gpus 8 launch/linear_probe.py --config linprobe_vit_base \\
-      --deepspeed_config ds_configs/linprobe_bf16.json linprobe.pretrained=runs/cmae_vit_base_300e/model.pt \\
+      --deepspeed_config ds_configs/linprobe_bf16.json linprobe.pretrained=runs/cmae_vit_base_300e/model.safetensors \\
       data.root=/data/imagenet/train val_data.root=/data/imagenet/val
 """
 
