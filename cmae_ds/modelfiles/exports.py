@@ -65,6 +65,7 @@ def export(action: str, src: str, out: Optional[str], overrides: list, *, trust:
 
 
 def _write(payload: dict, out: Path) -> list[str]:
+    out.parent.mkdir(parents=True, exist_ok=True)
     path = write_model_file(payload, out)
     description = {k: v for k, v in payload.items() if k != 'state_dict'}
     card = write_model_card(path, description, payload['state_dict'])

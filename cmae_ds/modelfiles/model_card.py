@@ -34,9 +34,9 @@ def run_facts(
     """The training facts a pretraining or fine-tuning run puts into its model files (and so into its cards)."""
     data = cfg_dict.get('data', {})
     return {
-        'data': {k: data.get(k) for k in ('source', 'root', 'annotations') if data.get(k) is not None},
+        'data': {k: data[k] for k in ('source', 'root', 'annotations') if data.get(k) not in (None, '')},
         'steps': steps,
-        'epochs': round(epochs, 3),
+        'epochs': epochs,
         'final_loss': final_loss,
         'knn': knn,
         'run_dir': str(run_dir),
@@ -129,7 +129,7 @@ def _training_lines(run: dict) -> list[str]:
     loss = run.get('final_loss')
     lines = [
         f'- data: {source}',
-        f'- steps: {run.get("steps")} optimizer steps ({run.get("epochs")} epochs)',
+        f'- steps: {run.get("steps")} optimizer steps ({_epochs(run.get("epochs"))} epochs)',
         f'- final loss: {loss:.4f}' if isinstance(loss, (int, float)) else '- final loss: not logged',
     ]
     knn = run.get('knn')
@@ -144,13 +144,25 @@ def _training_lines(run: dict) -> list[str]:
     return lines
 
 
+def _epochs(value) -> str:
+    return f'{value:.3g}' if isinstance(value, (int, float)) else 'unknown'
+
+
 def _loading(name: str, fmt: str, d: dict) -> list[str]:
-    if fmt == 'cmae_ds.timm':
-        arch = d.get('timm_model') or 'vit_base_patch16_224'
+    if fmt == 'cmae_ds.timm' and d.get('timm_model'):
         return [
             'import timm',
-            f"model = timm.create_model('{arch}', pretrained=True, num_classes=0,",
+            f"model = timm.create_model('{d['timm_model']}', pretrained=True, num_classes=0,",
             f"                          pretrained_cfg_overlay=dict(file='{name}'))",
+        ]
+    if fmt == 'cmae_ds.timm':  # a size timm has no name for: its VisionTransformer with our arguments
+        return [
+            'from safetensors.torch import load_file',
+            'from timm.models.vision_transformer import VisionTransformer',
+            'from cmae_ds.config import ModelConfig',
+            'from cmae_ds.modelfiles.formats import read_file, timm_kwargs',
+            f"model = VisionTransformer(**timm_kwargs(ModelConfig(**read_file('{name}')['model_config'])))",
+            f"model.load_state_dict(load_file('{name}'))",
         ]
     if fmt == 'cmae_ds.classifier':
         return [
