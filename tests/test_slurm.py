@@ -75,6 +75,18 @@ def test_a_step_uses_its_own_tasks_and_nodes():
     }
 
 
+def test_only_task_0_takes_the_run_lock(monkeypatch):
+    """The lock is taken before the process group exists: from SLURM_PROCID where no launcher set RANK."""
+    from cmae_ds.engine.guards import run_lock
+
+    for env, first in ((task(0), True), (task(1), False), (task(1, RANK='0'), True), ({}, True)):
+        for key in ('RANK', 'WORLD_SIZE', 'SLURM_PROCID'):
+            monkeypatch.delenv(key, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert run_lock._is_rank0() is first, env
+
+
 def test_launchers_settings_are_kept():
     assert slurm_env(task(3, RANK='3', WORLD_SIZE='8')) is None  # torchrun, deepspeed
     assert slurm_env({'RANK': '0'}) is None

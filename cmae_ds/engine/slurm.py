@@ -96,10 +96,17 @@ def _int(env: Mapping[str, str], key: str) -> int:
         raise ConfigError(f'{key}={env.get(key)!r}: a Slurm task needs it as an integer') from None
 
 
+def slurm_rank(env: Mapping[str, str]) -> Optional[int]:
+    """This task's rank when srun started it without a launcher (no RANK/WORLD_SIZE), else None."""
+    if 'RANK' in env or 'WORLD_SIZE' in env or 'SLURM_PROCID' not in env:
+        return None
+    return _int(env, 'SLURM_PROCID')
+
+
 def slurm_env(env: Mapping[str, str]) -> Optional[dict]:
     """The torch.distributed variables for a task srun started, or None when a launcher has set RANK/WORLD_SIZE or
     the process is no Slurm task. The task count of the step (srun's own) wins over the job's."""
-    if 'RANK' in env or 'WORLD_SIZE' in env or 'SLURM_PROCID' not in env:
+    if slurm_rank(env) is None:
         return None
     world_key = 'SLURM_STEP_NUM_TASKS' if 'SLURM_STEP_NUM_TASKS' in env else 'SLURM_NTASKS'
     rank, world = _int(env, 'SLURM_PROCID'), _int(env, world_key)
