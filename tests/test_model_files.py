@@ -1,6 +1,7 @@
 """Model files as safetensors (cmae_ds/modelfiles/model_file.py), the exports of launch/convert_checkpoint.py, the
 timm-ready encoder and the model cards written beside every export."""
 
+import json
 from dataclasses import asdict
 
 import pytest
@@ -183,3 +184,15 @@ def test_finetuning_starts_from_any_timm_vit_of_the_size(tmp_path, name):
     assert torch.equal(clf.encoder.blocks[1].attn.qkv.weight, vit.blocks[1].attn.qkv.weight)
     assert clf.encoder.pos_embed.shape[1] == 1 + (96 // cfg.patch_size) ** 2  # resized to the fine-tuning size
     assert clf(torch.randn(2, 3, 96, 96)).shape == (2, 5)
+
+
+def test_a_runs_card_facts_take_the_last_knn_result_it_logged(tmp_path):
+    from cmae_ds.modelfiles.model_card import last_knn, run_facts
+
+    assert last_knn(tmp_path) is None
+    lines = [{'step': 100, 'top1': 20.0, 'top5': 50.0}, {'step': 200, 'top1': 31.25, 'top5': 60.0}]
+    (tmp_path / 'knn.jsonl').write_text(''.join(json.dumps(line) + '\n' for line in lines))
+    cfg = {'data': {'source': 'folder', 'root': '/data/train', 'annotations': ''}, 'train': {'epochs': 3}}
+    facts = run_facts(cfg, 200, 2.5, 1.25, tmp_path, last_knn(tmp_path))
+    assert facts['knn'] == lines[1] and facts['data'] == {'source': 'folder', 'root': '/data/train'}
+    assert (facts['steps'], facts['epochs'], facts['final_loss'], facts['config']) == (200, 2.5, 1.25, cfg)
