@@ -21,6 +21,7 @@ setup(
         'torch>=2.4',
         'torchvision',
         'timm>=1.0',
+        'safetensors>=0.4',
         'deepspeed>=0.16',
         'pyyaml',
         'tensorboard',

@@ -122,9 +122,8 @@ def run_classifier(args, task: str) -> int:
         print(f'done: {result.steps} steps' + (f', last loss {result.last_loss:.4f}' if result.last_loss else ''))
         if result.best_top1 >= 0:
             print(f'best top-1:  {result.best_top1:.2f}')
-        best = result.run_dir / 'model_best.pt'
-        print(f'best model:  {best if best.is_file() else "none (no evaluation yet)"}')
-        print(f'last model:  {result.run_dir / "model_last.pt"}')
+        print(f'best model:  {result.best_file or "none (no evaluation yet)"}')
+        print(f'last model:  {result.last_file}')
         print(f'metrics:     {result.run_dir / "metrics.jsonl"}')
         print(f'tensorboard: tensorboard --logdir {result.run_dir / "tensorboard"}')
     return EXIT_OK

@@ -1,36 +1,40 @@
 #!/usr/bin/env python
 """Convert model files between formats (official, ours, encoder only, timm), and run checkpoints to universal.
 
-  python launch/convert_checkpoint.py extract-encoder runs/b300/model.pt encoder.pth model.size=vit_base
+  python launch/convert_checkpoint.py extract-encoder runs/b300/model.safetensors enc.safetensors model.size=vit_base
 
   official-to-ours SRC OUT [model.key=value ...]   official CMAE pretraining checkpoint -> our CMAE state dict
   extract-encoder  SRC OUT [model.key=value ...]   online encoder only (ours or official source)
-  to-timm          SRC OUT [model.key=value ...]   encoder in timm VisionTransformer names (global_pool='token')
+  to-timm          SRC OUT [model.key=value ...]   encoder in timm VisionTransformer names (global_pool='token'),
+                                                   loadable by timm.create_model(..., pretrained_cfg_overlay=
+                                                   dict(file=OUT)); prints the timm model name
+  to-safetensors   SRC [OUT]                        one of our .pt model files (model.pt, encoder, timm export,
+                                                   model_best.pt/model_last.pt) as .safetensors (default: SRC's name)
   to-universal     RUN [TAG]                        a run checkpoint (default: the newest complete) in DeepSpeed's
                                                    universal format, cached as RUN/checkpoints/TAG/universal
 
-Model fields default to ViT-B/16 at 224; pass model.size=... or the individual fields for other models.
+OUT ending .safetensors (or any name but .pt/.pth/.bin) is written as safetensors with the description (format,
+model config, training facts) as JSON in its metadata; OUT ending .pt/.pth/.bin in the old pickled form. A model card
+(README.md) is written beside every OUT.
+Model fields default to ViT-B/16 at 224, or those the source file describes; pass model.size=... or the individual
+fields for other models.
 """
 
 import argparse
 import sys
 
-import torch
-
 from cmae_ds.cli import add_trust_argument
-from cmae_ds.config import ConfigError, load_config
-from cmae_ds.modelfiles.formats import (
-    CheckpointError,
-    encoder_state,
-    encoder_to_timm,
-    extract_encoder,
-    load_official_cmae,
-)
+from cmae_ds.config import ConfigError
+from cmae_ds.modelfiles.exports import export
+from cmae_ds.modelfiles.formats import CheckpointError
+from cmae_ds.storage.output_dir import OutputWriteError
 
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('action', choices=['official-to-ours', 'extract-encoder', 'to-timm', 'to-universal'])
+    parser.add_argument(
+        'action', choices=['official-to-ours', 'extract-encoder', 'to-timm', 'to-safetensors', 'to-universal']
+    )
     parser.add_argument('src')
     parser.add_argument('out', nargs='?', default=None)
     add_trust_argument(parser)
@@ -43,20 +47,12 @@ def main(argv=None) -> int:
     if args.action == 'to-universal':
         return to_universal(args.src, args.out)
     try:
-        cfg = load_config(None, args.overrides).model
-        trust = args.trust_checkpoint
-        if args.action == 'official-to-ours':
-            # Loading validates every key and shape before anything is written.
-            out = {'state_dict': load_official_cmae(args.src, cfg, trust=trust).state_dict()}
-        elif args.action == 'extract-encoder':
-            out = extract_encoder(args.src, cfg, trust=trust)
-        else:
-            out = encoder_to_timm(encoder_state(args.src, trust=trust))
-    except (CheckpointError, ConfigError) as e:
+        written = export(args.action, args.src, args.out, args.overrides, trust=args.trust_checkpoint)
+    except (CheckpointError, ConfigError, OutputWriteError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    torch.save(out, args.out)
-    print(f'wrote {args.out}')
+    for line in written:
+        print(line)
     return 0
 
 

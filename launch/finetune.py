@@ -3,7 +3,7 @@
 
   python launch/finetune.py --config finetune_debug finetune.pretrained=runs/debug     # CPU smoke run
   deepspeed --num_gpus 8 launch/finetune.py --config finetune_vit_base --deepspeed_config ds_configs/zero1_bf16.json \\
-      finetune.pretrained=runs/cmae_vit_base_300e/model.pt data.root=/data/imagenet/train \\
+      finetune.pretrained=runs/cmae_vit_base_300e/model.safetensors data.root=/data/imagenet/train \\
       val_data.root=/data/imagenet/val finetune.output_dir=runs/ft_b300
   deepspeed --num_gpus 8 launch/finetune.py --linear-probe --config linprobe_vit_base ...   # = launch/linear_probe.py
 

@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """kNN accuracy (k = 20, cosine similarity, temperature 0.07, as DINO) of a pretrained encoder's frozen features.
 
-  python launch/knn.py runs/debug/model.pt data.source=folder data.root=train/ val_data.source=folder val_data.root=val/
-  deepspeed --num_gpus 8 launch/knn.py runs/cmae_b300/model.pt --config my_knn.yaml
+  python launch/knn.py runs/debug data.source=folder data.root=train/ val_data.source=folder val_data.root=val/
+  deepspeed --num_gpus 8 launch/knn.py runs/cmae_b300 --config my_knn.yaml
 
-The checkpoint is anything modelfiles.formats.load_encoder reads (our model.pt or run folder, an extracted encoder,
-an official pretraining checkpoint or backbone). Our model.pt describes its model; otherwise the model section does.
-Features: mean of the patch tokens after the encoder's final norm, at model.img_size. Sections: model, data (the
-labeled training images that vote), val_data, knn. Prints a table and writes JSON (--out).
+The checkpoint is anything modelfiles.formats.load_encoder reads (a run folder or its model.safetensors or older
+model.pt, an extracted encoder, a timm ViT, an official pretraining checkpoint or backbone). Our model files
+describe their model; otherwise the model section does. Features: mean of the patch tokens after the encoder's final
+norm, at model.img_size. Sections: model, data (the labeled training images that vote), val_data, knn. Prints a table
+and writes JSON (--out).
 """
 
 import argparse
@@ -20,7 +21,7 @@ from cmae_ds.cli import add_trust_argument
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('checkpoint', help='pretraining run folder or model.pt, extracted encoder, official checkpoint')
+    parser.add_argument('checkpoint', help='pretraining run folder or model file, encoder, official checkpoint')
     parser.add_argument('--config', default=None, help='YAML file or preset with sections model, data, val_data, knn')
     parser.add_argument('--out', default='knn.json', help='JSON result')
     add_trust_argument(parser)
@@ -30,7 +31,7 @@ def parse(argv=None):
 
 
 def _read(checkpoint: Path, fallback, trust: bool):
-    """(the file's object, its model config): our model.pt carries its ModelConfig; anything else uses the
+    """(the file's object, its model config): our model files carry their ModelConfig; anything else uses the
     config's model section."""
     from cmae_ds.config import ModelConfig
     from cmae_ds.modelfiles.formats import read_file
@@ -44,11 +45,12 @@ def run(args) -> dict:
     from cmae_ds.config import load_task_config
     from cmae_ds.engine.dist import setup_distributed
     from cmae_ds.modelfiles.formats import load_encoder
+    from cmae_ds.modelfiles.model_file import run_model_file
     from cmae_ds.tasks.knn import KnnEvaluator, mean_patch_features
 
     cfg = load_task_config('knn', args.config, args.overrides)
     ckpt = Path(args.checkpoint)
-    ckpt = ckpt / 'model.pt' if ckpt.is_dir() else ckpt
+    ckpt = run_model_file(ckpt) if ckpt.is_dir() else ckpt
     obj, model_cfg = _read(ckpt, cfg.model, args.trust_checkpoint)
     ctx = setup_distributed()
     encoder = load_encoder(obj, model_cfg).to(ctx.device).eval()

@@ -2,7 +2,7 @@
 """Linear probing (MAE protocol) of a pretrained encoder; the same as `launch/finetune.py --linear-probe`.
 
   deepspeed --num_gpus 8 launch/linear_probe.py --config linprobe_vit_base \\
-      --deepspeed_config ds_configs/linprobe_bf16.json linprobe.pretrained=runs/cmae_vit_base_300e/model.pt \\
+      --deepspeed_config ds_configs/linprobe_bf16.json linprobe.pretrained=runs/cmae_vit_base_300e/model.safetensors \\
       data.root=/data/imagenet/train val_data.root=/data/imagenet/val
 
 The run folder gets model_best.pt and model_last.pt for launch/evaluate.py; see docs/finetune.md.

@@ -15,6 +15,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def model_state(path) -> dict:
+    """The weights of a model file the project wrote (safetensors, or the older .pt)."""
+    from cmae_ds.modelfiles.formats import read_file
+
+    return read_file(path)['state_dict']
+
+
 def debug_cfg(**kw) -> ModelConfig:
     return ModelConfig(size='debug', img_size=64, **kw)
 

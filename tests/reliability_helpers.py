@@ -2,7 +2,8 @@
 
 `python tests/reliability_helpers.py launch/pretrain.py ARGS...` with CMAE_TEST_FAIL_SAVE=<substring>:<ERRNO name>
 runs the launch script unchanged except that torch.save raises that OSError for any path containing the substring
-(DeepSpeed's checkpoint engine, the rank files and model.pt all write through torch.save).
+(DeepSpeed's checkpoint engine and the rank files write through torch.save), and so does the write of a model file
+(model.safetensors, cmae_ds/modelfiles/model_file.py) to such a path.
 """
 
 from __future__ import annotations
@@ -58,11 +59,26 @@ def _failing(real_save, pattern: str, code: int):
     return save
 
 
+def _fail_model_files(pattern: str, code: int) -> None:
+    from cmae_ds.modelfiles import model_file
+
+    real = model_file.write_atomically
+
+    def write_atomically(path, write, what='file'):
+        def failing(f):
+            raise OSError(code, os.strerror(code), str(path))
+
+        return real(path, failing if pattern in str(path) else write, what)
+
+    model_file.write_atomically = write_atomically
+
+
 if __name__ == '__main__':
     import torch
 
     pattern, name = os.environ['CMAE_TEST_FAIL_SAVE'].rsplit(':', 1)
     torch.save = _failing(torch.save, pattern, getattr(errno, name))
+    _fail_model_files(pattern, getattr(errno, name))
     sys.argv = sys.argv[1:]
     sys.path.insert(0, str(Path(sys.argv[0]).resolve().parent))
     runpy.run_path(sys.argv[0], run_name='__main__')

@@ -15,7 +15,7 @@ def test_embedded_default_trains_and_reports_its_outputs(tmp_path):
     assert proc.returncode == 0, tail(proc)
     first, last = map(float, re.search(r'loss ([\d.]+) -> ([\d.]+)', proc.stdout).groups())
     assert last < 0.85 * first, proc.stdout  # the loss visibly falls
-    assert (tmp_path / 'model.pt').is_file()
+    assert (tmp_path / 'model.safetensors').is_file()
     assert (tmp_path / 'checkpoints' / 'latest').read_text() == 'step_00000160'
     assert len(list((tmp_path / 'images').glob('*.png'))) >= 2
     assert list((tmp_path / 'tensorboard').glob('events.*'))

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from engine_helpers import TINY, run_python, tail, write_ds
+from helpers import model_state
 
 pytestmark = [pytest.mark.slow]
 
@@ -46,7 +47,7 @@ def pretrain(tmp_path, run, folder, *extra, env=None, script=('launch/pretrain.p
 
 
 def final_state(tmp_path, run):
-    return torch.load(tmp_path / run / 'model.pt', weights_only=True)['state_dict']
+    return model_state(tmp_path / run / 'model.safetensors')
 
 
 def assert_same_weights(a, b):

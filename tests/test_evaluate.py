@@ -59,11 +59,12 @@ def test_padded_samples_are_not_counted():
     assert (result.images, result.top1) == (3, 100.0)
 
 
-def test_our_model_file_round_trips(tmp_path):
+@pytest.mark.parametrize('name', ['model_best.safetensors', 'model_best.pt'])  # the file format, and the older one
+def test_our_model_file_round_trips(tmp_path, name):
     cfg = ModelConfig(size='debug', img_size=32, patch_size=8)
     model = ViTClassifier(cfg, 3, img_size=48)
     save_classifier_file(
-        tmp_path / 'model_best.pt',
+        tmp_path / name,
         model.state_dict(),
         kind='finetune',
         model_cfg=cfg,
@@ -71,7 +72,7 @@ def test_our_model_file_round_trips(tmp_path):
         img_size=48,
         extra={'epoch': 4},
     )
-    loaded = load_classifier(tmp_path)  # a run folder means its model_best.pt; the file describes the model
+    loaded = load_classifier(tmp_path)  # a run folder means its best model file; the file describes the model
     assert (loaded.img_size, loaded.num_classes) == (48, 3) and 'epoch 4' in loaded.description
     x = torch.randn(2, 3, 48, 48)
     assert torch.equal(loaded.model.eval()(x), model.eval()(x))
@@ -85,7 +86,7 @@ def test_clear_errors(tmp_path, official_file, fixture_a):
     torch.save({'state_dict': fixture_a['state_dict']}, tmp_path / 'pretrain.pth')
     with pytest.raises(CheckpointError, match='not a fine-tuned classifier'):
         load_classifier(tmp_path / 'pretrain.pth', fixture_config(fixture_a))
-    with pytest.raises(CheckpointError, match='without model_best.pt'):
+    with pytest.raises(CheckpointError, match='without model_best.safetensors'):
         load_classifier(tmp_path)
     with pytest.raises(ConfigError, match=r'val_data: 1 of 2 images .* label -1 \(this source has no labels\)'):
         check_labels([('a.jpg', 0), ('b.jpg', -1)], 2, 'val_data')

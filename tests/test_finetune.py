@@ -6,8 +6,11 @@ import json
 import pytest
 import torch
 
+from cmae_ds.modelfiles.formats import read_file
+
 from engine_helpers import TINY, run_deepspeed, run_python, tail, write_ds
 from finetune_helpers import write_class_folder
+from helpers import model_state
 
 pytestmark = [pytest.mark.slow]
 
@@ -48,7 +51,7 @@ def setup(tmp_path_factory):
         ]
     )
     assert proc.returncode == 0, tail(proc)
-    assert (root / 'pre' / 'model.pt').is_file()
+    assert (root / 'pre' / 'model.safetensors').is_file() and (root / 'pre' / 'README.md').is_file()
     return dict(root=root, train=train, val=val, ds=ds, pre=root / 'pre')
 
 
@@ -85,9 +88,9 @@ def test_finetune_resume_and_evaluate_on_one_and_two_ranks(setup):
     history = metrics(run)
     assert [(m['epoch'], m['step']) for m in history] == [(0, 3), (1, 4), (2, 8)]
     assert all(m['images'] == 7 for m in history)
-    for name in ('model_best.pt', 'model_last.pt', 'config.yaml', 'ds_config.json'):
+    for name in ('model_best.safetensors', 'model_last.safetensors', 'README.md', 'config.yaml', 'ds_config.json'):
         assert (run / name).is_file(), name
-    last = torch.load(run / 'model_last.pt', weights_only=True)
+    last = read_file(run / 'model_last.safetensors')
     assert (last['img_size'], last['num_classes'], last['step']) == (48, 2, 8)
     assert last['state_dict']['encoder.pos_embed'].shape == (1, 37, 64)
     best = max(history, key=lambda m: m['top1'])  # ties keep the earliest
@@ -127,7 +130,7 @@ def test_linear_probe_writes_an_evaluable_probe(setup):
             'model.img_size=32',
             'model.patch_size=8',
             'linprobe.num_classes=2',
-            f'linprobe.pretrained={s["pre"] / "model.pt"}',
+            f'linprobe.pretrained={s["pre"] / "model.safetensors"}',
             'linprobe.epochs=1',
             'linprobe.warmup_epochs=0',
             'linprobe.seed=1',
@@ -145,8 +148,8 @@ def test_linear_probe_writes_an_evaluable_probe(setup):
     assert 'optimizer lars' in proc.stdout
     loaded = load_classifier(run)
     assert 'linprobe' in loaded.description and loaded.img_size == 32
-    state = torch.load(run / 'model_best.pt', weights_only=True)['state_dict']
-    pre = torch.load(s['pre'] / 'model.pt', weights_only=True)['state_dict']
+    state = model_state(run / 'model_best.safetensors')
+    pre = model_state(s['pre'] / 'model.safetensors')
     assert torch.equal(state['encoder.blocks.0.attn.qkv.weight'], pre['encoder.blocks.0.attn.qkv.weight'])  # frozen
     loader = build_classification_loader(
         DataConfig(source='folder', root=str(s['val']), pipeline='torch', num_workers=0),
@@ -198,7 +201,7 @@ def test_bf16_finetune_and_linear_probe_on_one_process(setup, stage):
             'model.img_size=32',
             'model.patch_size=8',
             'linprobe.num_classes=2',
-            f'linprobe.pretrained={s["pre"] / "model.pt"}',
+            f'linprobe.pretrained={s["pre"] / "model.safetensors"}',
             'linprobe.epochs=1',
             'linprobe.warmup_epochs=0',
             'linprobe.max_steps=2',

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from engine_helpers import DEEPSPEED, ROOT, TINY, env, write_ds
-from helpers import free_port
+from helpers import free_port, model_state
 
 pytestmark = pytest.mark.slow
 EXIT_PREEMPTED = 75
@@ -67,7 +67,7 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
 
 
 def model(tmp_path, run) -> dict:
-    return torch.load(tmp_path / run / 'model.pt', weights_only=True)['state_dict']
+    return model_state(tmp_path / run / 'model.safetensors')
 
 
 def assert_bit_identical(a: dict, b: dict) -> None:
@@ -212,7 +212,7 @@ def test_classification_runs_stop_with_a_checkpoint_and_resume(tmp_path, folder,
     assert rc == EXIT_PREEMPTED, out[-3000:]
     rc, out = finish(start(cmd))
     assert rc == 0 and 'resumed from' in out, out[-3000:]
-    assert (tmp_path / 'run' / 'model_last.pt').is_file()
+    assert (tmp_path / 'run' / 'model_last.safetensors').is_file()
 
 
 def _is_rank(p: psutil.Process) -> bool:

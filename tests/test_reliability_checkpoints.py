@@ -15,6 +15,7 @@ from cmae_ds.engine.checkpoints import verify as checkpoint_verify
 from cmae_ds.modelfiles.formats import CheckpointError
 
 from engine_helpers import TINY, run_deepspeed, tail, write_ds
+from helpers import model_state
 from reliability_helpers import error_lines, marker, pretrain
 
 STEP2, STEP4, STEP6 = (checkpointing.tag_for(s) for s in (2, 4, 6))
@@ -116,8 +117,8 @@ def test_damaged_newest_checkpoint_falls_back_and_resumes_exactly(tmp_path):
     assert f'checkpoint {STEP4} is damaged ({bad} has' in out and f'resuming from {STEP2} instead' in out
     assert f'resumed from {STEP2}' in out
     # the fallback continues the run exactly: same weights as the run that was never damaged
-    a = torch.load(tmp_path / 'straight' / 'model.pt', weights_only=True)['state_dict']
-    b = torch.load(run / 'model.pt', weights_only=True)['state_dict']
+    a = model_state(tmp_path / 'straight' / 'model.safetensors')
+    b = model_state(run / 'model.safetensors')
     assert all(torch.equal(a[k], b[k]) for k in a)
     # step 4 was written again and verifies; the damaged copy is kept aside for inspection
     assert checkpoint_verify.verify(ckpts, STEP4, marker(run, STEP4)['files']) is None

@@ -43,19 +43,19 @@ def test_injected_enospc_during_save_removes_the_partial_checkpoint(tmp_path):
     # DeepSpeed's file was written before the rank file failed: the whole folder is gone
     assert not (run / 'checkpoints' / STEP4).exists()
     _assert_intact(run, STEP2)
-    assert not (run / 'model.pt').exists()
+    assert not (run / 'model.safetensors').exists()
 
 
 @pytest.mark.slow
 def test_model_file_write_failure_is_one_line_and_leaves_no_temporary(tmp_path):
     run = tmp_path / 'run'
-    proc = pretrain(tmp_path, run, 'train.max_steps=2', inject='model.pt:EACCES')
+    proc = pretrain(tmp_path, run, 'train.max_steps=2', inject='model.safetensors:EACCES')
     assert proc.returncode == 2, tail(proc)
     assert error_lines(proc)[0].startswith(
-        f'error: cannot write model file {run / "model.pt"}: Permission denied [EACCES]; '
+        f'error: cannot write model file {run / "model.safetensors"}: Permission denied [EACCES]; '
     )
     _assert_intact(run, STEP2)
-    assert not (run / 'model.pt').exists()
+    assert not (run / 'model.safetensors').exists() and not list(run.glob('*.tmp'))
 
 
 def test_write_atomically_keeps_the_old_file(tmp_path):

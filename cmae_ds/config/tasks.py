@@ -17,8 +17,9 @@ class ClassifierTrainConfig(RunGuard):
     """Fields shared by fine-tuning and linear probing. Batch sizes and precision live in the DeepSpeed JSON."""
 
     pretrained: str = ''
-    """Starting weights: our pretraining run's model.pt (or its run folder), an extracted encoder, an official
-    pretraining checkpoint or an official extracted backbone."""
+    """Starting weights: our pretraining run folder or its model.safetensors (model.pt before), an extracted encoder,
+    a timm ViT checkpoint of the same size (ours from to-timm, or timm's / the Hub's), an official pretraining
+    checkpoint or an official extracted backbone."""
     num_classes: int = ranged(1000, ge=1)
     epochs: int = ranged(100, ge=1)
     warmup_epochs: int = ranged(5, ge=0)

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from ..data.threads import size_torch_threads
+from .slurm import slurm_env
 
 # The signals that ask a run to stop (guards/preemption.py installs their handlers; the teardown holds them).
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -46,13 +47,17 @@ _own_env = False  # whether this process made up its own one-rank environment
 def setup_distributed(timeout_s: Optional[float] = None) -> DistContext:
     """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on the CPU).
 
-    A plain `python launch/x.py` gets a one-rank group on a free local port, so the same code path runs everywhere.
+    A plain `python launch/x.py` gets a one-rank group on a free local port, so the same code path runs everywhere;
+    a task `srun` started gets its rank and peers from the Slurm environment (cmae_ds/engine/slurm.py).
     `timeout_s`: how long a collective may wait for a peer before it fails (None: torch's default).
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     global _own_env
+    derived = slurm_env(os.environ)  # srun without a launcher; None under torchrun and deepspeed
+    if derived is not None:
+        os.environ.update(derived)
     if _own_env or 'RANK' not in os.environ:  # a fresh port after shutdown_distributed: the old may linger
         _own_env = True
         os.environ.update(
@@ -62,6 +67,7 @@ def setup_distributed(timeout_s: Optional[float] = None) -> DistContext:
     backend = accel.communication_backend_name()
     if not torch.distributed.is_initialized():
         kw = {} if timeout_s is None else {'timeout': timedelta(seconds=timeout_s)}
+        _init_on_restart_store(backend, kw.get('timeout'))
         deepspeed.init_distributed(dist_backend=backend, **kw)
         atexit.unregister(_destroy_gloo_group)  # once per process, however often a group is set up
         atexit.register(_destroy_gloo_group)
@@ -69,12 +75,31 @@ def setup_distributed(timeout_s: Optional[float] = None) -> DistContext:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
     if accel.device_name() == 'cuda':
-        accel.set_device(local_rank)
-        device = torch.device('cuda', local_rank)
+        # srun --gpus-per-task shows each task its one GPU only
+        index = 0 if accel.device_count() == 1 else local_rank
+        accel.set_device(index)
+        device = torch.device('cuda', index)
     else:
         device = torch.device('cpu')
     size_torch_threads(device)  # intra-op threads sized to this rank's cores (cmae_ds/data/threads.py)
     return DistContext(rank, world, local_rank, device)
+
+
+def _init_on_restart_store(backend: str, timeout: Optional[timedelta]) -> None:
+    """Under torchrun the ranks meet in the agent's store, which outlives a restart (--max-restarts): the group's
+    keys of the failed attempt were still there, the new ranks read their peers' old addresses and failed to
+    connect (gloo: 'connectFullMesh failed ... Connection refused'; seen here on every restart, torch 2.14, static
+    and c10d rendezvous). Each attempt meets under its own prefix instead. DeepSpeed takes the group as it is."""
+    attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT')
+    if attempt is None or os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True':
+        return
+    rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+    timeout = timeout or timedelta(minutes=30)
+    agent = torch.distributed.TCPStore(
+        os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), world, is_master=False, timeout=timeout
+    )
+    store = torch.distributed.PrefixStore(f'cmae_ds/attempt_{attempt}', agent)
+    torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
 SHM_DIR = Path('/dev/shm')

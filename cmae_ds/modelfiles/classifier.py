@@ -1,6 +1,7 @@
-"""The self-describing classifier files that fine-tuning and linear probing write (`model_best.pt`,
-`model_last.pt`: format 'cmae_ds.classifier', fp32 weights plus the model config, classes and resolution) and
-that evaluation reads, together with official fine-tuned checkpoints and bare classifier state dicts."""
+"""The self-describing classifier files that fine-tuning and linear probing write (`model_best.safetensors`,
+`model_last.safetensors`: format 'cmae_ds.classifier', fp32 weights plus the model config, classes and resolution)
+and that evaluation reads, together with their older .pt form, official fine-tuned checkpoints and bare classifier
+state dicts."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ from torch import nn
 
 from ..config import ConfigError, ModelConfig
 from ..models import ViTClassifier, resize_pos_embed
-from ..storage.output_dir import save_atomically
 from .formats import CheckpointError, load_official_classifier, load_strict, read_file, read_state
+from .model_card import write_model_card
+from .model_file import SUFFIX, write_model_file
 
 CLASSIFIER_FORMAT = 'cmae_ds.classifier'
-BEST, LAST = 'model_best.pt', 'model_last.pt'
+BEST, LAST = 'model_best' + SUFFIX, 'model_last' + SUFFIX
+OLD_BEST, OLD_LAST = 'model_best.pt', 'model_last.pt'  # runs from before safetensors
 
 
 def save_classifier_file(
@@ -29,8 +32,11 @@ def save_classifier_file(
     num_classes: int,
     img_size: int,
     extra: Optional[dict] = None,
+    card: bool = False,
 ) -> Path:
-    """A self-describing model file (format 'cmae_ds.classifier'): everything evaluate needs, no DeepSpeed."""
+    """A self-describing model file (format 'cmae_ds.classifier'): everything evaluate needs, no DeepSpeed.
+    Safetensors, or the pickled form when `path` ends .pt. `card`: this file becomes the subject of the run folder's
+    model card (README.md)."""
     payload = {
         'format': CLASSIFIER_FORMAT,
         'kind': kind,
@@ -40,7 +46,10 @@ def save_classifier_file(
         'img_size': img_size,
         **(extra or {}),
     }
-    return save_atomically(payload, path)
+    path = write_model_file(payload, path)
+    if card:
+        write_model_card(path, {k: v for k, v in payload.items() if k != 'state_dict'}, state_dict, run_card=True)
+    return path
 
 
 @dataclass
@@ -55,7 +64,7 @@ def resolve_checkpoint(source: Union[str, Path]) -> Path:
     """A fine-tuning run folder means its best model file (or its last when there was no evaluation yet)."""
     path = Path(source)
     if path.is_dir():
-        for name in (BEST, LAST):
+        for name in (BEST, OLD_BEST, LAST, OLD_LAST):
             if (path / name).is_file():
                 return path / name
         raise CheckpointError(f'{path}: a folder without {BEST} or {LAST}; pass a fine-tuning run folder or a file')

@@ -15,10 +15,12 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..models import CMAE, LinearProbe, ViTClassifier, ViTEncoder, build_encoder, resize_pos_embed
+from .model_file import is_safetensors, read_model_file
 from .safe_load import CheckpointError, UnsafeCheckpoint, load_checkpoint_file  # noqa: F401 (part of this API)
 
 StateSource = Union[str, Path, dict]
 ENCODER_FORMAT = 'cmae_ds.encoder'
+_TIMM_HEAD = ('head.', 'fc_norm.')  # a timm ViT classifier's head and pooled norm
 
 
 # Official (mmselfsup) top-level prefixes -> ours.
@@ -84,10 +86,13 @@ def convert_official_classifier(state: dict) -> dict:
 
 
 def read_file(path: Union[str, Path], what: str = 'checkpoint', *, trust: bool = False):
-    """The object in a checkpoint file, read through cmae_ds.modelfiles.safe_load (`trust`: see there)."""
+    """The object in a checkpoint file: a safetensors file as {'state_dict': tensors, **its description} (nothing to
+    unpickle), a torch file through cmae_ds.modelfiles.safe_load (`trust`: see there)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'{what} {path}: no such file')
+    if is_safetensors(path):
+        return read_model_file(path)
     return load_checkpoint_file(path, trust=trust)
 
 
@@ -180,7 +185,8 @@ def encoder_state(source: StateSource, *, trust: bool = False) -> dict:
             convert_official_suffix(k[len('backbone.') :]): v for k, v in state.items() if k.startswith('backbone.')
         }
     if any(k.startswith('layers.') or k.startswith('blocks.') for k in state):
-        return {convert_official_suffix(k): v for k, v in state.items()}
+        # a bare encoder: an official backbone, our timm export, or any timm ViT (its head is not the encoder's)
+        return {convert_official_suffix(k): v for k, v in state.items() if not k.startswith(_TIMM_HEAD)}
     raise CheckpointError(f'pretrained checkpoint: no encoder found (first keys: {list(state)[:5]})')
 
 

@@ -2,12 +2,12 @@
 it, `ClassifierTask` is what is particular to classification.
 
 The lr is multiplied by each group's 'lr_scale' (layer-wise decay). At each epoch's end (every eval_every_epochs)
-the model is evaluated (top-1 / top-5, each validation image once), then `model_last.pt` and, when top-1 improved,
-`model_best.pt` are written: self-describing fp32 classifier files that launch/evaluate.py reads. A run that stops
-mid-epoch (max_steps) ends like an epoch.
+the model is evaluated (top-1 / top-5, each validation image once), then `model_last.safetensors` and, when top-1
+improved, `model_best.safetensors` are written: self-describing fp32 classifier files that launch/evaluate.py reads.
+A run that stops mid-epoch (max_steps) ends like an epoch.
 
-Run folder: config.yaml, ds_config.json, checkpoints/ (resume), model_best.pt, model_last.pt, metrics.jsonl
-(one line per evaluation), tensorboard/.
+Run folder: config.yaml, ds_config.json, checkpoints/ (resume), model_best.safetensors, model_last.safetensors,
+metrics.jsonl (one line per evaluation), tensorboard/.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from ..engine.schedules import make_schedule
 from ..errors import NonFiniteLoss
 from ..modelfiles.classifier import BEST, LAST, save_classifier_file
 from ..modelfiles.formats import classifier_from_pretrained, probe_from_pretrained
+from ..modelfiles.model_card import run_facts
+from ..modelfiles.model_file import run_model_file
 from ..models import ViTClassifier
 from ..seeds import model_seed, seed_classifier_rank
 from .evaluate import EvalResult, check_labels, evaluate
@@ -75,7 +77,7 @@ def _check_task(cfg: TaskConfig, ds: dict, batch_cfg: ResolvedBatch, path: str) 
         scratch = '' if _is_probe(cfg) else ", or 'none' to train from scratch"
         raise ConfigError(
             f'{task.section}.pretrained: set the starting weights (a pretraining run folder or its '
-            f'model.pt, an extracted encoder, an official checkpoint){scratch}'
+            f'model.safetensors, an extracted encoder, an official checkpoint){scratch}'
         )
     if isinstance(task, FinetuneConfig) and task.mixes and micro % 2:
         raise ConfigError(
@@ -97,9 +99,9 @@ def _check_task(cfg: TaskConfig, ds: dict, batch_cfg: ResolvedBatch, path: str) 
 
 
 def _pretrained_path(source: str):
-    """A pretraining run folder means its model.pt."""
+    """A pretraining run folder means its end-of-run model file."""
     path = Path(source)
-    return path / 'model.pt' if path.is_dir() else source
+    return run_model_file(path) if path.is_dir() else source
 
 
 def build_model(cfg: TaskConfig, trust: bool = False) -> nn.Module:
@@ -242,7 +244,7 @@ class ClassifierTask:
         return {}
 
     def end_of_epoch(self, loop: Loop, final: bool) -> None:
-        """Evaluate when due (always at the end of the run), then write model_last.pt / model_best.pt."""
+        """Evaluate when due (always at the end of the run), then write model_last / model_best."""
         p = self.progress
         loop.metrics.check_finite(p.step)
         result = None
@@ -253,7 +255,7 @@ class ClassifierTask:
         improved = result is not None and result.top1 > p.best_top1
         if improved:
             p.best_top1, p.best_epoch = result.top1, p.epoch
-        self._write_model_files(result, improved)
+        self._write_model_files(result, improved, loop.metrics.last_loss)
 
     def client_state(self) -> dict:
         return {'progress': asdict(self.progress), 'config': self.cfg.to_dict()}
@@ -270,7 +272,7 @@ class ClassifierTask:
             with open(self.run.run_dir / 'metrics.jsonl', 'a') as f:
                 f.write(json.dumps({'epoch': p.epoch, 'step': p.step, **result.as_dict()}) + '\n')
 
-    def _write_model_files(self, result: Optional[EvalResult], improved: bool) -> None:
+    def _write_model_files(self, result: Optional[EvalResult], improved: bool, last_loss: Optional[float]) -> None:
         """Consolidated fp32 weights (collective) into the self-describing files that launch/evaluate.py reads."""
         state = consolidated_state_dict(self.engine, self.model, self.run.batch.zero_stage)
         if not self.run.ctx.is_main:
@@ -284,12 +286,15 @@ class ClassifierTask:
         }
         if _is_probe(cfg):
             extra['pool'] = task.pool
+        run_dir = self.run.run_dir
+        extra['run'] = run_facts(cfg.to_dict(), p.step, p.epoch, last_loss, run_dir, None)
         kw = dict(
             kind=task.section, model_cfg=cfg.model, num_classes=task.num_classes, img_size=_img_size(cfg), extra=extra
         )
-        save_classifier_file(self.run.run_dir / LAST, state, **kw)
+        # the folder's card is about its best model, or its last while there is no best
+        save_classifier_file(run_dir / LAST, state, card=not improved and not (run_dir / BEST).is_file(), **kw)
         if improved:
-            save_classifier_file(self.run.run_dir / BEST, state, **kw)
+            save_classifier_file(run_dir / BEST, state, card=True, **kw)
 
 
 def run_evaluation(engine, val_loader, dtype: torch.dtype) -> EvalResult:

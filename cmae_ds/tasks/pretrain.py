@@ -27,6 +27,7 @@ from ..engine.optim import build_optimizer, param_groups, undo_initial_step
 from ..engine.run_files import write_run_files
 from ..engine.schedules import make_schedule, momentum_at
 from ..errors import NonFiniteLoss  # noqa: F401 (part of this module's API)
+from ..modelfiles.model_card import last_knn, run_facts
 from ..models import CMAE
 from ..seeds import mask_seed, model_seed, resumed_rank_seeds
 
@@ -127,7 +128,7 @@ def mask_generator(cfg: Config, ctx: DistContext) -> torch.Generator:
 
 class PretrainTask:
     """What is particular to pretraining: the CMAE micro-step, the EMA after each optimizer step, the momentum
-    in the logs, reconstruction images, the mask stream in checkpoints and model.pt at the end."""
+    in the logs, reconstruction images, the mask stream in checkpoints and model.safetensors at the end."""
 
     loss_keys = ('loss', 'loss_rec', 'loss_con')
 
@@ -244,7 +245,12 @@ def _train(cfg: Config, run: RunStart, observer) -> RunResult:
         observer(progress.step, engine, model)
     try:
         loop.run(task, loader)
-        model_file = save_model_file(engine, model, batch_cfg.zero_stage, run.run_dir, ctx.is_main)
+        facts = None
+        if ctx.is_main:
+            epochs = progress.step / schedule.steps_per_epoch
+            knn = last_knn(run.run_dir)
+            facts = run_facts(cfg.to_dict(), progress.step, epochs, metrics.last_loss, run.run_dir, knn)
+        model_file = save_model_file(engine, model, batch_cfg.zero_stage, run.run_dir, ctx.is_main, facts)
     finally:
         logger.close()
     return RunResult(

@@ -1,4 +1,4 @@
-"""The full fp32 model out of a DeepSpeed engine, whatever its ZeRO stage, and the model.pt file made from it."""
+"""The full fp32 model out of a DeepSpeed engine, whatever its ZeRO stage, and the model file made from it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Optional
 
 import torch
 
-from ...storage.output_dir import save_atomically
+from ...modelfiles.model_card import write_model_card
+from ...modelfiles.model_file import MODEL_FORMAT, RUN_MODEL, write_model_file
 
 
 def consolidated_state_dict(engine, model: torch.nn.Module, zero_stage: int) -> dict:
@@ -38,9 +39,16 @@ def _gathered(p, zero_stage):
         return p.detach().clone()
 
 
-def save_model_file(engine, model, zero_stage: int, run_dir: Path, is_main: bool) -> Optional[Path]:
-    """model.pt: the full fp32 model (online and target) for fine-tuning, extraction and export. Collective."""
+def save_model_file(
+    engine, model, zero_stage: int, run_dir: Path, is_main: bool, run: Optional[dict] = None
+) -> Optional[Path]:
+    """model.safetensors: the full fp32 model (online and target) for fine-tuning, extraction and export, with the
+    run's training facts (`run`, see modelfiles/model_card.py) in its description and a model card beside it.
+    Collective."""
     state = consolidated_state_dict(engine, model, zero_stage)
     if not is_main:
         return None
-    return save_atomically({'state_dict': state, 'model_config': asdict(model.cfg)}, run_dir / 'model.pt')
+    description = {'format': MODEL_FORMAT, 'model_config': asdict(model.cfg), **({'run': run} if run else {})}
+    path = write_model_file({'state_dict': state, **description}, run_dir / RUN_MODEL)
+    write_model_card(path, description, state, run_card=True)
+    return path

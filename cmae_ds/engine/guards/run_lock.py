@@ -26,6 +26,7 @@ from typing import Callable, Iterator, Optional
 from ...errors import RunLockedError
 from ...storage.output_dir import MIN_FREE_BYTES, check_output_dir
 from ..checkpoints import store
+from ..slurm import slurm_rank
 
 LOCK = 'run.lock'
 HEARTBEAT_S = 15.0
@@ -220,8 +221,9 @@ class RunLock:
 
 
 def _is_rank0() -> bool:
-    """From the launcher's environment: the lock is taken before the process group exists."""
-    return int(os.environ.get('RANK', '0')) == 0
+    """From the launcher's environment (or srun's): the lock is taken before the process group exists."""
+    rank = os.environ.get('RANK')
+    return int(rank) == 0 if rank is not None else slurm_rank(os.environ) in (None, 0)
 
 
 @contextmanager
