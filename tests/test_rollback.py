@@ -8,10 +8,11 @@ import json
 import pytest
 import torch
 from PIL import Image
+from test_engine import assert_same_weights, final_state
 
 from cmae_ds.data.sampling import ShardPlan
+
 from engine_helpers import TINY, run_deepspeed, run_python, tail, write_ds
-from test_engine import assert_same_weights, final_state
 
 pytestmark = [pytest.mark.slow]
 SCRIPT = 'tests/dist_scripts/poisoned_run.py'
