@@ -13,6 +13,7 @@ from test_engine import assert_same_weights, final_state
 from cmae_ds.data.sampling import ShardPlan
 
 from engine_helpers import TINY, run_deepspeed, run_python, tail, write_ds
+from finetune_helpers import write_class_folder
 
 pytestmark = [pytest.mark.slow]
 SCRIPT = 'tests/dist_scripts/poisoned_run.py'
@@ -31,9 +32,9 @@ def folder(tmp_path_factory):
     return root
 
 
-def at(epoch: int, position: int, world: int = 1) -> int:
-    """The dataset index at a global position of an epoch's order (seed 0, micro-batch 4)."""
-    return int(ShardPlan(IMAGES, 4, world_size=world).epoch_order(epoch)[position])
+def at(epoch: int, position: int, world: int = 1, seed: int = 0) -> int:
+    """The dataset index at a global position of an epoch's order (micro-batch 4)."""
+    return int(ShardPlan(IMAGES, 4, world_size=world, seed=seed).epoch_order(epoch)[position])
 
 
 # one rank, 4 images a step, 4 steps an epoch, checkpoints every 2 steps: the inf image is read at step 3 (epoch 0,
@@ -46,6 +47,7 @@ def run(tmp_path, name, folder, *extra, poison=POISON, ranks=1, ds=None):
     args = [
         SCRIPT,
         poison,
+        'pretrain',
         '--deepspeed_config',
         ds or write_ds(tmp_path),
         *TINY,
@@ -103,27 +105,47 @@ def test_poison_and_spike_roll_back_resume_exactly_and_the_budget_stops(tmp_path
 
 @pytest.mark.dist
 def test_two_ranks_zero2_roll_back_together_when_one_sees_the_nan(tmp_path, folder):
-    """Rank 1 alone reads the inf image (global position 9 of epoch 0: 9 % 2 = 1), at step 2 of 2 per epoch."""
+    """2 steps an epoch, a checkpoint every step. Epoch 0: rank 1 reads the inf image (global position 9: 9 % 2 = 1)
+    at step 2; the same forward's all-gather and SyncBatchNorm carry the NaN into rank 0's loss too. Epoch 1: rank 1
+    alone gets a NaN loss at step 3 (position 9 again), rank 0's loss is finite: both roll back together, or the
+    ranks' collectives would part ways and the run would not finish."""
     ds = write_ds(tmp_path, zero_optimization={'stage': 2})
-    index = at(0, 9, world=2)
-    proc = run(
-        tmp_path,
-        'two',
-        folder,
-        'train.max_steps=4',
-        'train.save_every_steps=1',
-        poison=f'inf:0:{index}',
-        ranks=2,
-        ds=ds,
-    )
+    inf, nan = at(0, 9, world=2), at(1, 9, world=2)
+    poison = f'inf:0:{inf},nan:1:{nan}'
+    proc = run(tmp_path, 'two', folder, 'train.max_steps=4', 'train.save_every_steps=1', poison=poison, ranks=2, ds=ds)
     assert proc.returncode == 0, tail(proc)
-    (event,) = events(tmp_path, 'two')
-    assert (event['step'], event['ranks'], event['checkpoint'], event['skipped']) == (
-        2,
-        [1],
-        'step_00000001',
-        [[0, 8, 16]],
-    )
-    assert index in event['skipped_images']
+    assert 'done: 4 steps' in proc.stdout, tail(proc)
+    first, second = events(tmp_path, 'two')
+    assert (first['step'], first['checkpoint'], first['skipped']) == (2, 'step_00000001', [[0, 8, 16]])
+    assert 1 in first['ranks'] and inf in first['skipped_images']
+    assert (second['step'], second['ranks'], second['checkpoint']) == (3, [1], 'step_00000002')
+    assert second['skipped'] == [[1, 8, 16]] and nan in second['skipped_images']
     state = final_state(tmp_path, 'two')
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_finetuning_rolls_back_too(tmp_path):
+    """Fine-tuning from scratch, 4 steps an epoch: the inf image at step 3 (epoch 0, positions 8-11)."""
+    train = write_class_folder(tmp_path / 'train', [8, 8], seed=1)
+    val = write_class_folder(tmp_path / 'val', [2, 2], seed=2)
+    index = at(0, 9, seed=1)
+    args = [
+        SCRIPT,
+        f'inf:0:{index}',
+        'finetune',
+        '--config',
+        'finetune_debug',
+        '--deepspeed_config',
+        write_ds(tmp_path),
+    ]
+    args += ['model.size=debug', 'model.img_size=32', 'model.patch_size=8', 'finetune.pretrained=none']
+    args += [f'data.root={train}', f'val_data.root={val}', 'data.num_workers=0', 'val_data.num_workers=0']
+    args += ['finetune.progress_bar=false', 'finetune.seed=1', 'finetune.epochs=3', 'finetune.warmup_epochs=0']
+    args += ['finetune.save_every_steps=2', 'finetune.max_steps=4', f'finetune.output_dir={tmp_path / "ft"}']
+    proc = run_python(args)
+    assert proc.returncode == 0, tail(proc)
+    (event,) = events(tmp_path, 'ft')
+    assert (event['step'], event['reason'], event['checkpoint']) == (3, 'non-finite loss', 'step_00000002')
+    assert index in event['skipped_images']
+    state = torch.load(tmp_path / 'ft' / 'model_last.pt', weights_only=True)['state_dict']
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())

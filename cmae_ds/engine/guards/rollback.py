@@ -28,7 +28,7 @@ import torch
 from ...errors import Diverged, NonFiniteLoss
 from ...storage.atomic_write import atomic_write_text
 from ..checkpoints import store
-from ..checkpoints.verify import MARKER
+from ..checkpoints.verify import MARKER, check_tag
 from ..dist import barrier, gather_objects
 from ..metrics import grad_norm
 from .divergence import DivergenceDetector, SpikeRule, Verdict
@@ -177,10 +177,15 @@ class RollbackGuard:
         return True
 
     def _target(self, first_step: int) -> Optional[str]:
-        """The newest complete checkpoint written before `first_step`."""
+        """The newest complete checkpoint written before `first_step` that verifies (collective)."""
         ckpt_dir = self.start.ckpt_dir
         before = [tag for tag in store.complete_tags(ckpt_dir) if store.read_marker(ckpt_dir, tag)['step'] < first_step]
-        return before[-1] if before else None
+        for tag in reversed(before):
+            problem = check_tag(ckpt_dir, tag, self._say)
+            if problem is None:
+                return tag
+            self._say(f'checkpoint {tag} is damaged ({problem}): not rolling back to it')
+        return None
 
     def _drop_after(self, tag: str, first_step: int) -> None:
         """Checkpoints written at or after the event's first step hold the diverged weights: not resume points;
