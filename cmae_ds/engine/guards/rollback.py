@@ -220,7 +220,8 @@ class RollbackGuard:
         if self._main:
             entries = [e for e in read_record(self.path) if e['n'] != record['n']]
             entry = {**record, 'skipped_images': images, 'time': time.time()}
-            atomic_write_text(self.path, json.dumps(sorted([*entries, entry], key=lambda e: e['n']), indent=1))
+            lines = [json.dumps(e) for e in sorted([*entries, entry], key=lambda e: e['n'])]
+            atomic_write_text(self.path, '[\n' + ',\n'.join(lines) + '\n]\n')  # one event a line
 
     def _say(self, message: str) -> None:
         self.logger.text(f'cmae_ds: rollback: {message}')
