@@ -80,3 +80,14 @@ def test_skipped_images_are_the_same_on_any_world_size():
             read.update(idx[8 // world : 16 // world].tolist())
         assert dataset_indices(plan, ranges) == sorted(read)
     assert len(np.unique(dataset_indices(ShardPlan(32, 2), [[1, 8, 16], [1, 12, 20]]))) == 12
+
+
+def test_another_global_batch_keeps_the_steps_behind_the_skipped_data():
+    """Elastic resume renumbers the step from the data position; the images skipped after rollbacks are not steps."""
+    from cmae_ds.engine.checkpoints.elastic import Layout as Saved
+    from cmae_ds.engine.checkpoints.elastic import carry_position
+
+    # global batch 8 -> 12, 40 images into epoch 3; 24 images skipped earlier: 2 steps of 12 fewer than the data says
+    p = {'epoch': 3, 'batch_in_epoch': 5, 'step': 26, 'data_ahead': 24}
+    moved, _ = carry_position(p, Saved(2, 2, 4, 1), Saved(3, 2, 4, 1), steps_per_epoch=8)
+    assert moved == {**p, 'batch_in_epoch': 4, 'step': 3 * 8 + 4 - 2}

@@ -1,10 +1,12 @@
 """The one training loop of pretraining, fine-tuning and linear probing.
 
 The loop owns epochs, accumulation boundaries and the position inside an epoch (so a resume skips exactly the
-micro-batches already trained on). At each optimizer step it asks the components that own the answers: the task
-(its own after-step work: the EMA, images, evaluation), `StepMetrics` (log now?), the `Checkpointer` (save now?).
+micro-batches already trained on). At each optimizer step it asks the components that own the answers: the
+`RollbackGuard` (diverged? then roll back; where does the data go on?), the task (its own after-step work: the EMA,
+images, evaluation), `StepMetrics` (log now?), the `Checkpointer` (save now?).
 A task supplies `train_step(batch) -> dict` (one micro-step, 'loss' on the device), `after_step(loop, batch, out,
-final)`, `log_values(step) -> dict` and `end_of_epoch(loop, final)`.
+final)`, `log_values(step) -> dict`, `end_of_epoch(loop, final)` and `load_checkpoint(tag, steps_per_epoch) -> dict`
+(a rollback's reload: the progress saved with the checkpoint).
 """
 
 from __future__ import annotations
