@@ -108,11 +108,13 @@ def test_two_ranks_zero2_roll_back_together_when_one_sees_the_nan(tmp_path, fold
     """2 steps an epoch, a checkpoint every step. Epoch 0: rank 1 reads the inf image (global position 9: 9 % 2 = 1)
     at step 2; the same forward's all-gather and SyncBatchNorm carry the NaN into rank 0's loss too. Epoch 1: rank 1
     alone gets a NaN loss at step 3 (position 9 again), rank 0's loss is finite: both roll back together, or the
-    ranks' collectives would part ways and the run would not finish."""
+    ranks' collectives would part ways and the run would not finish. Then a resume on one rank from the checkpoint
+    before both events: a global batch of 4 instead of 8, and still neither poisoned image is read again."""
     ds = write_ds(tmp_path, zero_optimization={'stage': 2})
     inf, nan = at(0, 9, world=2), at(1, 9, world=2)
     poison = f'inf:0:{inf},nan:1:{nan}'
-    proc = run(tmp_path, 'two', folder, 'train.max_steps=4', 'train.save_every_steps=1', poison=poison, ranks=2, ds=ds)
+    every = ('train.save_every_steps=1', 'train.keep_last=10')
+    proc = run(tmp_path, 'two', folder, 'train.max_steps=4', *every, poison=poison, ranks=2, ds=ds)
     assert proc.returncode == 0, tail(proc)
     assert 'done: 4 steps' in proc.stdout, tail(proc)
     first, second = events(tmp_path, 'two')
@@ -122,6 +124,10 @@ def test_two_ranks_zero2_roll_back_together_when_one_sees_the_nan(tmp_path, fold
     assert second['skipped'] == [[1, 8, 16]] and nan in second['skipped_images']
     state = final_state(tmp_path, 'two')
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+    one = run(tmp_path, 'two', folder, 'train.max_steps=6', *every, '--resume', 'step_00000001', poison=poison, ds=ds)
+    assert one.returncode == 0 and 'done: 8 steps' in one.stdout, tail(one)
+    assert 'global batch 8 -> 4' in one.stdout and len(events(tmp_path, 'two')) == 2, tail(one)
 
 
 def test_finetuning_rolls_back_too(tmp_path):
