@@ -166,14 +166,15 @@ class RollbackGuard:
         self._loss, self._count = None, 0
         images = dataset_indices(self.plan, record['skipped']) if self.plan is not None and self._main else []
         self._write(record, images)
+        skipped = sum(e - b for _, b, e in record['skipped'])
         self._say(
-            f'{event.describe()}: rolled back to {tag} (step {p.step}), skipping '
-            f'{sum(e - b for _, b, e in record["skipped"])} images ({_ranges_text(record["skipped"])}); '
-            f'event {record["n"]} of at most {s.max_rollbacks} in {s.rollback_window_steps} steps'
+            f'{event.describe()}: rolled back to {tag} (step {p.step}), skipping {skipped} images '
+            f'({_ranges_text(record["skipped"])}); event {record["n"]} of at most {s.max_rollbacks} in '
+            f'{s.rollback_window_steps} steps'
         )
         if self.logger.enabled:
             self.logger.writer.add_scalar('rollback/events', len(self.state['events']), event.step)
-            self.logger.writer.add_scalar('rollback/skipped_images', len(images), event.step)
+            self.logger.writer.add_scalar('rollback/skipped_images', skipped, event.step)
         return True
 
     def _target(self, first_step: int) -> Optional[str]:
