@@ -15,6 +15,11 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or inf; training stopped without saving."""
 
 
+class Diverged(NonFiniteLoss):
+    """More divergence events (non-finite loss, loss spike) than the run's rollback budget allows; the message
+    names them and the last good checkpoint."""
+
+
 class Preempted(RuntimeError):
     """A stop was requested (SIGTERM, SIGINT, SIGUSR1, or the launcher died) and a complete checkpoint was
     written: the run resumes from it when started again."""

@@ -19,5 +19,6 @@ def test_embedded_default_trains_and_reports_its_outputs(tmp_path):
     assert (tmp_path / 'checkpoints' / 'latest').read_text() == 'step_00000160'
     assert len(list((tmp_path / 'images').glob('*.png'))) >= 2
     assert list((tmp_path / 'tensorboard').glob('events.*'))
+    assert not (tmp_path / 'rollbacks.json').exists()  # the default spike rule stays quiet on a healthy run
     for label in ('checkpoint:', 'model file:', 'tensorboard:', 'images:'):
         assert label in proc.stdout

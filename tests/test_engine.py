@@ -99,6 +99,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, image_fo
         'train.base_lr=1e30',
         'train.warmup_epochs=0',
         'train.save_every_steps=1',
+        'train.max_rollbacks=0',  # rollbacks off: the stop itself (test_rollback.py covers the budget's stop)
     )
     assert proc.returncode == 3, tail(proc)
     assert 'NaN or inf' in proc.stderr

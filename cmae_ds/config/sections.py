@@ -137,7 +137,8 @@ class DataConfig:
 
 @dataclass
 class RunGuard:
-    """What keeps a long run alive on a cluster: the collective timeout and the step watchdog (docs/reliability.md).
+    """What keeps a long run alive on a cluster: the collective timeout, the step watchdog and rollbacks on
+    divergence (docs/reliability.md).
     Shared by the train section and the fine-tuning and probing sections."""
 
     collective_timeout_s: float = ranged(1800.0, gt=0)
@@ -147,6 +148,27 @@ class RunGuard:
     stall_min_s) dumps its stacks to the run folder and exits (0: off)."""
     stall_min_s: float = ranged(600.0, ge=0)
     """The watchdog's floor: short steps vary a lot in relative terms (data, GC, logging)."""
+    max_rollbacks: int = ranged(3, ge=0)
+    """Divergence events (a non-finite loss or gradient norm, a loss spike) the run heals itself from within
+    rollback_window_steps: it reloads the newest complete checkpoint before the event and skips the data from there
+    to the event plus skip_margin_steps; one more event stops it with exit code 3 (docs/reliability.md). 0: off (a
+    non-finite loss stops the run, spikes are not watched, and the step's loss is not read every step)."""
+    rollback_window_steps: int = ranged(10000, ge=1)
+    """The window of optimizer steps max_rollbacks counts in: a run that diverges again and again is stopped."""
+    skip_margin_steps: int = ranged(10, ge=0)
+    """Optimizer steps of data after the event also skipped (the batches that followed the culprit)."""
+    spike_factor: float = ranged(3.0, ge=0)
+    """A loss above this many times the median of the last spike_window_steps steps is a spike (0: no spike rule;
+    non-finite values are still events)."""
+    spike_window_steps: int = ranged(50, ge=1)
+    """Steps in the median; the spike rule is armed once that many healthy steps are seen."""
+    spike_steps: int = ranged(3, ge=1)
+    """Consecutive spiking steps that make an event (one noisy batch does not)."""
+    grad_spike_factor: float = ranged(0.0, ge=0)
+    """The same rule on the gradient norm, where DeepSpeed computes one (0: off)."""
+    rollback_lr_factor: float = ranged(1.0, gt=0, le=1)
+    """lr multiplier for the rollback_lr_steps steps after a rollback."""
+    rollback_lr_steps: int = ranged(0, ge=0)
 
 
 @dataclass

@@ -1,10 +1,12 @@
 """The one training loop of pretraining, fine-tuning and linear probing.
 
 The loop owns epochs, accumulation boundaries and the position inside an epoch (so a resume skips exactly the
-micro-batches already trained on). At each optimizer step it asks the components that own the answers: the task
-(its own after-step work: the EMA, images, evaluation), `StepMetrics` (log now?), the `Checkpointer` (save now?).
+micro-batches already trained on). At each optimizer step it asks the components that own the answers: the
+`RollbackGuard` (diverged? then roll back; where does the data go on?), the task (its own after-step work: the EMA,
+images, evaluation), `StepMetrics` (log now?), the `Checkpointer` (save now?).
 A task supplies `train_step(batch) -> dict` (one micro-step, 'loss' on the device), `after_step(loop, batch, out,
-final)`, `log_values(step) -> dict` and `end_of_epoch(loop, final)`.
+final)`, `log_values(step) -> dict`, `end_of_epoch(loop, final)` and `load_checkpoint(tag, steps_per_epoch) -> dict`
+(a rollback's reload: the progress saved with the checkpoint).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Protocol
 
@@ -27,6 +29,8 @@ from .checkpoints.store import tag_for as checkpoint_tag
 from .dist import DistContext, setup_distributed
 from .guards import run_lock
 from .guards.preemption import StopRequests
+from .guards.rollback import RollbackGuard
+from .guards.skips import Layout
 from .guards.watchdog import StepWatchdog
 from .logger import RunLogger
 from .metrics import StepMetrics
@@ -43,6 +47,8 @@ class Progress:
     epoch: int = 0
     batch_in_epoch: int = 0  # micro-batches of the current epoch already trained on
     step: int = 0  # optimizer steps taken
+    data_ahead: int = 0  # images of the epochs' orders skipped after rollbacks: the data runs ahead of the steps
+    rollbacks: dict = field(default_factory=dict)  # guards.rollback's events and detector history
 
 
 class Task(Protocol):
@@ -53,6 +59,8 @@ class Task(Protocol):
     def log_values(self, step: int) -> dict: ...
 
     def end_of_epoch(self, loop: 'Loop', final: bool) -> None: ...
+
+    def load_checkpoint(self, tag: str, steps_per_epoch: int) -> dict: ...
 
 
 @dataclass
@@ -71,6 +79,8 @@ class RunStart:
     watchdog: StepWatchdog
     trust: bool = False
     """Read checkpoint files without cmae_ds.modelfiles.safe_load's checks (--trust-checkpoint)."""
+    section: object = None
+    """The task's section: its RunGuard fields (rollbacks)."""
 
     @property
     def ckpt_dir(self) -> Path:
@@ -121,7 +131,7 @@ def _started(ds_path, cfg, section, resume, check, trust, stop) -> Iterator[RunS
         if ctx.is_main:
             (run_dir / PREEMPTED).unlink(missing_ok=True)
         watchdog = StepWatchdog(run_dir, ctx.rank, section.stall_factor, section.stall_min_s).start()
-        yield RunStart(ds, ds_path, ctx, batch, run_dir, tag, stop, watchdog, trust)
+        yield RunStart(ds, ds_path, ctx, batch, run_dir, tag, stop, watchdog, trust, section)
     finally:
         if watchdog is not None:
             watchdog.stop()
@@ -145,11 +155,17 @@ class Loop:
         self.last_step = total if self.max_steps <= 0 else min(total, self.progress.step + self.max_steps)
         # A partial accumulation at an epoch's end is dropped: every optimizer step sees a full global batch.
         self.usable = self.schedule.steps_per_epoch * self.grad_accum
+        layout = Layout(self.start.batch.global_batch, self.schedule.steps_per_epoch)
+        self.guard = RollbackGuard(
+            self.start.section, self.start, self.engine, self.progress, layout, self.grad_accum, self.logger
+        )
 
     def run(self, task: Task, loader) -> None:
         p, last_step, usable = self.progress, self.last_step, self.usable
-        set_lr(self.engine.optimizer, self.schedule.lr(p.step))
+        self.guard.plan = getattr(loader, 'plan', None)
+        self._set_lr(p.step)
         while p.step < last_step:
+            self.guard.skip()
             loader.set_epoch(p.epoch)
             if p.batch_in_epoch:
                 loader.skip_batches(p.batch_in_epoch)
@@ -157,21 +173,35 @@ class Loop:
                 boundary = self.engine.is_gradient_accumulation_boundary()
                 out = task.train_step(batch)
                 self.metrics.accumulate(out, batch['img'].shape[0])
+                self.guard.accumulate(out)
                 p.batch_in_epoch += 1
                 epoch_done = p.batch_in_epoch >= usable
                 if epoch_done:
                     p.epoch, p.batch_in_epoch = p.epoch + 1, 0
                 if boundary:
                     p.step += 1
-                    self._after_step(task, batch, out, epoch_done, final=p.step >= last_step)
-                if epoch_done or p.step >= last_step:
+                    if self._after_step(task, batch, out, epoch_done, final=p.step >= last_step):
+                        break
+                if epoch_done or p.step >= last_step or (boundary and self.guard.ahead()):
                     break
 
-    def _after_step(self, task: Task, batch: dict, out: dict, epoch_done: bool, final: bool) -> None:
+    def _set_lr(self, step: int) -> None:
+        set_lr(self.engine.optimizer, self.schedule.lr(step) * self.guard.lr_factor(step))
+
+    def _after_step(self, task: Task, batch: dict, out: dict, epoch_done: bool, final: bool) -> bool:
+        """True when the step was rolled back: the progress moved and the data starts elsewhere."""
         step, watchdog = self.progress.step, self.start.watchdog
         watchdog.beat(step)
+        event = self.guard.check(step)
+        if event is not None:
+            with watchdog.phase('rollback'):
+                rolled_back = self.guard.roll_back(event, task)
+            if rolled_back:
+                self.metrics.discard()
+                self._set_lr(self.progress.step)
+                return True
         task.after_step(self, batch, out, final)
-        set_lr(self.engine.optimizer, self.schedule.lr(step))
+        self._set_lr(step)
         self.logger.advance()
         if self.metrics.due(step, final):
             self.metrics.check_finite(step)
@@ -186,6 +216,7 @@ class Loop:
                 self.observer(step)
         if not final and self.start.stop.agreed():
             self._preempt(step)
+        return False
 
     def _save(self, step: int) -> Path:
         self.metrics.check_finite(step)

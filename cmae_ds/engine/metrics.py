@@ -76,6 +76,11 @@ class StepMetrics:
         self.count += 1
         self.meter.images += images
 
+    def discard(self) -> None:
+        """Forget the sums and the non-finite flag since the last log step: a rollback undid those steps."""
+        self.nonfinite.zero_()
+        self.sums, self.count = {}, 0
+
     def due(self, step: int, final: bool) -> bool:
         return final or due(step, self.every)
 

@@ -257,6 +257,9 @@ class ClassifierTask:
             p.best_top1, p.best_epoch = result.top1, p.epoch
         self._write_model_files(result, improved, loop.metrics.last_loss)
 
+    def load_checkpoint(self, tag: str, steps_per_epoch: int) -> dict:
+        return load_checkpoint(self.cfg, self.run, self.engine, self.model, tag, steps_per_epoch)
+
     def client_state(self) -> dict:
         return {'progress': asdict(self.progress), 'config': self.cfg.to_dict()}
 
@@ -297,6 +300,16 @@ class ClassifierTask:
             save_classifier_file(run_dir / BEST, state, card=True, **kw)
 
 
+def load_checkpoint(cfg: TaskConfig, run: RunStart, engine, model, tag: str, steps_per_epoch: int) -> dict:
+    """Collective: checkpoint `tag` into the engine, this rank's random streams reseeded for its step; returns its
+    progress (at the start of a resumed run, and at a rollback)."""
+    progress = elastic.resume(
+        engine, model, run.ckpt_dir, tag, cfg.model, steps_per_epoch, run.ctx.is_main, trust=run.trust
+    )['progress']
+    seed_classifier_rank(cfg.task.seed, run.ctx.rank, progress['step'])
+    return progress
+
+
 def run_evaluation(engine, val_loader, dtype: torch.dtype) -> EvalResult:
     """Top-1/top-5 of the engine's model in eval mode (collective); training mode is restored afterwards."""
     engine.eval()
@@ -334,12 +347,9 @@ def _train(cfg: TaskConfig, run: RunStart) -> FinetuneResult:
     engine, model, opt_name = build_engine(cfg, run.ds, batch_cfg, ctx, schedule.peak_lr, run.trust)
     progress = ClassifierProgress()
     if run.tag is not None:
-        progress = ClassifierProgress(
-            **elastic.resume(
-                engine, model, run.ckpt_dir, run.tag, cfg.model, schedule.steps_per_epoch, ctx.is_main, trust=run.trust
-            )['progress']
-        )
-    seed_classifier_rank(task.seed, ctx.rank, progress.step)
+        progress = ClassifierProgress(**load_checkpoint(cfg, run, engine, model, run.tag, schedule.steps_per_epoch))
+    else:
+        seed_classifier_rank(task.seed, ctx.rank, progress.step)
     if ctx.is_main:
         write_run_files(run.run_dir, cfg, run.ds, progress.step)
     logger = RunLogger(run.run_dir, schedule.total_steps, progress.step, ctx.is_main, task.progress_bar)

@@ -84,6 +84,16 @@ def _restore_rank_state(
     mask_gen.set_state(state['mask_rng'])
 
 
+def load_checkpoint(cfg: Config, run: RunStart, engine, model, mask_gen, tag: str, steps_per_epoch: int) -> dict:
+    """Collective: checkpoint `tag` into the engine and this rank's random streams; returns its progress (at the
+    start of a resumed run, and at a rollback)."""
+    progress = elastic.resume(
+        engine, model, run.ckpt_dir, tag, cfg.model, steps_per_epoch, run.ctx.is_main, trust=run.trust
+    )['progress']
+    _restore_rank_state(cfg, run.ctx, run.ckpt_dir, tag, Progress(**progress), mask_gen, run.trust)
+    return progress
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -159,6 +169,9 @@ class PretrainTask:
     def end_of_epoch(self, loop: Loop, final: bool) -> None:
         pass
 
+    def load_checkpoint(self, tag: str, steps_per_epoch: int) -> dict:
+        return load_checkpoint(self.cfg, self.run, self.engine, self.model, self.mask_gen, tag, steps_per_epoch)
+
     def client_state(self, progress: Progress) -> dict:
         return {'progress': asdict(progress), 'config': self.cfg.to_dict()}
 
@@ -202,12 +215,7 @@ def _train(cfg: Config, run: RunStart, observer) -> RunResult:
     engine, model, opt_name = build_engine(cfg, run.ds, batch_cfg, ctx, schedule.peak_lr)
     progress, mask_gen = Progress(), mask_generator(cfg, ctx)
     if run.tag is not None:
-        progress = Progress(
-            **elastic.resume(
-                engine, model, run.ckpt_dir, run.tag, cfg.model, schedule.steps_per_epoch, ctx.is_main, trust=run.trust
-            )['progress']
-        )
-        _restore_rank_state(cfg, ctx, run.ckpt_dir, run.tag, progress, mask_gen, run.trust)
+        progress = Progress(**load_checkpoint(cfg, run, engine, model, mask_gen, run.tag, schedule.steps_per_epoch))
     if ctx.is_main:
         write_run_files(run.run_dir, cfg, run.ds, progress.step)
     logger = RunLogger(run.run_dir, schedule.total_steps, progress.step, ctx.is_main, cfg.train.progress_bar)

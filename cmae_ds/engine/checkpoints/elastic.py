@@ -385,7 +385,8 @@ def carry_position(progress: dict, saved: Layout, now: Layout, steps_per_epoch: 
     epoch, step_in_epoch = progress['epoch'], -(-images // g)
     if step_in_epoch >= steps_per_epoch:
         epoch, step_in_epoch = epoch + 1, 0
-    step = epoch * steps_per_epoch + step_in_epoch
+    # data skipped after rollbacks put the data ahead of the steps: the schedules follow the updates taken
+    step = epoch * steps_per_epoch + step_in_epoch - progress.get('data_ahead', 0) // g
     start = step_in_epoch * g
     skipped = start - images if epoch == progress['epoch'] else None
     where = (

@@ -84,6 +84,11 @@ class StopRequests:
             gloo = torch.distributed.get_backend() == 'gloo'
             self._group = None if gloo else torch.distributed.new_group(backend='gloo')
 
+    @property
+    def group(self):
+        """The CPU group that step-boundary agreements travel on (None: the default group, itself gloo)."""
+        return self._group
+
     def restore(self) -> None:
         self._done.set()
         for sig, handler in self._previous.items():
