@@ -161,10 +161,10 @@ def bench_gpu(ops, iters):
 # The fused functions check() compares with the references (looked up when it runs, so a test can plant a wrong one).
 FUSED = {'recon_loss': recon_loss, 'visible_embed': gather_visible}
 REFERENCE = {'recon_loss': recon_loss_reference, 'visible_embed': gather_visible_reference}
-# Largest error accepted, relative to the reference's largest magnitude: two bf16 ulps (2^-7) for the bf16 outputs
+# Largest error accepted, relative to the reference's largest magnitude: four bf16 ulps (2^-6) for the bf16 outputs
 # and gradients, fp32 rounding for the EMA's fp32 target. A wrong kernel is off by far more (a wrong index, a
 # dropped term): tests/test_kernels_bench.py plants one.
-TOLERANCE = {'recon_loss': 2**-7, 'ema': 1e-5, 'visible_embed': 2**-7}
+TOLERANCE = {'recon_loss': 2**-6, 'ema': 1e-5, 'visible_embed': 2**-6}
 
 
 def _relative_error(got: list, want: list) -> float:
