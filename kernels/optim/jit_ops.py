@@ -1,6 +1,6 @@
-"""DeepSpeed's JIT-built ops (fused_adam, cpu_adam): is one built, build one ahead of time, clear a stale build lock.
+"""DeepSpeed's JIT-built ops (fused_adam, cpu_adam, ...): is one built, build it ahead of time, clear a stale lock.
 
-  python -m cmae_ds.kernels.optim.jit_ops build fused_adam    # clear stale locks, then build (minutes the first time)
+  python -m cmae_ds.kernels.optim.jit_ops build fused_adam    # (stale locks cleared first), minutes the first time
   python -m cmae_ds.kernels.optim.jit_ops ready fused_adam    # exit 0 when built, 1 when a first use would compile
 
 A first FusedAdam compiles with nvcc inside whatever step builds the optimizer; launch/gpu_checks.sh builds it in a
@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-BUILDERS = {'fused_adam': 'FusedAdamBuilder', 'cpu_adam': 'CPUAdamBuilder'}
+# deepspeed_shm_comm: the CPU accelerator's collectives, built by the first process group on a CPU machine.
+BUILDERS = {'fused_adam': 'FusedAdamBuilder', 'cpu_adam': 'CPUAdamBuilder', 'deepspeed_shm_comm': 'ShareMemCommBuilder'}
 
 
 def build_dir(op: str) -> Path:
@@ -78,10 +79,19 @@ def clear_stale_locks(root: Path, min_age_s: float = 30.0) -> list[Path]:
     return removed
 
 
+def lock_file_blocks() -> bool:
+    """True under a torch whose build lock is a file whose existence blocks (FileBaton), which a killed build leaves
+    behind; torch's flock-based lock is released by the kernel when its holder dies, and its file is left alone."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    return hasattr(cpp_extension, 'FileBaton')
+
+
 def build(op: str) -> Path:
-    """Build `op` for the current accelerator (after clearing stale locks) -> its build folder."""
-    for lock in clear_stale_locks(build_dir(op).parent):
-        print(f'removed stale build lock {lock}')
+    """Build `op` for the current accelerator (after clearing stale locks of the old kind) -> its build folder."""
+    if lock_file_blocks():
+        for lock in clear_stale_locks(build_dir(op).parent):
+            print(f'removed stale build lock {lock}')
     import deepspeed.ops.op_builder as builders
 
     getattr(builders, BUILDERS[op])().load(verbose=False)
