@@ -1,10 +1,10 @@
 """Host values onto the device without a host wait.
 
-A plain `.to(cuda)`, `torch.tensor(..., device=cuda)` or `as_tensor(array, device=cuda)` is a blocking copy: torch
-synchronizes the stream after the cudaMemcpyAsync (aten/src/ATen/native/cuda/Copy.cu, non_blocking=False), so the
-host waits for every kernel queued before it. Per-batch host values (index lists, factors, labels) go through
-`upload`: on CUDA from pinned memory with non_blocking=True (torch's caching host allocator keeps the pinned block
-until the copy has run); small constants are built once per device by `constant`.
+A plain `.to(cuda)`, `torch.tensor(..., device=cuda)` or `as_tensor(array, device=cuda)` is a blocking copy: with
+non_blocking=False torch's CUDA copy calls memcpy_and_sync (torch/include/c10/cuda/CUDAFunctions.h: cudaMemcpyAsync,
+then cudaStreamSynchronize), so the host waits for every kernel queued before it. Per-batch host values (index
+lists, factors, labels) go through `upload`: on CUDA from pinned memory with non_blocking=True (torch's caching host
+allocator keeps the pinned block until the copy has run); small constants are built once per device by `constant`.
 """
 
 from __future__ import annotations
