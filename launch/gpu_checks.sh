@@ -95,6 +95,8 @@ sizes() {  # the run's scale; the dry run: the debug model on tiny inputs on the
         DEVICE=cpu SIZE_B=debug SIZES_BL=debug SIZE_H=debug MICRO_B=4 MICROS_BL="2 4" MICROS_H=2 MICROS_CKPT=4
         IMAGES=48 JPEG_SIZE="64 48" DATA_BATCH=8 DATA_THREADS=1 DATA_SIZE=32 TIMING="--warmup 1 --steps 2"
         SMALL="model.img_size=32 model.patch_size=8" SMOKE_STEPS=4 SCALE=3 BUDGET_S=$((3 * BUDGET_S))
+        # the CPU engine's JIT op (step shm_comm) built where no other process on a shared machine rebuilds it
+        export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$WORK/torch_extensions}
     else
         DEVICE=cuda SIZE_B=vit_base SIZES_BL="vit_base vit_large" SIZE_H=vit_huge MICRO_B=128 MICROS_BL="64 128"
         MICROS_H="32 64" MICROS_CKPT="64 128" IMAGES=4096 JPEG_SIZE="500 375" DATA_BATCH=256 DATA_THREADS=8
