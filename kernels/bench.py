@@ -158,27 +158,59 @@ def bench_gpu(ops, iters):
     return bw, rows
 
 
+# The fused functions check() compares with the references (looked up when it runs, so a test can plant a wrong one).
+FUSED = {'recon_loss': recon_loss, 'visible_embed': gather_visible}
+REFERENCE = {'recon_loss': recon_loss_reference, 'visible_embed': gather_visible_reference}
+# Largest error accepted, relative to the reference's largest magnitude: four bf16 ulps (2^-6) for the bf16 outputs
+# and gradients, fp32 rounding for the EMA's fp32 target. A wrong kernel is off by far more (a wrong index, a
+# dropped term): tests/test_kernels_bench.py plants one.
+TOLERANCE = {'recon_loss': 2**-6, 'ema': 1e-5, 'visible_embed': 2**-6}
+
+
+def _relative_error(got: list, want: list) -> float:
+    return max(
+        ((g.float() - w.float()).abs().max() / w.float().abs().max().clamp_min(1e-12)).item() for g, w in zip(got, want)
+    )
+
+
+def _value_and_grad(fn, args, leaf: torch.Tensor) -> list:
+    leaf.grad = None
+    out = fn(*args)
+    out.float().sum().backward()
+    return [out.detach(), leaf.grad.clone()]
+
+
 def check(ops, device='cpu'):
-    """Correctness: fused vs reference on small inputs. Returns {op: (impl that ran, max abs error)}. On a GPU this
-    is the compiled kernel's check (the test suite runs Triton only under its CPU interpreter)."""
+    """Correctness: fused vs reference on small inputs, forward value and gradient. Returns {op: (impl that ran,
+    error relative to the reference's largest magnitude)}; compare with TOLERANCE. On a GPU this is the compiled
+    kernel's check (the test suite runs Triton only under its CPU interpreter)."""
     results = {}
     for op in ops:
-        build, fused, ref, _ = CASES[op]
+        build = CASES[op][0]
         inputs, _ = build(device, small=True)
         if op == 'ema':
             ema = inputs[0][0]
             want = ema.target_flat.clone().lerp_(ema.online_flat.float(), 0.004)
             ema.update(0.996)
-            results[op] = (last_impl('ema'), (ema.target_flat - want).abs().max().item())
+            results[op] = (last_impl('ema'), _relative_error([ema.target_flat], [want]))
             continue
         args = inputs[0]
         leaf = args[0] if op == 'visible_embed' else args[1]
-        fused(*args)
+        got = _value_and_grad(FUSED[op], args, leaf)
         impl = last_impl(op)
-        got = leaf.grad.clone()
-        ref(*args)
-        results[op] = (impl, (got.float() - leaf.grad.float()).abs().max().item())
+        results[op] = (impl, _relative_error(got, _value_and_grad(REFERENCE[op], args, leaf)))
     return results
+
+
+def wrong_ops(results: dict) -> list[str]:
+    """Ops whose error is over TOLERANCE (or NaN)."""
+    return [op for op, (_, err) in results.items() if not err <= TOLERANCE[op]]
+
+
+def _report(results: dict, where: str) -> None:
+    for op, (impl, err) in results.items():
+        verdict = 'ok' if err <= TOLERANCE[op] else 'WRONG'
+        print(f'{op}: ran {impl}{where}, error vs reference {err:.3g} (tolerance {TOLERANCE[op]:.3g}): {verdict}')
 
 
 def _markdown(bw, rows, command):
@@ -193,7 +225,9 @@ def _markdown(bw, rows, command):
     return '\n'.join(lines) + '\n'
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """0 when every checked kernel is within TOLERANCE of its reference, 1 otherwise (the GPU timings still run and
+    are written: a wrong kernel is named in the table)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--ops', nargs='+', default=list(CASES), choices=list(CASES))
     parser.add_argument('--iters', type=int, default=100)
@@ -202,18 +236,22 @@ def main(argv=None):
     if not torch.cuda.is_available():
         if os.environ.get('TRITON_INTERPRET') != '1':
             print('no GPU: Triton kernels run only with TRITON_INTERPRET=1; checking the references alone')
-        for op, (impl, err) in check(args.ops).items():
-            print(f'{op}: ran {impl}, max abs error vs reference {err:.3g}')
-        return
-    for op, (impl, err) in check(args.ops, 'cuda').items():
-        print(f'{op}: ran {impl} on {torch.cuda.get_device_name()}, max abs error vs reference {err:.3g}')
+        results = check(args.ops)
+        _report(results, '')
+        return 1 if wrong_ops(results) else 0
+    results = check(args.ops, 'cuda')
+    _report(results, f' on {torch.cuda.get_device_name()}')
+    wrong = wrong_ops(results)
     bw, rows = bench_gpu(args.ops, args.iters)
     table = _markdown(bw, rows, 'python -m cmae_ds.kernels.bench ' + ' '.join(argv or sys.argv[1:]))
+    if wrong:
+        table += f'\n**Wrong (error over tolerance): {", ".join(wrong)}**\n'
     print(table)
     if args.out:
         with open(args.out, 'a') as f:
             f.write(table)
+    return 1 if wrong else 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

@@ -10,7 +10,7 @@
 
 A sweep runs every (size, ds_config, micro-batch) cell, records a cell's failure (out of memory, ...) and goes on.
 For a sweep the micro-batch of each cell replaces the JSON's train_micro_batch_size_per_gpu in a copy (the file on
-disk is not touched). Results: a table on stdout and JSON at --out.
+disk is not touched). Results: a table on stdout and JSON at --out, rewritten after every cell.
 """
 
 import argparse
@@ -105,6 +105,14 @@ def _free_memory():
         torch.cuda.empty_cache()
 
 
+def write_results(path, results) -> None:
+    """Every finished cell so far, rewritten after each: a sweep stopped by its time limit (SIGTERM kills Python
+    without running finally blocks) still leaves a complete JSON of what it measured, never a half-written one."""
+    from cmae_ds.storage.atomic_write import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps([r.to_dict() for r in results], indent=2))
+
+
 def unfused(fn):
     """`fn()` with every fusion off: math attention, reference kernels, per-tensor EMA."""
     from cmae_ds.kernels import configured
@@ -136,6 +144,8 @@ def main(argv=None) -> int:
                 if plain.step_ms_median and fused.step_ms_median:
                     fused.extra['speedup_vs_unfused'] = plain.step_ms_median / fused.step_ms_median
                 results.append(plain)
+            if ctx.is_main:
+                write_results(args.out, results)
     except USER_ERRORS as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
@@ -147,7 +157,7 @@ def main(argv=None) -> int:
                     f'{r.size} {r.ds_config} micro {r.micro_batch}: fused step is '
                     f'{r.extra["speedup_vs_unfused"]:.2f}x the unfused one (median step time ratio)'
                 )
-        Path(args.out).write_text(json.dumps([r.to_dict() for r in results], indent=2))
+        write_results(args.out, results)
         print(f'wrote {args.out}')
     return 0
 

@@ -112,7 +112,7 @@ def test_dry_run_runs_every_cpu_step_and_writes_the_fragment(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = dict(line.split(': ', 1) for line in (out / 'summary.txt').read_text().splitlines())
     skipped = {k for k, v in summary.items() if v == 'skipped (dry run)'}
-    assert skipped == {'install', 'kernels', 'attention_tests'}
+    assert skipped == {'install', 'kernels', 'attention_tests', 'data_gpu_tests', 'fused_adam', 'adamw_tests'}
     failed = {k: v for k, v in summary.items() if k not in skipped and not v.startswith('rc=0 ')}
     assert not failed, (failed, (out / 'log.txt').read_text()[-3000:])
     rows = json.loads((out / 'results.json').read_text())
@@ -120,3 +120,22 @@ def test_dry_run_runs_every_cpu_step_and_writes_the_fragment(tmp_path):
     assert rows['e2e_b'][0]['extra']['data'] == 'torch_gpu-cpu'
     md = (out / 'benchmarks.md').read_text()
     assert 'torch_gpu-cpu: **' in md and 'data-wait fraction' in md and '| debug | 3 |' in md
+
+
+def test_no_timed_step_can_compile_fused_adam(tmp_path):
+    """Every engine the run builds takes train.optimizer=$ADAMW, which is 'auto' (DeepSpeed's FusedAdam first) only
+    when `jit_ops ready fused_adam` says its op is built (tests/test_kernels_jit_ops.py): otherwise its first use
+    would run nvcc inside a timed step. A stand-in python3 answers for jit_ops here."""
+    text = SCRIPT.read_text()
+    launches = re.findall(r'python3 launch/(?:benchmark|pretrain)\.py[^\n]*\n[^\n]*\n[^\n]*', text)
+    assert len(launches) == 3 and all('train.optimizer="$ADAMW"' in cmd for cmd in launches), launches
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    (bin_dir / 'python3').write_text('#!/bin/bash\necho "$*" >>"$CALLS"; exit "$READY"\n')
+    (bin_dir / 'python3').chmod(0o755)
+    calls = tmp_path / 'calls'
+    for ready, want in (('1', 'torch_fused'), ('0', 'auto')):
+        env = dict(PATH=f'{bin_dir}:/usr/bin:/bin', READY=ready, CALLS=str(calls))
+        proc = _source('adamw_choice; echo "=$ADAMW"', tmp_path, **env)
+        assert proc.stdout.strip().endswith(f'={want}'), proc.stdout + proc.stderr
+    assert calls.read_text().splitlines() == ['-m cmae_ds.kernels.optim.jit_ops ready fused_adam'] * 2

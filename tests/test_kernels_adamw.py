@@ -8,7 +8,7 @@ import torch
 
 from cmae_ds.kernels import build_adamw, last_impl
 from cmae_ds.kernels import configure as configure_kernels
-from cmae_ds.kernels.optim import BUILDERS, BackendUnavailable
+from cmae_ds.kernels.optim import BUILDERS, BackendUnavailable, jit_ops
 
 LR, BETAS, EPS = 1e-2, (0.9, 0.95), 1e-8
 # DeepSpeed JIT-builds these ops with a C++ compiler the first time (minutes each on 2 cores): a fresh machine
@@ -21,16 +21,26 @@ def _jit_op_ready(op: str) -> bool:
         return True
     if importlib.util.find_spec('deepspeed') is None:
         return True  # the builder reports deepspeed missing at once
-    if importlib.util.find_spec(f'deepspeed.ops.adam.{op}_op') is not None:
-        return True
-    from torch.utils.cpp_extension import _get_build_directory
-
-    return os.path.exists(os.path.join(_get_build_directory(op, verbose=False), f'{op}.so'))
+    return jit_ops.is_built(op)
 
 
-def _model_params():
-    torch.manual_seed(1)
-    return [torch.randn(s) for s in [(7, 5), (13,), (3, 4, 5), (6,)]]
+def _device(name: str) -> torch.device:
+    """Where the backend's parameters live in training. DeepSpeed's fused_adam op is built for DeepSpeed's
+    accelerator (CUDA on a GPU machine, its CPU variant here) and FusedAdam.step hands the tensors to the op without
+    checking their device (deepspeed/ops/adam/fused_adam.py): CPU parameters on a GPU machine fail inside
+    multi_tensor_apply. apex and torch's fused kernel run on CUDA when there is one."""
+    if name == 'deepspeed_fused' and importlib.util.find_spec('deepspeed') is not None:
+        from deepspeed.accelerator import get_accelerator
+
+        return torch.device(get_accelerator().device_name())
+    if name in ('apex', 'torch_fused') and torch.cuda.is_available():
+        return torch.device('cuda')
+    return torch.device('cpu')
+
+
+def _model_params(device='cpu'):
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(s, generator=gen).to(device) for s in [(7, 5), (13,), (3, 4, 5), (6,)]]
 
 
 def _groups(params):
@@ -41,15 +51,15 @@ def _groups(params):
     ]
 
 
-def _run(make_opt, steps=5):
-    params = [torch.nn.Parameter(p.clone()) for p in _model_params()]
+def _run(make_opt, steps=5, device='cpu'):
+    params = [torch.nn.Parameter(p.clone()) for p in _model_params(device)]
     opt = make_opt(_groups(params))
     gen = torch.Generator().manual_seed(2)
     for _ in range(steps):
         for p in params:
-            p.grad = torch.randn(p.shape, generator=gen)
+            p.grad = torch.randn(p.shape, generator=gen).to(device)
         opt.step()
-    return opt, [p.detach() for p in params]
+    return opt, [p.detach().cpu() for p in params]
 
 
 def _reference():
@@ -60,10 +70,12 @@ def _reference():
 def test_backend_matches_torch_adamw(name):
     if name in JIT_OPS and not _jit_op_ready(JIT_OPS[name]):
         pytest.skip(f'DeepSpeed op {JIT_OPS[name]} is not built yet; CMAE_TEST_JIT_OPS=1 builds it (minutes)')
+    device = _device(name)
     try:
-        opt, params = _run(lambda g: build_adamw(g, LR, BETAS, EPS, backend=name)[0])
+        opt, params = _run(lambda g: build_adamw(g, LR, BETAS, EPS, backend=name)[0], device=device)
     except BackendUnavailable as e:
         pytest.skip(f'{name} unavailable here: {e}')
+    assert all(p.device.type == device.type for g in opt.param_groups for p in g['params'])
     assert last_impl('adamw') == name
     assert [g['weight_decay'] for g in opt.param_groups] == [0.05, 0.0]
     assert [g['lr_scale'] for g in opt.param_groups] == [0.5, 1.0]

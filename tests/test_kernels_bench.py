@@ -18,7 +18,21 @@ def test_cpu_correctness_pass():
     assert set(results) == {'recon_loss', 'ema', 'visible_embed'}
     for op, (impl, err) in results.items():
         assert impl == 'triton', op
-        assert err < 1e-4, (op, err)
+        assert err <= bench.TOLERANCE[op], (op, err)
+    assert bench.wrong_ops(results) == []
+
+
+@pytest.mark.parametrize('op', ['recon_loss', 'visible_embed'])
+def test_a_wrong_kernel_fails_the_run(monkeypatch, capsys, op):
+    """A planted kernel that is off by 5% (a scaled output, as a wrong normalization would give) makes the check
+    name it and the command exit non-zero; the true one passes."""
+    assert bench.main(['--ops', op]) == 0
+    right = bench.FUSED[op]
+    monkeypatch.setitem(bench.FUSED, op, lambda *args: right(*args) * 1.05)
+    capsys.readouterr()
+    assert bench.main(['--ops', op]) == 1
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith('WRONG')
+    assert bench.wrong_ops(bench.check([op])) == [op]
 
 
 def test_vit_b_ema_shapes():

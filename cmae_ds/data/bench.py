@@ -90,6 +90,7 @@ def dali_stage_costs(root: Path, batch: int, threads: int, img_size: int, iters:
             num_attempts=10,
             device='cpu',
             output_type=types.RGB,
+            **G.DECODE,
         )
         if stage >= 1:
             x = fn.resize(x, size=[m, m], interp_type=types.INTERP_CUBIC, antialias=True)

@@ -32,8 +32,15 @@ def read_files(files, indices: list[int]):
     return fn.readers.file(files=files, labels=indices, random_shuffle=False, pad_last_batch=True, name=READER)
 
 
+# Decode as PIL and torchvision do, so the three pipelines see the same pixels: EXIF orientation ignored (PIL's
+# Image.open and decode_jpeg's apply_exif_orientation=False; DALI rotates by default, which would also swap the
+# height and width the crop boxes are drawn on), and libjpeg-turbo's fancy chroma upsampling (the cpu backend's
+# own; the mixed backend's nvJPEG does it only when asked).
+DECODE = dict(adjust_orientation=False, jpeg_fancy_upsampling=True)
+
+
 def _decoder_kwargs(device: str, hw_decoder_load: float) -> dict:
-    kw = dict(device='mixed' if device == 'gpu' else 'cpu', output_type=types.RGB)
+    kw = dict(device='mixed' if device == 'gpu' else 'cpu', output_type=types.RGB, **DECODE)
     if device == 'gpu':
         kw['hw_decoder_load'] = hw_decoder_load
     return kw
@@ -50,7 +57,7 @@ def _normalize(img, **crop_mirror):
 def rrc_box(jpegs, scale, aspect, u_top, u_left):
     """draws.rrc_box in graph operators, same float32 operations in the same order -> (top, left, h, w) floats.
     The image size comes from the JPEG header; the first fitting candidate is picked without a loop."""
-    shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT)
+    shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT, adjust_orientation=DECODE['adjust_orientation'])
     H, W = shape[0], shape[1]
     ta = H * W * scale
     w = dmath.floor(dmath.sqrt(ta * aspect) + 0.5)

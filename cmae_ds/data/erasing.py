@@ -9,6 +9,7 @@ import torch
 
 from ..seeds import erasing_seed
 from .recipe import ERASE_LOG_RATIO, ERASE_P
+from .upload import upload
 
 
 def random_erasing(
@@ -33,7 +34,7 @@ def random_erasing(
                 top = int(torch.randint(0, h - eh + 1, (), generator=gen))
                 left = int(torch.randint(0, w - ew + 1, (), generator=gen))
                 noise = torch.randn((c, eh, ew), generator=gen)
-                img[i, :, top : top + eh, left : left + ew] = noise.to(img.device, img.dtype)
+                img[i, :, top : top + eh, left : left + ew] = upload(noise, img.device, img.dtype)
                 break
     return img
 

@@ -18,6 +18,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 from . import recipe as C
 from . import views_gpu as G
@@ -27,6 +28,7 @@ from .normalize import normalize
 from .sampling import sample_rng
 from .shards import record_bytes
 from .torch_pipeline import TorchLoader, ViewDataset
+from .upload import upload
 
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (DHT, JPG, DAC are not)
 
@@ -75,13 +77,41 @@ class BytesDataset(ViewDataset):
 
 
 def collate(items: list[dict]) -> dict:
+    """Worker side: the batch's files as one uint8 buffer (JPEG bytes, or a CPU-decoded (3, H, W) image flattened)
+    with offsets and shapes ((0, 0) for bytes). A tensor crosses to the training process as one shared-memory
+    segment, which under torch's default file_descriptor sharing costs a descriptor and a socket connection each:
+    a few per batch, not one per image."""
+    data = [it['data'] for it in items]
+    offsets = torch.zeros(len(data) + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor([d.numel() for d in data], dtype=torch.int64).cumsum(0)
+    shapes = [tuple(d.shape[1:]) if d.dim() == 3 else (0, 0) for d in data]
     return dict(
-        data=[it['data'] for it in items],
-        index=torch.tensor([it['index'] for it in items]),
-        source=[it['source'] for it in items],
+        data=_concat(data, int(offsets[-1])),
+        offsets=offsets,
+        shapes=torch.tensor(shapes, dtype=torch.int64).view(-1, 2),
+        index=torch.tensor([it['index'] for it in items], dtype=torch.int64),
+        source=torch.tensor([it['source'] for it in items], dtype=torch.int64),
         label=torch.tensor([it['label'] for it in items], dtype=torch.int64),
         bad=[b for it in items for b in it['bad']],
     )
+
+
+def _concat(data: list[torch.Tensor], total: int) -> torch.Tensor:
+    flat = [d.reshape(-1) for d in data]
+    out = None
+    if get_worker_info() is not None:  # written straight into shared memory, as torch's default_collate does
+        out = flat[0].new(flat[0]._typed_storage()._new_shared(total, device='cpu')).resize_(total)
+    return torch.cat(flat, out=out)
+
+
+def unpack(raw: dict) -> list[torch.Tensor]:
+    """collate's batch -> each item's 1-D JPEG bytes or uint8 (3, H, W) image, as views of the one buffer."""
+    buf, offsets = raw['data'], raw['offsets'].tolist()
+    out = []
+    for i, (h, w) in enumerate(raw['shapes'].tolist()):
+        blob = buf[offsets[i] : offsets[i + 1]]
+        out.append(blob.view(3, h, w) if h else blob)
+    return out
 
 
 def _decode_one(blob: torch.Tensor, device: torch.device) -> Optional[torch.Tensor]:
@@ -90,14 +120,14 @@ def _decode_one(blob: torch.Tensor, device: torch.device) -> Optional[torch.Tens
 
     for dev in dict.fromkeys([device, torch.device('cpu')]):
         try:
-            return decode_jpeg(blob, mode=ImageReadMode.RGB, device=dev).to(device)
+            return upload(decode_jpeg(blob, mode=ImageReadMode.RGB, device=dev), device)
         except RuntimeError:
             pass
     try:
         from PIL import Image
 
         with Image.open(io.BytesIO(blob.numpy().tobytes())) as im:
-            return V.to_uint8_chw(im.convert('RGB')).to(device)
+            return upload(V.to_uint8_chw(im.convert('RGB')), device)
     except Exception:  # noqa: BLE001 - any decoder failure means "unreadable file"
         return None
 
@@ -107,12 +137,16 @@ def decode_batch(data: list[torch.Tensor], device: torch.device) -> list[Optiona
     time if that call fails; already decoded ones moved over. None where nothing can decode the file."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    nb = device.type == 'cuda'
-    out = [d.to(device, non_blocking=nb) if d.dim() == 3 else None for d in data]
+    out = [upload(d, device) if d.dim() == 3 else None for d in data]
     enc = [i for i, d in enumerate(data) if d.dim() == 1]
     if not enc:
         return out
     blobs = [data[i] for i in enc]
+    if device.type == 'cuda':
+        # torchvision allocates the decoded images on this stream, but nvJPEG writes them on a private stream that
+        # does not wait for this one (decode_jpegs_cuda.cpp; pytorch/vision PR 9606): memory freed here with
+        # kernels still queued could be written under them. Those kernels (the previous batch's views) end first.
+        torch.cuda.current_stream(device).synchronize()
     with warnings.catch_warnings():
         # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they still are the batched
         # nvJPEG path this pipeline exists for.
@@ -164,7 +198,7 @@ class GpuLoader(TorchLoader):
         yield from one_ahead_on_side_stream(batches, self.device) if self.device.type == 'cuda' else batches
 
     def _finish(self, raw: dict, valid: np.ndarray, epoch: int, b: int) -> dict:
-        imgs = decode_batch(raw['data'], self.device)
+        imgs = decode_batch(unpack(raw), self.device)
         bad = raw['bad'] + self._substitute(imgs, raw)
         self._report_bad(bad)
         index = raw['index'].numpy()
@@ -181,7 +215,7 @@ class GpuLoader(TorchLoader):
             source = int(raw['source'][n])  # the file the worker read (the item's own or its substitute)
             i, pil, passed = self.dataset.first_readable(source, start=1, load=self.dataset.decode)
             bad += [f'{self.dataset.samples[source][0]} (decode_jpeg and PIL cannot decode it)'] + passed
-            imgs[n] = V.to_uint8_chw(pil).to(self.device)
+            imgs[n] = upload(V.to_uint8_chw(pil), self.device)
             raw['label'][n] = self.dataset.samples[i][1]
         return bad
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 
 from .recipe import MEAN, STD
+from .upload import constant
+
+SCALE = tuple(1.0 / s for s in STD)
+SHIFT = tuple(-m / s for m, s in zip(MEAN, STD))
 
 
 def normalize(img: torch.Tensor) -> torch.Tensor:
@@ -12,6 +16,6 @@ def normalize(img: torch.Tensor) -> torch.Tensor:
 
     x * (1/std) - mean/std in place on the float copy: one pass fewer and no temporaries, 2.5x faster than
     (x - mean) / std on CPU, where it runs on the training process; within 1 ulp of it."""
-    scale = torch.tensor([1.0 / s for s in STD], device=img.device).view(1, 3, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(MEAN, STD)], device=img.device).view(1, 3, 1, 1)
+    scale = constant(SCALE, img.device).view(1, 3, 1, 1)
+    shift = constant(SHIFT, img.device).view(1, 3, 1, 1)
     return img.to(torch.float32, copy=True).mul_(scale).add_(shift)

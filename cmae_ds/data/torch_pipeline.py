@@ -23,6 +23,7 @@ from .normalize import normalize
 from .sampling import ShardPlan, sample_rng
 from .shard_index import ShardError
 from .shards import record_file
+from .upload import upload
 
 MAX_SUBSTITUTES = 64
 
@@ -140,10 +141,10 @@ class TorchLoader(EpochLoader):
         """Erasing, index, labels, valid flags and debug decisions around the normalized views in `out`."""
         if self.erase:
             random_erasing(out['img'], batch_generator(self.plan.seed, epoch, self.plan.rank, b))
-        out['index'] = raw['index'].to(self.device)
+        out['index'] = upload(raw['index'], self.device)
         if self.dataset.mode != 'pretrain':
-            out['label'] = raw['label'].to(self.device)
-            out['valid'] = torch.from_numpy(valid.copy()).to(self.device)
+            out['label'] = upload(raw['label'], self.device)
+            out['valid'] = upload(valid.copy(), self.device)
         if 'debug' in raw:
             out['debug'] = raw['debug']
         return out

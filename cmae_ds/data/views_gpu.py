@@ -5,11 +5,15 @@ Every random decision comes from draws.py (the arrays of draw_batch, batch first
 and shifted exactly as by the torch and DALI pipelines. Images enter as a list of uint8 (3, H, W) tensors (sizes
 differ); after the crop-resize everything is master-sized and the rest works on one (N, 3, M, M) float tensor in
 0-255 units, rounded after each op the way the uint8 pipelines quantize. Per-sample selections (who is jittered,
-blurred, ...) are index lists built from the draws on the host, so nothing here waits on the device.
+blurred, ...) are index lists built from the draws on the host and queued to the device from pinned memory
+(upload.py), so nothing here waits on the device; the exceptions are torchvision's RandAugment (fine-tuning: its
+affine ops build their matrices with blocking copies) and a crop too large for the CUDA resize (_bicubic_aa).
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections import defaultdict
 
 import numpy as np
@@ -19,6 +23,7 @@ import torch.nn.functional as F
 from . import recipe as C
 from .draws import rrc_boxes
 from .normalize import normalize
+from .upload import constant, upload
 
 LUMA = (0.299, 0.587, 0.114)  # PIL's 'L' conversion (the torch pipeline's grayscale and contrast mean)
 BLUR_RADIUS = int(np.ceil(3 * C.BLUR_SIGMA[1]))  # 3 sigma of the largest sigma: a 13-tap kernel
@@ -41,12 +46,51 @@ def resize_all(crops: list[torch.Tensor], sizes: list[tuple[int, int]], out: tor
     res: list = [None] * len(crops)
     for (_, size), idx in groups.items():
         x = torch.stack([crops[i] for i in idx]).float()
-        y = F.interpolate(x, size=size, mode='bicubic', antialias=True, align_corners=False)
+        y = _bicubic_aa(x, size)
         for i, t in zip(idx, y.clamp_(0, 255).round_()):
             if out is not None:
                 out[i] = t
             res[i] = t if out is None else out[i]
     return res
+
+
+def cuda_resize_fits(in_hw, out_hw, shared_mem_per_block: int, warp: int = 32) -> bool:
+    """Whether torch's CUDA antialiased bicubic kernel takes a float32 resize of in_hw to out_hw. Its block of
+    (warp, block_y) threads keeps warp x taps_w + block_y x taps_h x (warp + 1) floats in shared memory, with
+    taps = 1 + 2 ceil(2 x in/out) on a downscale, and fails when even block_y = 1 does not fit ("Too much shared
+    memory required": upsample_gen2d_aa_out_cuda_template in aten/src/ATen/native/cuda/UpSampleBilinear2d.cu).
+    With 48 KiB per block that is a downscale of more than 47x along both axes."""
+
+    def taps(n_in: int, n_out: int) -> int:
+        scale = float(np.float32(n_in) / np.float32(n_out))  # area_pixel_compute_scale in float32
+        return 1 + 2 * math.ceil(2.0 * scale if scale >= 1.0 else 2.0)
+
+    th, tw = taps(in_hw[0], out_hw[0]), taps(in_hw[1], out_hw[1])
+    return warp * tw + th * (warp + 1) <= shared_mem_per_block // 4
+
+
+def needs_host_resize(in_hw, out_hw, device: torch.device, shared_mem_per_block: int | None = None, warp=32) -> bool:
+    """True for a CUDA resize its kernel cannot take (cuda_resize_fits): that crop is resized on the CPU."""
+    if device.type != 'cuda':
+        return False
+    if shared_mem_per_block is None:
+        props = torch.cuda.get_device_properties(device)
+        shared_mem_per_block, warp = props.shared_memory_per_block, props.warp_size
+    return not cuda_resize_fits(in_hw, out_hw, shared_mem_per_block, warp)
+
+
+def _bicubic_aa(x: torch.Tensor, size) -> torch.Tensor:
+    """(n, 3, h, w) float -> (n, 3, *size), antialiased bicubic. A crop too large for the CUDA kernel (a very large
+    image, rare) takes the CPU path's own arithmetic and comes back: both paths give the same view, at the cost of
+    two blocking copies for that crop only."""
+    if needs_host_resize(tuple(x.shape[-2:]), tuple(size), x.device):
+        warnings.warn(
+            f'torch_gpu: a {tuple(x.shape[-2:])} crop resized to {tuple(size)} is beyond the CUDA kernel '
+            '(shared memory); resized on the CPU',
+            stacklevel=3,
+        )
+        return _bicubic_aa(x.cpu(), size).to(x.device)
+    return F.interpolate(x, size=size, mode='bicubic', antialias=True, align_corners=False)
 
 
 def crop_resize(imgs: list[torch.Tensor], boxes, size: int) -> torch.Tensor:
@@ -59,7 +103,7 @@ def crop_resize(imgs: list[torch.Tensor], boxes, size: int) -> torch.Tensor:
 
 def _rows(mask: np.ndarray, device) -> torch.Tensor | None:
     idx = np.flatnonzero(mask)
-    return torch.from_numpy(idx).to(device) if len(idx) else None
+    return upload(idx, device) if len(idx) else None
 
 
 def where_flip(x: torch.Tensor, flip: np.ndarray) -> torch.Tensor:
@@ -76,7 +120,7 @@ def windows(master: torch.Tensor, dy: np.ndarray, dx: np.ndarray, size: int) -> 
 
 def luma(x: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) -> (N, 1, H, W)."""
-    w = torch.tensor(LUMA, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    w = constant(LUMA, x.device, x.dtype).view(1, 3, 1, 1)
     return (x * w).sum(1, keepdim=True)
 
 
@@ -118,7 +162,7 @@ def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     """Inverse of rgb_to_hsv: channel c = v - v s clamp(min(k, 4 - k), 0, 1) with k = (n_c + 6 h) mod 6, n = 5, 3, 1
     (the closed form of the six-sector table, a few elementwise ops)."""
     h, s, v = x.unbind(1)
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    n = constant((5.0, 3.0, 1.0), x.device, x.dtype).view(1, 3, 1, 1)
     k = torch.remainder(n + 6.0 * h.unsqueeze(1), 6.0)
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     return v.unsqueeze(1) - (v * s).unsqueeze(1) * ramp
@@ -143,7 +187,7 @@ def _apply(x: torch.Tensor, mask: np.ndarray, op, *args) -> None:
 def color_jitter(x: torch.Tensor, jitter: np.ndarray, factors: np.ndarray, order: np.ndarray) -> torch.Tensor:
     """torchvision ColorJitter on the samples that drew it, each sample's four ops in its drawn order: at step k
     the samples whose k-th op is op j take op j together."""
-    f = torch.as_tensor(factors, dtype=x.dtype, device=x.device)
+    f = upload(factors, x.device, x.dtype)
     for k in range(order.shape[1]):
         for j, op in enumerate(JITTER_OPS):
             _apply(x, jitter & (order[:, k] == j), op, f[:, j])
@@ -163,7 +207,10 @@ def gaussian_kernels(sigma: torch.Tensor, radius: int = BLUR_RADIUS) -> torch.Te
 
 
 def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """A true separable Gaussian per sample (as DALI's gaussian_blur), reflect-padded, one grouped conv per axis."""
+    """A true separable Gaussian per sample (as DALI's gaussian_blur), reflect-padded, one grouped conv per axis.
+    In fp32 with one group per channel and contiguous tensors, CUDA runs torch's native depthwise kernel in plain
+    fp32: cuDNN (and its TF32 default) is taken for depthwise convolutions only in fp16 or channels_last
+    (ConvParams::use_cudnn_depthwise, aten/src/ATen/native/Convolution.cpp); gpu_checks.sh compares with the CPU."""
     n, c, h, w = x.shape
     k = gaussian_kernels(sigma).repeat_interleave(c, 0)  # (n * c, K)
     r = BLUR_RADIUS
@@ -174,7 +221,7 @@ def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_blur(x: torch.Tensor, blur: np.ndarray, sigma: np.ndarray) -> torch.Tensor:
-    _apply(x, blur, _blur, torch.as_tensor(sigma, dtype=x.dtype, device=x.device))
+    _apply(x, blur, _blur, upload(sigma, x.device, x.dtype))
     return x
 
 
@@ -239,9 +286,13 @@ def rand_augment(x: torch.Tensor, seeds: list[int]) -> torch.Tensor:
             num_ops=2, magnitude=9, interpolation=InterpolationMode.BILINEAR, fill=[int(round(m)) for m in C.MEAN]
         )
     ra, u8 = _RAND_AUGMENT['ra'], x.to(torch.uint8)
-    with torch.random.fork_rng(devices=[]):  # v2 draws from the global CPU generator: leave the caller's alone
+    # v2 draws from the global CPU generator (torch.randint / torch.rand without a generator) and takes none, so
+    # that one generator is seeded per sample and restored after. torch.manual_seed would also reseed every CUDA
+    # generator (torch/random.py, _manual_seed_impl), which fork_rng(devices=[]) does not restore: drop-path's
+    # stream and the CUDA RNG state in checkpoints would follow the last sample's seed.
+    with torch.random.fork_rng(devices=[]):
         for i, s in enumerate(seeds):
-            torch.manual_seed(s)
+            torch.default_generator.manual_seed(s)
             u8[i] = ra(u8[i])
     return u8.float()
 
