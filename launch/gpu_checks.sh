@@ -88,14 +88,14 @@ EOF
 sizes() {  # the run's scale; the dry run: the debug model on tiny inputs on the CPU, the same steps
     if ((DRY)); then
         DEVICE=cpu SIZE_B=debug SIZES_BL=debug SIZE_H=debug MICRO_B=4 MICROS_BL="2 4" MICROS_H=2 MICROS_CKPT=4
-        IMAGES=48 JPEG_SIZE="64 48" DATA_BATCH=8 DATA_THREADS=1 DATA_SIZE=32 TIMING="--warmup 1 --steps 2"
+        MICRO_COMPILE=2 IMAGES=48 JPEG_SIZE="64 48" DATA_BATCH=8 DATA_THREADS=1 DATA_SIZE=32 TIMING="--warmup 1 --steps 2"
         SMALL="model.img_size=32 model.patch_size=8" SMOKE_STEPS=4 SCALE=3 BUDGET_S=$((3 * BUDGET_S))
     else
         DEVICE=cuda SIZE_B=vit_base SIZES_BL="vit_base vit_large" SIZE_H=vit_huge MICRO_B=128 MICROS_BL="64 128"
-        MICROS_H="32 64" MICROS_CKPT="64 128" IMAGES=4096 JPEG_SIZE="500 375" DATA_BATCH=256 DATA_THREADS=8
+        MICROS_H="32 64" MICROS_CKPT="64 128" MICRO_COMPILE=64 IMAGES=4096 JPEG_SIZE="500 375" DATA_BATCH=256 DATA_THREADS=8
         DATA_SIZE=224 TIMING="--warmup 3 --steps 10" SMALL="" SMOKE_STEPS=24
     fi
-    export DEVICE SIZE_B SIZES_BL SIZE_H MICRO_B MICROS_BL MICROS_H MICROS_CKPT IMAGES JPEG_SIZE DATA_BATCH \
+    export DEVICE SIZE_B SIZES_BL SIZE_H MICRO_B MICROS_BL MICROS_H MICROS_CKPT MICRO_COMPILE IMAGES JPEG_SIZE DATA_BATCH \
         DATA_THREADS DATA_SIZE TIMING SMALL SMOKE_STEPS WORK OUT
 }
 
@@ -156,6 +156,11 @@ ckpt_h() {  # ViT-H with activation checkpointing, beside sweep_h's ZeRO-2 rows 
         model.activation_checkpointing=true
 }
 
+compile_bl() {  # eager against compiled per block (model.compile), bf16 ZeRO-1 and ZeRO-2: speedup and compile time
+    bench compile_bl --mode model --sizes $SIZES_BL --micro $MICRO_COMPILE --compare-compile \
+        --deepspeed_config ds_configs/zero1_bf16.json ds_configs/zero2_bf16.json
+}
+
 pretrain_smoke() {  # the debug preset: SMOKE_STEPS steps with a checkpoint half-way
     python3 launch/pretrain.py --deepspeed_config /tmp/zero2_bf16_m16.json --resume none \
         train.max_steps="$SMOKE_STEPS" train.save_every_steps=$((SMOKE_STEPS / 2)) train.output_dir="$WORK/smoke" \
@@ -193,13 +198,14 @@ run() {
     step pretrain_smoke 60 pretrain_smoke
     step pretrain_resume 45 pretrain_resume
     step sweep_bl 120 sweep_bl
+    gpu_step compile_bl 150 compile_bl  # inductor on a CPU takes minutes: GPU only
     step sweep_h 90 sweep_h
     step ckpt_h 60 ckpt_h
     BUDGET_S=$((BUDGET_S + 20)) step report 20 python3 launch/gpu_report.py "$OUT" "$WORK"
     cat "$OUT/summary.txt"
 }
 
-export -f install make_jpegs data_rate bench model_b e2e_b sweep_bl sweep_h ckpt_h pretrain_smoke pretrain_resume
+export -f install make_jpegs data_rate bench model_b e2e_b sweep_bl compile_bl sweep_h ckpt_h pretrain_smoke pretrain_resume
 [[ "${BASH_SOURCE[0]}" != "$0" ]] && return 0  # sourced (tests): functions only
 case "${1:-}" in
     prepare) prepare ;;
