@@ -37,7 +37,7 @@ def model_table(rows: list[dict], ckpt: str = '') -> list[str]:
     ]
     for r in rows:
         note = r.get('error') or ('fusion off' if r.get('extra', {}).get('fusion') == 'off' else '')
-        if r.get('extra', {}).get('compile', 'off') != 'off':
+        if r.get('extra', {}).get('compile', 'eager') != 'eager':
             x = r['extra']
             note = (
                 note or f'compiled: {x.get("speedup_vs_eager", 0):.2f}x eager, {x.get("compile_s", 0):.0f} s compiling'

@@ -12,6 +12,7 @@ would trace them: refused at start.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -23,14 +24,14 @@ from ..kernels import resolve
 from ..models.vit import Attention, Block
 
 log = logging.getLogger(__name__)
-MODES = ('auto', 'off', 'blocks', 'model')
+MODES = ('auto', 'eager', 'blocks', 'model')
 
 
 @dataclass
 class CompileState:
     """What `apply_compile` did: the scope, whether it fell back to eager, and the seconds the first calls took."""
 
-    scope: str = 'off'
+    scope: str = 'eager'
     fallback: str = ''
     compile_s: float = 0.0
     """Wall time of each region's first call (tracing and compiling the forward, and running it once)."""
@@ -39,16 +40,16 @@ class CompileState:
 
 
 def resolve_mode(mode: str, device: torch.device, zero_stage: int = 0) -> str:
-    """'auto' -> 'blocks' on CUDA, 'off' elsewhere (a CPU spends minutes compiling for no measured gain,
+    """'auto' -> 'blocks' on CUDA, 'eager' elsewhere (a CPU spends minutes compiling for no measured gain,
     docs/benchmarks.md); ZeRO-3 with compiling asked for is a ConfigError."""
     if mode not in MODES:
         raise ConfigError(f'model.compile {mode!r}: expected one of {", ".join(MODES)}')
     if mode == 'auto':
-        mode = 'blocks' if device.type == 'cuda' and zero_stage != 3 else 'off'
-    if mode != 'off' and zero_stage == 3:
+        mode = 'blocks' if device.type == 'cuda' and zero_stage != 3 else 'eager'
+    if mode != 'eager' and zero_stage == 3:
         raise ConfigError(
             'model.compile: ZeRO-3 fetches parameters in module hooks that a compiled block would trace; '
-            'use ZeRO-0/1/2 or model.compile=off'
+            'use ZeRO-0/1/2 or model.compile=eager'
         )
     return mode
 
@@ -64,16 +65,19 @@ def head_dims(model: nn.Module) -> tuple:
     return tuple(sorted(heads))
 
 
-def apply_compile(
-    model: nn.Module, mode: str, device, zero_stage: int = 0, backend: str = 'inductor', **options
-) -> CompileState:
-    """Compile `model`'s blocks (or all of it) in place, as `mode` says; returns the state the benchmark reports."""
+def apply_compile(model: nn.Module, mode: str, device, zero_stage: int = 0, backend=None, **options) -> CompileState:
+    """Compile `model`'s blocks (or all of it) in place, as `mode` says; returns the state the benchmark reports.
+
+    backend: torch.compile's (default: `CMAE_COMPILE_BACKEND`, read here, else 'inductor'; 'aot_eager' traces
+    forward and backward the same way without generating code, which is what the CPU tests use).
+    """
+    backend = backend or os.environ.get('CMAE_COMPILE_BACKEND', '').strip() or 'inductor'
     device = torch.device(device)
     scope = resolve_mode(mode, device, zero_stage)
     state = CompileState(scope=scope)
     # Every kernel choice made now, none inside a compiled graph; a whole model also traces the Triton-backed ops.
     resolve(device, head_dims(model) or (64,), reference=('recon_loss', 'visible_embed') if scope == 'model' else ())
-    if scope == 'off':
+    if scope == 'eager':
         return state
     regions = [m for m in _modules(model) if isinstance(m, Block)] if scope == 'blocks' else [model]
     if not hasattr(nn.Module, 'compile'):
