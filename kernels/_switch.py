@@ -14,6 +14,7 @@ from contextlib import contextmanager
 OPS = ('attention', 'adamw', 'recon_loss', 'ema', 'visible_embed')
 _OFF = {'0', 'false', 'off', 'no'}
 _last: dict = {}
+_on_configure: list = []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,13 +41,24 @@ _settings = _with_environment(KernelSettings())
 
 def configure(fused: bool = True, off=(), attention_backend: str = 'auto', environment: bool = True) -> KernelSettings:
     """Set the switches of this process; the environment, when `environment`, overrides the arguments."""
-    global _settings
     unknown = set(off) - set(OPS)
     if unknown:
         raise ValueError(f'unknown kernel op(s) {sorted(unknown)}; ops: {OPS}')
     s = KernelSettings(fused=fused, off=frozenset(off), attention_backend=attention_backend.strip().lower())
-    _settings = _with_environment(s) if environment else s
+    _set(_with_environment(s) if environment else s)
     return _settings
+
+
+def _set(s: KernelSettings) -> None:
+    global _settings
+    _settings = s
+    for forget in _on_configure:
+        forget()
+
+
+def on_configure(forget) -> None:
+    """Call `forget()` whenever the switches change: the ops' tables of resolved choices empty themselves."""
+    _on_configure.append(forget)
 
 
 def settings() -> KernelSettings:
@@ -56,12 +68,11 @@ def settings() -> KernelSettings:
 @contextmanager
 def configured(**kw):
     """The switches as `configure(**kw)` says, then back to what they were."""
-    global _settings
     saved = _settings
     try:
         yield configure(**kw)
     finally:
-        _settings = saved
+        _set(saved)
 
 
 def fused_enabled(op: str) -> bool:

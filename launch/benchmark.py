@@ -7,6 +7,7 @@
   deepspeed --num_gpus 8 launch/benchmark.py --mode model --sizes vit_base vit_large \\
       --deepspeed_config ds_configs/zero2_bf16.json ds_configs/zero3_bf16.json --micro 64 128   # a sweep
   python launch/benchmark.py --compare-fusion model.size=vit_base                  # fused paths on vs all off
+  python launch/benchmark.py --compare-compile model.size=vit_base                 # eager vs compiled per block
 
 A sweep runs every (size, ds_config, micro-batch) cell, records a cell's failure (out of memory, ...) and goes on.
 For a sweep the micro-batch of each cell replaces the JSON's train_micro_batch_size_per_gpu in a copy (the file on
@@ -46,6 +47,12 @@ def parse(argv=None):
         action='store_true',
         help='run each cell with fused paths on, then with every fusion off (math attention, '
         'reference kernels, per-tensor EMA), and report the ratio',
+    )
+    p.add_argument(
+        '--compare-compile',
+        action='store_true',
+        help='run each cell eager (model.compile=eager), then compiled per block (model.compile=blocks); report the '
+        'ratio and the compile time',
     )
     p.add_argument('--out', default='benchmark.json')
     p.add_argument('--local_rank', type=int, default=None)
@@ -121,6 +128,15 @@ def unfused(fn):
         return fn()
 
 
+def compiled_pair(args, ds_name, ds, overrides, ctx):
+    """The cell eager and compiled per block; the compiled row carries speedup_vs_eager and compile_s."""
+    eager = run_one(args, ds_name, ds, overrides + ['model.compile=eager'], ctx)
+    compiled = run_one(args, ds_name, ds, overrides + ['model.compile=blocks'], ctx)
+    if eager.step_ms_median and compiled.step_ms_median:
+        compiled.extra['speedup_vs_eager'] = eager.step_ms_median / compiled.step_ms_median
+    return [eager, compiled]
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     from cmae_ds.engine.dist import setup_distributed
@@ -144,6 +160,8 @@ def main(argv=None) -> int:
                 if plain.step_ms_median and fused.step_ms_median:
                     fused.extra['speedup_vs_unfused'] = plain.step_ms_median / fused.step_ms_median
                 results.append(plain)
+            if args.compare_compile and args.mode != 'data':
+                results.extend(compiled_pair(args, ds_name, ds, overrides, ctx))
             if ctx.is_main:
                 write_results(args.out, results)
     except USER_ERRORS as e:
@@ -156,6 +174,13 @@ def main(argv=None) -> int:
                 print(
                     f'{r.size} {r.ds_config} micro {r.micro_batch}: fused step is '
                     f'{r.extra["speedup_vs_unfused"]:.2f}x the unfused one (median step time ratio)'
+                )
+            if 'speedup_vs_eager' in r.extra:
+                print(
+                    f'{r.size} {r.ds_config} micro {r.micro_batch}: compiled step is '
+                    f'{r.extra["speedup_vs_eager"]:.2f}x the eager one after '
+                    f'{r.extra.get("compile_s", 0):.0f} s of compiling '
+                    f'{r.extra.get("compile_fallback", "")}'
                 )
         write_results(args.out, results)
         print(f'wrote {args.out}')

@@ -24,8 +24,9 @@
 # 32-64), a third more with activation checkpointing, so the ~30 timed cells compute for ~20 s in all; engine
 # set-up (~6-10 s a cell), Triton compilation and process starts dominate: install 20 s, pretrain + resume 35 s,
 # JPEGs 20 s, torch_gpu tests 25 s, data 15 s, model + e2e ViT-B 40 s, kernels 30 s, attention tests 20 s,
-# ViT-B/L sweep 80 s, ViT-H sweep 65 s, checkpointing 25 s, fused_adam build 50 s and its test 10 s, report 3 s:
-# about 440 s (7 min) expected, 8 min at most (the build and its test, last, are what a short budget drops).
+# ViT-B/L sweep 80 s, compiled against eager (ViT-B on ZeRO-1/2, ViT-L on ZeRO-2: three compiles of a block by
+# inductor, six cells) 70 s, ViT-H sweep 65 s, checkpointing 25 s, report 3 s: about 450 s (8 min) expected; the
+# fused_adam build (50 s) and its test (10 s) come last and run on what the budget has left, else are skipped.
 #
 # What comes back (at most 8 files): log.txt (every step's output), summary.txt (one line per step), env.txt,
 # kernels.md, data.json, results.json (every benchmark row), benchmarks.md (a fragment for docs/benchmarks.md).
@@ -93,16 +94,16 @@ EOF
 sizes() {  # the run's scale; the dry run: the debug model on tiny inputs on the CPU, the same steps
     if ((DRY)); then
         DEVICE=cpu SIZE_B=debug SIZES_BL=debug SIZE_H=debug MICRO_B=4 MICROS_BL="2 4" MICROS_H=2 MICROS_CKPT=4
-        IMAGES=48 JPEG_SIZE="64 48" DATA_BATCH=8 DATA_THREADS=1 DATA_SIZE=32 TIMING="--warmup 1 --steps 2"
+        MICRO_COMPILE=2 IMAGES=48 JPEG_SIZE="64 48" DATA_BATCH=8 DATA_THREADS=1 DATA_SIZE=32 TIMING="--warmup 1 --steps 2"
         SMALL="model.img_size=32 model.patch_size=8" SMOKE_STEPS=4 SCALE=3 BUDGET_S=$((3 * BUDGET_S))
         # the CPU engine's JIT op (step shm_comm) built where no other process on a shared machine rebuilds it
         export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$WORK/torch_extensions}
     else
         DEVICE=cuda SIZE_B=vit_base SIZES_BL="vit_base vit_large" SIZE_H=vit_huge MICRO_B=128 MICROS_BL="64 128"
-        MICROS_H="32 64" MICROS_CKPT="64 128" IMAGES=4096 JPEG_SIZE="500 375" DATA_BATCH=256 DATA_THREADS=8
+        MICROS_H="32 64" MICROS_CKPT="64 128" MICRO_COMPILE=64 IMAGES=4096 JPEG_SIZE="500 375" DATA_BATCH=256 DATA_THREADS=8
         DATA_SIZE=224 TIMING="--warmup 3 --steps 10" SMALL="" SMOKE_STEPS=24
     fi
-    export DEVICE SIZE_B SIZES_BL SIZE_H MICRO_B MICROS_BL MICROS_H MICROS_CKPT IMAGES JPEG_SIZE DATA_BATCH \
+    export DEVICE SIZE_B SIZES_BL SIZE_H MICRO_B MICROS_BL MICROS_H MICROS_CKPT MICRO_COMPILE IMAGES JPEG_SIZE DATA_BATCH \
         DATA_THREADS DATA_SIZE TIMING SMALL SMOKE_STEPS WORK OUT
 }
 
@@ -163,6 +164,13 @@ ckpt_h() {  # ViT-H with activation checkpointing, beside sweep_h's ZeRO-2 rows 
         model.activation_checkpointing=true
 }
 
+compile_bl() {  # eager against compiled per block (model.compile), bf16: ViT-B on ZeRO-1 and ZeRO-2, ViT-L on ZeRO-2
+    bench compile_b --mode model --sizes "$SIZE_B" --micro $MICRO_COMPILE --compare-compile \
+        --deepspeed_config ds_configs/zero1_bf16.json ds_configs/zero2_bf16.json
+    bench compile_l --mode model --sizes "${SIZES_BL##* }" --micro $MICRO_COMPILE --compare-compile \
+        --deepspeed_config ds_configs/zero2_bf16.json
+}
+
 pretrain_smoke() {  # the debug preset: SMOKE_STEPS steps with a checkpoint half-way (torch_gpu on the GPU)
     python3 launch/pretrain.py --deepspeed_config /tmp/zero2_bf16_m16.json --resume none \
         train.max_steps="$SMOKE_STEPS" train.save_every_steps=$((SMOKE_STEPS / 2)) train.output_dir="$WORK/smoke" \
@@ -215,6 +223,7 @@ run() {
     gpu_step kernels 90 python3 -m cmae_ds.kernels.bench --iters 30 --out "$OUT/kernels.md"
     gpu_step attention_tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_attention.py
     step sweep_bl 120 sweep_bl
+    gpu_step compile_bl 150 compile_bl  # inductor on a CPU takes minutes: GPU only
     step sweep_h 90 sweep_h
     step ckpt_h 60 ckpt_h
     gpu_step fused_adam 120 build_fused_adam
@@ -223,8 +232,8 @@ run() {
     cat "$OUT/summary.txt"
 }
 
-export -f install make_jpegs data_rate bench model_b e2e_b sweep_bl sweep_h ckpt_h pretrain_smoke pretrain_resume \
-    build_fused_adam
+export -f install make_jpegs data_rate bench model_b e2e_b sweep_bl compile_bl sweep_h ckpt_h pretrain_smoke \
+    pretrain_resume build_fused_adam
 [[ "${BASH_SOURCE[0]}" != "$0" ]] && return 0  # sourced (tests): functions only
 case "${1:-}" in
     prepare) prepare ;;

@@ -15,7 +15,7 @@ from pathlib import Path
 
 GOAL_DATA = 8000  # images/s, both views, one H100/H200 (issue 15)
 GOAL_E2E = 0.9  # e2e throughput / model-only throughput
-BENCH_FILES = ('model_b', 'e2e_b', 'sweep_bl', 'sweep_h', 'ckpt_h')
+BENCH_FILES = ('model_b', 'e2e_b', 'sweep_bl', 'sweep_h', 'ckpt_h', 'compile_b', 'compile_l')
 
 
 def read_rows(work: Path) -> dict[str, list[dict]]:
@@ -37,6 +37,11 @@ def model_table(rows: list[dict], ckpt: str = '') -> list[str]:
     ]
     for r in rows:
         note = r.get('error') or ('fusion off' if r.get('extra', {}).get('fusion') == 'off' else '')
+        if r.get('extra', {}).get('compile', 'eager') != 'eager':
+            x = r['extra']
+            note = (
+                note or f'compiled: {x.get("speedup_vs_eager", 0):.2f}x eager, {x.get("compile_s", 0):.0f} s compiling'
+            )
         lines.append(
             f'| {r["size"]} | {r["zero_stage"]} | {r["micro_batch"]} | {ckpt or "off"} | '
             f'{_fmt(r["images_per_s_per_device"])} | {_fmt(r["step_ms_median"])} | '
@@ -108,6 +113,10 @@ def fragment(out: Path, work: Path) -> str:
         '### ViT-H activation checkpointing (ZeRO-2; the rows without it are in the table above)',
         '',
         *model_table(rows['ckpt_h'], ckpt='on'),
+        '',
+        '### Eager against compiled per block (model.compile=blocks), bf16',
+        '',
+        *model_table(rows['compile_b'] + rows['compile_l']),
         '',
     ]
     kernels = out / 'kernels.md'

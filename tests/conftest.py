@@ -53,4 +53,4 @@ def _kernel_switches():
 
     saved = _switch.settings()
     yield
-    _switch._settings = saved
+    _switch._set(saved)  # and the ops forget the choices made under the test's switches

@@ -89,9 +89,9 @@ def test_comparison_can_fail():
     assert not all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(params, _reference()))
 
 
-def test_auto_on_cpu_is_foreach():
+def test_auto_on_cpu_is_torch_fused():
     opt, name = build_adamw(_groups([torch.nn.Parameter(p) for p in _model_params()]), LR, BETAS)
-    assert name == 'torch_foreach' and opt.defaults['foreach'] is True
+    assert name == 'torch_fused' and opt.defaults['fused'] is True
 
 
 def test_offload_prefers_deepspeed_cpu():

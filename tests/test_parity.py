@@ -120,3 +120,13 @@ def test_official_parity_tool_with_fusion_on_and_off(env, expected, fixture_a):
     )
     assert which.returncode == 0, which.stderr
     assert which.stdout.strip().splitlines()[-1] == expected
+
+
+def test_the_parity_tool_import_path_holds():
+    """../shared/tools/parity.py (and users' scripts) import the model-file API as cmae_ds.checkpoint; a move of the
+    modules behind it must keep that name."""
+    from cmae_ds import checkpoint
+    from cmae_ds.modelfiles import formats
+
+    assert checkpoint.load_official_cmae is formats.load_official_cmae
+    assert checkpoint.load_official_classifier is formats.load_official_classifier

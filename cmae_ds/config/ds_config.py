@@ -149,6 +149,8 @@ _OWNED_BY_YAML = {
     'train.base_lr, train.min_lr)',
     'activation_checkpointing': 'per-block activation checkpointing is switched by model.activation_checkpointing '
     "in the YAML; DeepSpeed's section has no effect on this model",
+    'compile': 'torch.compile is switched by model.compile in the YAML (per transformer block, before DeepSpeed wraps '
+    'the model)',
 }
 
 _BATCH_KEYS = ('train_batch_size', 'train_micro_batch_size_per_gpu', 'gradient_accumulation_steps')

@@ -47,6 +47,9 @@ class ModelConfig:
     drop_path: float = ranged(0.0, ge=0, lt=1)
     activation_checkpointing: bool = False
     """Recompute each transformer block in backward instead of storing its activations."""
+    compile: str = choice('auto', ('auto', 'eager', 'blocks', 'model'))
+    """torch.compile: 'blocks' compiles each transformer block (regional), 'model' the whole model, 'eager' none;
+    'auto': blocks on CUDA, eager on a CPU (docs/benchmarks.md). Not with ZeRO-3 (refused at start)."""
 
     section = 'model'
 

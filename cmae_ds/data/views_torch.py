@@ -24,7 +24,7 @@ def decode_rgb(path: str) -> Image.Image:
     truncated or corrupt file (PIL's default), which the caller turns into a skip."""
     with Image.open(path) as im:
         im.load()
-        return im.convert('RGB')
+        return im if im.mode == 'RGB' else im.convert('RGB')  # most JPEGs: no copy
 
 
 def resized_crop(img: Image.Image, box, size: int) -> Image.Image:
@@ -32,15 +32,28 @@ def resized_crop(img: Image.Image, box, size: int) -> Image.Image:
     return img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
 
 
+def adjust_hue(img: Image.Image, factor: float) -> Image.Image:
+    """torchvision's adjust_hue on an RGB PIL image, pixel for pixel, with the hue shift as a PIL lookup table
+    instead of a round trip through numpy."""
+    h, s, v = img.convert('HSV').split()
+    shift = int(np.int8(factor * 255).astype(np.uint8))  # torchvision's wrap-around uint8 add
+    h = h.point([(i + shift) & 255 for i in range(256)])
+    return Image.merge('HSV', (h, s, v)).convert('RGB')
+
+
+_JITTER_OPS = (tvF.adjust_brightness, tvF.adjust_contrast, tvF.adjust_saturation, adjust_hue)
+
+
 def _jitter(img: Image.Image, factors, order) -> Image.Image:
-    ops = (tvF.adjust_brightness, tvF.adjust_contrast, tvF.adjust_saturation, tvF.adjust_hue)
     for i in order:
-        img = ops[i](img, factors[i])
+        img = _JITTER_OPS[i](img, factors[i])
     return img
 
 
 def to_uint8_chw(img: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    """RGB PIL -> uint8 (3, H, W): two copies (PIL's bytes, then the channel-first layout), not four."""
+    hwc = np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(img.height, img.width, 3)
+    return torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))
 
 
 def cmae_views(img: Image.Image, d: ViewDraws, size: int, extra: int) -> tuple[torch.Tensor, torch.Tensor]:

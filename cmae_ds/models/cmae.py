@@ -105,10 +105,9 @@ class CMAE(nn.Module):
         """
         if mask is None:
             mask = self.random_mask(img.shape[0], img.device, generator)
-            ids_keep = visible_ids(mask, self.cfg.num_visible)
-        else:
-            ids_keep = visible_ids(mask.to(img.device))
+        else:  # checked on the device: no host sync, and nothing that breaks a compiled graph
             mask = mask.to(img.device)
+        ids_keep = visible_ids(mask, self.cfg.num_visible, check=True)
         latent = self.encoder.forward_visible(img, ids_keep)  # (N, 1 + K, D)
         pred = self.pixel_decoder(latent, ids_keep, mask)  # (N, L, p*p*C)
         loss_rec = reconstruction_loss(img, pred, mask, self.cfg.patch_size)

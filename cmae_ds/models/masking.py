@@ -55,11 +55,12 @@ def patch_mask(
     return _hide_all_but(noise, keep)
 
 
-def visible_ids(mask: torch.Tensor, num_visible: Optional[int] = None) -> torch.Tensor:
+def visible_ids(mask: torch.Tensor, num_visible: Optional[int] = None, check: bool = False) -> torch.Tensor:
     """(N, L) bool mask -> (N, K) int64 indices of the visible patches in grid order.
 
-    `num_visible` skips a host sync when the caller knows it; otherwise the mask is checked to hide the same count in
-    every row, which the encoder's fixed-length batch needs.
+    `num_visible` skips a host sync when the caller knows it (`check`: a device-side assertion, which a compiled
+    graph keeps, that every row has that many); otherwise the mask is checked to hide the same count in every row,
+    which the encoder's fixed-length batch needs.
     """
     if mask.ndim != 2 or mask.dtype != torch.bool:
         raise ValueError(f'mask must be a (N, L) bool tensor, got {tuple(mask.shape)} {mask.dtype}')
@@ -68,5 +69,7 @@ def visible_ids(mask: torch.Tensor, num_visible: Optional[int] = None) -> torch.
         num_visible = int(counts[0])
         if not bool((counts == num_visible).all()):
             raise ValueError(f'every sample must hide the same number of patches; visible counts {counts.tolist()}')
+    elif check:
+        torch._assert_async(((~mask).sum(dim=1) == num_visible).all(), f'every sample must show {num_visible} patches')
     # A stable sort of 0 (visible) before 1 (hidden) lists visible patches in grid order.
     return torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :num_visible]

@@ -194,6 +194,9 @@ def _time_steps(cfg, ds, batch_cfg, ctx, batches, warmup, steps, result) -> tupl
             timer.mark()
     times = timer.durations_ms()
     result.attention = last_impl('attention')
+    result.extra.update(compile=model.compiled.scope, compile_s=round(model.compiled.compile_s, 1))
+    if model.compiled.fallback:
+        result.extra['compile_fallback'] = model.compiled.fallback
     del engine, model
     gc.collect()
     return times, wait * 1000 / max(sum(times), 1e-9)

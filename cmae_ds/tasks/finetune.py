@@ -26,6 +26,7 @@ from ..data import build_classification_loader, list_samples
 from ..engine.checkpoints import elastic
 from ..engine.checkpoints.model_state import consolidated_state_dict
 from ..engine.checkpoints.store import Checkpointer
+from ..engine.compile import apply_compile
 from ..engine.dist import DistContext
 from ..engine.logger import RunLogger
 from ..engine.loop import Loop, Progress, RunStart, start_run
@@ -131,6 +132,7 @@ def build_engine(
 
     torch.manual_seed(model_seed(cfg.task.seed))
     model, task = build_model(cfg, trust), cfg.task
+    model.compiled = apply_compile(model, cfg.model.compile, ctx.device, batch_cfg.zero_stage)
     if _is_probe(cfg):
         optimizer, name = build_probe_optimizer(
             probe_param_groups(model, task.weight_decay), name=task.optimizer, lr=peak_lr, momentum=task.momentum

@@ -19,6 +19,7 @@ from ..data import build_pretrain_loader
 from ..engine.checkpoints import elastic, store
 from ..engine.checkpoints.model_state import save_model_file
 from ..engine.checkpoints.store import Checkpointer
+from ..engine.compile import apply_compile
 from ..engine.dist import DistContext
 from ..engine.logger import RunLogger
 from ..engine.loop import Loop, Progress, RunStart, start_run
@@ -57,7 +58,9 @@ def train_step(engine, batch: dict, dtype: torch.dtype, mask_gen: Optional[torch
     """One micro-step. Returns the model's output dict (losses still on the device)."""
     img = batch['img'].to(engine.device, dtype=dtype, non_blocking=True)
     img_target = batch['img_target'].to(engine.device, dtype=dtype, non_blocking=True)
-    out = engine(img, img_target, generator=mask_gen)
+    # Drawn outside the forward: a torch.Generator cannot enter a compiled graph; the same draw as inside.
+    mask = engine.module.random_mask(img.shape[0], img.device, mask_gen)
+    out = engine(img, img_target, mask=mask)
     engine.backward(out['loss'])
     engine.step()
     return out
@@ -105,7 +108,8 @@ class RunResult:
 
 
 def build_engine(cfg: Config, ds: dict, batch_cfg: ResolvedBatch, ctx: DistContext, peak_lr: float):
-    """CMAE wrapped by DeepSpeed with the project's AdamW groups. Returns (engine, model, optimizer name).
+    """CMAE wrapped by DeepSpeed with the project's AdamW groups, its blocks compiled as model.compile says.
+    Returns (engine, model, optimizer name); `model.compiled` is the CompileState.
 
     Every rank builds the model from the same seed: DeepSpeed broadcasts the online weights from rank 0, but the
     target branch is outside its reach and must start identical everywhere by construction.
@@ -114,6 +118,7 @@ def build_engine(cfg: Config, ds: dict, batch_cfg: ResolvedBatch, ctx: DistConte
 
     torch.manual_seed(model_seed(cfg.train.seed))
     model = CMAE(cfg.model)
+    compiled = apply_compile(model, cfg.model.compile, ctx.device, batch_cfg.zero_stage)
     optimizer, opt_name = build_optimizer(
         param_groups(model, cfg.train.weight_decay),
         lr=peak_lr,
@@ -127,6 +132,7 @@ def build_engine(cfg: Config, ds: dict, batch_cfg: ResolvedBatch, ctx: DistConte
     model.to(engine.device)
     if batch_cfg.zero_stage != 3:  # ZeRO-3 partitions the online weights: momentum_step gathers them instead
         model.enable_flat_ema()
+    model.compiled = compiled
     return engine, model, opt_name
 
 

@@ -3,23 +3,29 @@
 'auto' takes the first backend in BACKENDS that can run on the tensors' device, dtype and head dim (FA3 on Hopper
 with fp16/bf16, then FA2 on sm80+, then SDPA; on the CPU in bf16/fp16, math, which measured faster there).
 `kernels.attention_backend` (or `CMAE_ATTN_BACKEND`) = fa3|fa2|sdpa|math forces one and raises if it cannot run;
-attention's fusion switched off forces 'math'. Each backend is logged once when first used; `attention_backend()`
-says which one a call would take, `last_impl('attention')` which one ran.
+attention's fusion switched off forces 'math'. Each backend is logged once when first chosen;
+`attention_backend()` says which one a call would take, `last_impl('attention')` which one ran.
+
+The choice is made once per (device type, dtype, head dim) and kept in a plain table that `kernels.configure`
+empties; `resolve_attention(device)` fills it ahead of `torch.compile`, so that a compiled forward only reads a dict
+entry (no imports, device queries or logging inside the graph: those break it).
 """
 
-import functools
 import logging
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from .._switch import fused_enabled, record, settings
+from .._switch import fused_enabled, on_configure, record, settings
 from .backends import BACKENDS
 from .reference import attention_reference
 
-__all__ = ['attention', 'attention_backend', 'attention_reference', 'BACKENDS']
+__all__ = ['attention', 'attention_backend', 'attention_reference', 'resolve_attention', 'BACKENDS']
 log = logging.getLogger(__name__)
 _logged = set()
+_HALF = (torch.bfloat16, torch.float16)
+_table: dict = {}  # (device type, dtype, head dim) -> (backend name, function)
+on_configure(_table.clear)
 
 
 def _select(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
@@ -36,17 +42,41 @@ def _select(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
         return forced
     if not fused_enabled('attention'):
         return 'math'
-    return _auto(device, dtype, head_dim)
-
-
-@functools.lru_cache(maxsize=None)
-def _auto(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
-    # Cached: the checks query the device, and every transformer block calls this every step.
-    if device.type == 'cpu' and dtype in (torch.bfloat16, torch.float16):
+    if device.type == 'cpu' and dtype in _HALF:
         # Measured (docs/kernels.md): on CPUs PyTorch's SDPA in bf16 is 1.3-2.1x slower than the math path,
         # forward + backward; in fp32 it is 1.5-2.4x faster.
         return 'math'
     return next(name for name, (_, unusable) in BACKENDS.items() if unusable(device, dtype, head_dim) is None)
+
+
+def _raiser(error: Exception) -> Callable:
+    def run(q, k, v):
+        raise error
+
+    return run
+
+
+def _choice(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple:
+    key = (device.type, dtype, head_dim)
+    if key not in _table:
+        try:
+            name = _select(device, dtype, head_dim)
+            _table[key] = (name, BACKENDS[name][0])
+        except (ValueError, RuntimeError) as e:  # raised when a call needs it, as an uncompiled dispatch would
+            _table[key] = (None, _raiser(e))
+            return _table[key]
+        if name not in _logged:
+            _logged.add(name)
+            log.info('attention backend: %s (device %s, dtype %s)', name, device, dtype)
+    return _table[key]
+
+
+def resolve_attention(device, head_dims) -> None:
+    """Choose the backend for every dtype a step can run attention in on `device`, before compiling."""
+    device = torch.device(device)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for head_dim in head_dims:
+            _choice(device, dtype, head_dim)
 
 
 def attention_backend(device=None, dtype: Optional[torch.dtype] = None, head_dim: int = 64) -> str:
@@ -64,9 +94,6 @@ def attention_backend(device=None, dtype: Optional[torch.dtype] = None, head_dim
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(Dh)) v for q, k, v (N, H, L, Dh) -> (N, H, L, Dh). No mask, no dropout."""
-    name = _select(q.device, q.dtype, q.shape[-1])
-    if name not in _logged:
-        _logged.add(name)
-        log.info('attention backend: %s (device %s, dtype %s)', name, q.device, q.dtype)
+    name, fn = _choice(q.device, q.dtype, q.shape[-1])
     record('attention', name)
-    return BACKENDS[name][0](q, k, v)
+    return fn(q, k, v)

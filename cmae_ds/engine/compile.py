@@ -1,0 +1,138 @@
+"""`model.compile`: torch.compile applied per transformer block (torchtitan's regional compile) or to the whole model.
+
+Each block is compiled in place (`nn.Module.compile`), so parameter names, state dicts, checkpoints and exported
+files are those of the eager model (no `_orig_mod.`), DeepSpeed's ZeRO-1/2 engine wraps the model as usual, and
+activation checkpointing recomputes a compiled block. Every per-call choice of the kernels is made before (by
+`kernels.resolve`), so a block traces as one graph (`fullgraph=True`). Compiling happens at a block's first call;
+if it fails there (an old torch, a missing backend or compiler), every compiled region goes back to eager with one
+warning line and the step goes on. ZeRO-3's parameter hooks run inside each module's call, where the compiled code
+would trace them: refused at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import ConfigError
+from ..kernels import resolve
+from ..models.vit import Attention, Block
+
+log = logging.getLogger(__name__)
+MODES = ('auto', 'eager', 'blocks', 'model')
+
+
+@dataclass
+class CompileState:
+    """What `apply_compile` did: the scope, whether it fell back to eager, and the seconds the first calls took."""
+
+    scope: str = 'eager'
+    fallback: str = ''
+    compile_s: float = 0.0
+    """Wall time of each region's first call (tracing and compiling the forward, and running it once)."""
+    regions: list = field(default_factory=list)
+    pending: int = 0
+
+
+def resolve_mode(mode: str, device: torch.device, zero_stage: int = 0) -> str:
+    """'auto' -> 'blocks' on CUDA, 'eager' elsewhere (a CPU spends minutes compiling for no measured gain,
+    docs/benchmarks.md); ZeRO-3 with compiling asked for is a ConfigError."""
+    if mode not in MODES:
+        raise ConfigError(f'model.compile {mode!r}: expected one of {", ".join(MODES)}')
+    if mode == 'auto':
+        mode = 'blocks' if device.type == 'cuda' and zero_stage != 3 else 'eager'
+    if mode != 'eager' and zero_stage == 3:
+        raise ConfigError(
+            'model.compile: ZeRO-3 fetches parameters in module hooks that a compiled block would trace; '
+            'use ZeRO-0/1/2 or model.compile=eager'
+        )
+    return mode
+
+
+def _modules(model: nn.Module) -> list:
+    """The model's modules and CMAE's target branch's, which is kept out of the registered ones."""
+    target = getattr(model, 'target', None)
+    return list(model.modules()) + (list(target.modules()) if isinstance(target, nn.Module) else [])
+
+
+def head_dims(model: nn.Module) -> tuple:
+    heads = {m.qkv.out_features // 3 // m.num_heads for m in _modules(model) if isinstance(m, Attention)}
+    return tuple(sorted(heads))
+
+
+def apply_compile(model: nn.Module, mode: str, device, zero_stage: int = 0, backend=None, **options) -> CompileState:
+    """Compile `model`'s blocks (or all of it) in place, as `mode` says; returns the state the benchmark reports.
+
+    backend: torch.compile's (default: `CMAE_COMPILE_BACKEND`, read here, else 'inductor'; 'aot_eager' traces
+    forward and backward the same way without generating code, which is what the CPU tests use).
+    """
+    backend = backend or os.environ.get('CMAE_COMPILE_BACKEND', '').strip() or 'inductor'
+    device = torch.device(device)
+    scope = resolve_mode(mode, device, zero_stage)
+    state = CompileState(scope=scope)
+    # Every kernel choice made now, none inside a compiled graph; a whole model also traces the Triton-backed ops.
+    resolve(device, head_dims(model) or (64,), reference=('recon_loss', 'visible_embed') if scope == 'model' else ())
+    if scope == 'eager':
+        return state
+    regions = [m for m in _modules(model) if isinstance(m, Block)] if scope == 'blocks' else [model]
+    if not hasattr(nn.Module, 'compile'):
+        state.fallback = f'torch {torch.__version__} has no nn.Module.compile'
+        log.warning('model.compile=%s: running eager: %s', scope, state.fallback)
+        return state
+    for region in regions:
+        region.compile(backend=backend, fullgraph=scope == 'blocks', **options)
+        region._compiled_call_impl = _guarded(region._compiled_call_impl, region, state)
+    state.regions, state.pending = regions, len(regions)
+    return state
+
+
+def _compile_errors() -> tuple:
+    errors = [torch._dynamo.exc.TorchDynamoException]
+    try:
+        from torch._inductor.exc import InductorError
+
+        errors.append(InductorError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _guarded(compiled, region: nn.Module, state: CompileState):
+    """The compiled call, timed on its first use; a compile error there sends every region back to eager."""
+    errors, first = _compile_errors(), [True]
+
+    def call(*args, **kwargs):
+        if not first[0]:
+            return compiled(*args, **kwargs)
+        t0 = time.perf_counter()
+        try:
+            return compiled(*args, **kwargs)
+        except errors as e:
+            _fall_back(state, e)
+            return region._call_impl(*args, **kwargs)
+        finally:
+            first[0] = False
+            state.compile_s += time.perf_counter() - t0
+            state.pending -= 1
+            if state.pending == 0:
+                log.info(
+                    'model.compile=%s: first calls of %d regions took %.1f s',
+                    state.scope,
+                    len(state.regions),
+                    state.compile_s,
+                )
+
+    return call
+
+
+def _fall_back(state: CompileState, error: Exception) -> None:
+    for region in state.regions:
+        region._compiled_call_impl = None
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()][:2]  # dynamo's line, then the cause
+    state.fallback = f'{type(error).__name__}: {" ".join(lines)}'
+    log.warning('model.compile=%s failed, running eager: %s', state.scope, state.fallback[:300])

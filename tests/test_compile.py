@@ -1,0 +1,185 @@
+"""Compile-clean models and the model.compile switch (cmae_ds.engine.compile).
+
+Traced with dynamo and compiled with the 'eager'/'aot_eager' backends: the tracing and the autograd graph are the
+ones inductor would get, without minutes of C++ compiling on a CPU.
+"""
+
+import logging
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from cmae_ds.config import ConfigError, ModelConfig
+from cmae_ds.engine.compile import apply_compile, head_dims, resolve_mode
+from cmae_ds.kernels import configure as configure_kernels
+from cmae_ds.kernels import resolve
+from cmae_ds.models import CMAE, ViTClassifier, build_probe
+
+# What model.compile=model pins (engine.compile.apply_compile): the Triton interpreter (TRITON_INTERPRET=1 in the
+# tests) cannot be traced.
+WHOLE_MODEL_REFERENCE = ('recon_loss', 'visible_embed')
+INTERPRETED = ('recon_loss', 'visible_embed', 'ema')
+
+
+@pytest.fixture(autouse=True)
+def _fresh_kernel_tables():
+    yield
+    configure_kernels()  # the pinned choices last until the next configure
+
+
+def _cfg(mode='cmae'):
+    return ModelConfig(size='debug', img_size=32, patch_size=8, mode=mode)
+
+
+def _explain(fn, *args):
+    torch._dynamo.reset()
+    return torch._dynamo.explain(fn)(*args)
+
+
+def _matrix(*combos, everyday):
+    """Every combination; those not in `everyday` in the slow lane (each explain costs seconds on a 2-core CPU)."""
+    return [pytest.param(*c, marks=() if c in everyday else pytest.mark.slow) for c in combos]
+
+
+@pytest.mark.parametrize(
+    'mode, bf16, train',
+    _matrix(
+        *[(m, b, t) for m in ('cmae', 'mae') for b in (False, True) for t in (True, False)],
+        everyday=[('cmae', True, True), ('mae', False, False)],
+    ),
+)
+def test_pretraining_models_trace_as_one_graph(mode, bf16, train):
+    torch.manual_seed(0)
+    model = CMAE(_cfg(mode)).train(train)
+    resolve('cpu', head_dims(model), reference=WHOLE_MODEL_REFERENCE)
+    img, mask = torch.randn(2, 3, 32, 32), model.random_mask(2, 'cpu')
+
+    def step(img, mask):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+            return model(img, img, mask=mask)['loss']
+
+    e = _explain(step, img, mask)
+    assert (e.graph_count, e.graph_break_count) == (1, 0), [str(b.reason)[:200] for b in e.break_reasons]
+
+
+@pytest.mark.parametrize(
+    'which, bf16',
+    _matrix(*[(w, b) for w in ('classifier', 'probe') for b in (False, True)], everyday=[('classifier', True)]),
+)
+def test_classification_models_trace_as_one_graph(which, bf16):
+    cfg = _cfg()
+    model = ViTClassifier(cfg, 5) if which == 'classifier' else build_probe(cfg, 5)
+    resolve('cpu', head_dims(model), reference=WHOLE_MODEL_REFERENCE)
+    for train in (True, False):
+        model.train(train)
+
+        def fwd(img):
+            with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+                return model(img)
+
+        e = _explain(fwd, torch.randn(2, 3, 32, 32))
+        assert (e.graph_count, e.graph_break_count) == (1, 0), [str(b.reason)[:200] for b in e.break_reasons]
+
+
+def _steps(model, n, seed=0):
+    """n AdamW steps on fixed random batches; returns the losses and the last step's gradients."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    g, losses = torch.Generator().manual_seed(seed), []
+    for _ in range(n):
+        img = torch.randn(2, 3, 32, 32, generator=g)
+        mask = model.random_mask(2, 'cpu', g)
+        opt.zero_grad()
+        loss = model(img, img, mask=mask)['loss']
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.slow  # ~1-2 min here: 42 training steps
+def test_compiled_blocks_match_eager_and_do_not_recompile():
+    configure_kernels(off=INTERPRETED, environment=False)  # the Triton interpreter: seconds a step, beside the point
+    torch.manual_seed(0)
+    eager = CMAE(_cfg())
+    compiled = CMAE(_cfg())
+    compiled.load_state_dict(eager.state_dict())
+    torch._dynamo.reset()
+    counters.clear()
+    state = apply_compile(compiled, 'blocks', 'cpu', backend='aot_eager')
+    assert state.scope == 'blocks' and len(state.regions) == 6  # online 2 + 1 + 1 decoder blocks, target 2
+    _steps(compiled, 1)
+    graphs = counters['stats']['unique_graphs']
+    assert graphs >= 1 and state.compile_s > 0 and not state.fallback
+    losses, grads = _steps(compiled, 20, seed=1)
+    assert counters['stats']['unique_graphs'] == graphs  # 20 more steps: no recompilation
+    _steps(eager, 1)
+    want_losses, want_grads = _steps(eager, 20, seed=1)
+    torch.testing.assert_close(losses, want_losses, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == want_grads.keys()
+    for k in grads:
+        torch.testing.assert_close(grads[k], want_grads[k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+def test_state_dicts_are_interchangeable():
+    torch.manual_seed(0)
+    a = CMAE(_cfg())
+    apply_compile(a, 'blocks', 'cpu', backend='eager')
+    b = CMAE(_cfg())
+    assert list(a.state_dict()) == list(b.state_dict())
+    assert not any('_orig_mod' in k for k in a.state_dict())
+    b.load_state_dict(a.state_dict())
+    a.load_state_dict(b.state_dict())
+
+
+def test_zero3_refused_and_auto_is_off_on_the_cpu():
+    assert resolve_mode('auto', torch.device('cpu')) == 'eager'
+    assert resolve_mode('auto', torch.device('cuda', 0), zero_stage=3) == 'eager'
+    assert resolve_mode('auto', torch.device('cuda', 0)) == 'blocks'
+    with pytest.raises(ConfigError, match='ZeRO-3'):
+        resolve_mode('blocks', torch.device('cpu'), zero_stage=3)
+    with pytest.raises(ConfigError, match='model.compile'):
+        ModelConfig(size='debug', compile='yes')
+
+
+def _broken_backend(gm, example_inputs):
+    raise RuntimeError('no compiler here')
+
+
+def test_a_compile_failure_falls_back_to_eager_with_one_warning(caplog):
+    configure_kernels(off=INTERPRETED, environment=False)
+    torch.manual_seed(0)
+    model = CMAE(_cfg())
+    want = CMAE(_cfg())
+    want.load_state_dict(model.state_dict())
+    torch._dynamo.reset()
+    state = apply_compile(model, 'blocks', 'cpu', backend=_broken_backend)
+    img = torch.randn(2, 3, 32, 32)
+    mask = model.random_mask(2, 'cpu', torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.WARNING, logger='cmae_ds.engine.compile'):
+        got = model(img, img, mask=mask)['loss']
+        model(img, img, mask=mask)
+    assert [r.levelname for r in caplog.records] == ['WARNING'] and 'running eager' in caplog.records[0].message
+    assert 'no compiler here' in state.fallback
+    torch.testing.assert_close(got, want(img, img, mask=mask)['loss'])
+
+
+@pytest.mark.slow  # two single-process DeepSpeed runs of 3 steps
+def test_pretraining_compiled_under_zero2_bf16_matches_eager(tmp_path):
+    """Through the real DeepSpeed engine (ZeRO-2, bf16): blocks compiled before deepspeed.initialize, the model
+    file has the eager names, and the weights end where an eager run's do. (ZeRO-3: test_zero3_refused...)"""
+    from engine_helpers import TINY, run_python, tail, write_ds
+
+    def run(name, compile_mode):
+        ds = write_ds(tmp_path, f'{name}.json', bf16={'enabled': True}, zero_optimization={'stage': 2})
+        args = ['launch/pretrain.py', '--deepspeed_config', ds, *TINY, 'train.max_steps=3', 'train.epochs=10']
+        args += ['train.warmup_epochs=1', 'train.save_every_steps=0', f'train.output_dir={tmp_path / name}']
+        return run_python(args + [f'model.compile={compile_mode}'], extra_env={'CMAE_COMPILE_BACKEND': 'eager'})
+
+    compiled, eager = run('compiled', 'blocks'), run('eager', 'eager')
+    assert compiled.returncode == 0 and eager.returncode == 0, tail(compiled) + tail(eager)
+    a, b = [torch.load(tmp_path / n / 'model.pt', weights_only=True)['state_dict'] for n in ('compiled', 'eager')]
+    assert a.keys() == b.keys() and not any('_orig_mod' in k for k in a)
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-2, atol=1e-3, msg=k)
