@@ -4,6 +4,7 @@ weights at every step, equal the schedules of docs/spec.md; the accumulation bou
 read back with TensorBoard's own reader; the loss and a verified checkpoint. The everyday lane's end-to-end check."""
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -41,6 +42,7 @@ def images(tmp_path_factory):
 @pytest.fixture(scope='module')
 def straight(tmp_path_factory, images):
     tmp = tmp_path_factory.mktemp('wiring')
+    (tmp / 'images').symlink_to(images)
     return tmp, run(tmp, images, 'run')
 
 
@@ -117,3 +119,35 @@ def test_the_run_trains_and_leaves_a_verified_checkpoint(straight):
     assert check_tag(ckpts, 'step_00000008', print) is None
     state = torch.load(tmp / 'run' / 'model.pt', weights_only=True)['state_dict']
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def _resume(tmp, straight_dir, name: str):
+    ckpts = tmp / name / 'checkpoints'
+    shutil.copytree(straight_dir / 'checkpoints' / 'step_00000004', ckpts / 'step_00000004')
+    (ckpts / 'latest').write_text('step_00000004')
+
+
+def test_a_resume_continues_both_schedules(straight):
+    tmp, _ = straight
+    _resume(tmp, tmp / 'run', 'resumed')
+    rec = run(tmp, tmp / 'images', 'resumed', 'train.max_steps=3')
+    assert rec.start_step == 4 and len(rec.lrs) == 3
+    for k, groups in enumerate(rec.lrs, start=4):
+        assert groups == pytest.approx([expected_lr(k)] * 2, rel=1e-12), k
+    assert sorted(rec.momenta) == [5, 6, 7]
+    for s, m in rec.momenta.items():
+        assert m == pytest.approx(expected_momentum(s), abs=2e-4), (s, m)
+
+
+def test_a_resume_with_another_global_batch_follows_the_new_schedule(straight):
+    """Step 4 at a global batch of 8 (32 images, two epochs) resumed at 4 (accumulation 1): step 8 of 16, two of
+    four steps per epoch now (so 4 of warm-up), and the peak lr scaled to the new batch."""
+    tmp, _ = straight
+    _resume(tmp, tmp / 'run', 'rebatched')
+    rec = run(tmp, tmp / 'images', 'rebatched', 'train.max_steps=3', accum=1)
+    assert rec.start_step == 8 and ''.join(rec.events) == 'fs' * 3
+    for k, groups in enumerate(rec.lrs, start=8):
+        assert groups == pytest.approx([expected_lr(k, peak=PEAK / 2, total=16, warmup=4)] * 2, rel=1e-12), k
+    for s, m in rec.momenta.items():
+        assert m == pytest.approx(expected_momentum(s, total=16), abs=2e-4), (s, m)
+    assert sorted(rec.momenta) == [9, 10, 11]
