@@ -5,13 +5,16 @@ the grad norm and the times around each step."""
 
 from __future__ import annotations
 
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from cmae_ds.config import load_config
+from cmae_ds.engine import dist
 from cmae_ds.tasks.pretrain import train
 
 from engine_helpers import TINY, write_ds
@@ -31,6 +34,27 @@ ARGS = TINY + [
     'train.save_every_steps=4',
     'train.keep_last=0',
 ]
+
+
+GROUP_ENV = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
+
+
+@contextmanager
+def one_rank_group():
+    """Around in-process runs: the environment their one-rank group wrote (RANK, MASTER_PORT, ...) is put back
+    afterwards, so that launch scripts this pytest process starts later make their own group instead of taking
+    that environment for theirs and trying to serve a port this process holds. The group itself stays for the
+    next in-process run (DeepSpeed keeps its own handles on it: destroyed and made again, it is not registered)."""
+    saved = {k: os.environ.get(k) for k in GROUP_ENV}
+    try:
+        yield
+    finally:
+        dist._own_env = False
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def momentum_of(before: torch.Tensor, after: torch.Tensor, online: torch.Tensor) -> float:

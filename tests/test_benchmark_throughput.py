@@ -11,6 +11,8 @@ from cmae_ds.models import CMAE
 from cmae_ds.tasks import benchmark
 from cmae_ds.tasks.flops import flops_per_image
 
+from run_recorder import one_rank_group
+
 
 class SimulatedClock:
     def __init__(self):
@@ -55,7 +57,8 @@ def test_images_per_s_and_mfu_come_from_whole_optimizer_steps(clock):
         'zero_optimization': {'stage': 0},
         'steps_per_print': 10**9,
     }
-    result = benchmark.run_cell('model', cfg, ds, 'ds.json', setup_distributed(), 1, 3, peak_override=0.5)
+    with one_rank_group():
+        result = benchmark.run_cell('model', cfg, ds, 'ds.json', setup_distributed(), 1, 3, peak_override=0.5)
     assert result.error is None and clock.forwards == 8  # 1 + 3 optimizer steps of 2 micro-steps
     # timed steps: forwards 2-3, 4-5, 6-7, each step with one optimizer step (5 ms) and one momentum update (3 ms)
     steps_ms = [14 + 19 + 8, 26 + 35 + 8, 46 + 59 + 8]

@@ -16,6 +16,7 @@ from cmae_ds.tasks import finetune
 
 from engine_helpers import write_ds
 from finetune_helpers import write_class_folder
+from run_recorder import one_rank_group
 
 PRESETS = Path(finetune.__file__).resolve().parents[1] / 'presets'
 SMALL = ['model.size=debug', 'model.img_size=32', 'model.patch_size=8', 'finetune.pretrained=none']
@@ -36,7 +37,8 @@ def test_finetuning_learns_an_easy_task_well_above_chance(tmp_path):
         + ['finetune.epochs=4', 'finetune.warmup_epochs=1', f'finetune.output_dir={tmp_path / "run"}']
         + [f'data.root={train}', f'val_data.root={val}'],
     )
-    result = finetune.train(cfg, write_ds(tmp_path, train_micro_batch_size_per_gpu=8))
+    with one_rank_group():
+        result = finetune.train(cfg, write_ds(tmp_path, train_micro_batch_size_per_gpu=8))
     assert result.steps == 32
     top1 = [r.top1 for _, r in result.evals]
     losses = [r.loss for _, r in result.evals]
@@ -48,18 +50,23 @@ def test_the_mixed_loss_of_a_micro_step_equals_timms(tmp_path):
     """The official recipe's values (finetune_vit_base: mixup 0.8, cutmix 1.0, prob 1, switch 0.5, smoothing 0.1)
     through finetune.train_step on a real engine, against timm's Mixup and SoftTargetCrossEntropy made here by hand
     and the classifier's own logits for the mixed images: same inputs, same numpy and torch draws, same loss."""
-    from timm.data import Mixup
-    from timm.loss import SoftTargetCrossEntropy
-
     cfg = load_task_config(
         'finetune',
         str(PRESETS / 'finetune_vit_base.yaml'),
         SMALL + ['finetune.drop_path=0', f'finetune.output_dir={tmp_path}'],
     )
     ds = {'train_micro_batch_size_per_gpu': 8, 'gradient_accumulation_steps': 1, 'zero_optimization': {'stage': 0}}
-    ctx = setup_distributed()
-    engine, model, _ = finetune.build_engine(cfg, ds, validate(ds, None, ctx.world_size, path='ds'), ctx, 1e-3)
     mixup, criterion = finetune.build_criterion(cfg)
+    with one_rank_group():
+        ctx = setup_distributed()
+        engine, model, _ = finetune.build_engine(cfg, ds, validate(ds, None, ctx.world_size, path='ds'), ctx, 1e-3)
+        _compare_with_timm(engine, model, mixup, criterion)
+
+
+def _compare_with_timm(engine, model, mixup, criterion):
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+
     reference = Mixup(
         mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode='batch', label_smoothing=0.1, num_classes=4
     )

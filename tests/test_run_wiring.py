@@ -14,7 +14,7 @@ from cmae_ds.engine.checkpoints.verify import check_tag
 from cmae_ds.engine.schedules import lr_at, momentum_at
 
 from data_helpers import random_jpegs
-from run_recorder import run
+from run_recorder import one_rank_group, run
 
 PEAK = 0.05 * 8 / 256  # base_lr x global batch (1 rank x 4 x accumulation 2) / 256
 STEPS, WARMUP = 8, 2
@@ -43,7 +43,8 @@ def images(tmp_path_factory):
 def straight(tmp_path_factory, images):
     tmp = tmp_path_factory.mktemp('wiring')
     (tmp / 'images').symlink_to(images)
-    return tmp, run(tmp, images, 'run')
+    with one_rank_group():
+        yield tmp, run(tmp, images, 'run')
 
 
 def test_schedule_helpers_agree_with_the_written_out_formulas():
