@@ -41,14 +41,14 @@ GROUP_ENV = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
 
 @contextmanager
 def one_rank_group():
-    """Around in-process runs: the environment their one-rank group wrote (RANK, MASTER_PORT, ...) is put back
-    afterwards, so that launch scripts this pytest process starts later make their own group instead of taking
-    that environment for theirs and trying to serve a port this process holds. The group itself stays for the
-    next in-process run (DeepSpeed keeps its own handles on it: destroyed and made again, it is not registered)."""
+    """Around in-process runs: their one-rank group is destroyed afterwards and the environment it wrote (RANK,
+    MASTER_PORT, ...) put back, so that launch scripts this pytest process starts later make their own group
+    instead of taking that environment for theirs and trying to serve a port this process holds."""
     saved = {k: os.environ.get(k) for k in GROUP_ENV}
     try:
         yield
     finally:
+        dist.shutdown_distributed()
         dist._own_env = False
         for k, v in saved.items():
             if v is None:
