@@ -39,8 +39,8 @@ def parse(argv=None):
     )
     p.add_argument('--sizes', nargs='+', default=None, help="model sizes to sweep (default: the config's)")
     p.add_argument('--micro', nargs='+', type=int, default=None, help='micro-batch sizes to sweep')
-    p.add_argument('--warmup', type=int, default=3)
-    p.add_argument('--steps', type=int, default=10)
+    p.add_argument('--warmup', type=int, default=3, help='untimed steps (optimizer steps; micro-batches in data mode)')
+    p.add_argument('--steps', type=int, default=10, help='timed steps (optimizer steps; micro-batches in data mode)')
     p.add_argument('--peak-tflops', type=float, default=None, help='override the device peak used for MFU')
     p.add_argument(
         '--compare-fusion',

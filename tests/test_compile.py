@@ -14,6 +14,7 @@ from cmae_ds.config import ConfigError, ModelConfig
 from cmae_ds.engine.compile import apply_compile, head_dims, resolve_mode
 from cmae_ds.kernels import configure as configure_kernels
 from cmae_ds.kernels import resolve
+from cmae_ds.modelfiles.model_file import read_model_file, run_model_file
 from cmae_ds.models import CMAE, ViTClassifier, build_probe
 
 # What model.compile=model pins (engine.compile.apply_compile): the Triton interpreter (TRITON_INTERPRET=1 in the
@@ -178,7 +179,7 @@ def test_pretraining_compiled_under_zero2_bf16_matches_eager(tmp_path):
 
     compiled, eager = run('compiled', 'blocks'), run('eager', 'eager')
     assert compiled.returncode == 0 and eager.returncode == 0, tail(compiled) + tail(eager)
-    a, b = [torch.load(tmp_path / n / 'model.pt', weights_only=True)['state_dict'] for n in ('compiled', 'eager')]
+    a, b = [read_model_file(run_model_file(tmp_path / n))['state_dict'] for n in ('compiled', 'eager')]
     assert a.keys() == b.keys() and not any('_orig_mod' in k for k in a)
     for k in a:
         if a[k].is_floating_point():

@@ -8,7 +8,8 @@ keyed by image content in these runs (tests/dist_scripts/elastic_probe.py).
 
 The continuation tests compare the steps after a resume with an uninterrupted run on JPEGs (views keyed by image):
 MAE from 2 ranks to 1 rank x accumulation 2 (CMAE's BatchNorm and InfoNCE span a micro-step across ranks, so only
-MAE computes the same step on another split), CMAE from ZeRO-2 to ZeRO-3, and CMAE from ZeRO-3 to ZeRO-3.
+MAE computes the same step on another split), CMAE from ZeRO-2 to ZeRO-3 (within bounds), and CMAE from ZeRO-3 to
+ZeRO-3 (bit-identical). Every CMAE run here has the contrastive term on (InfoNCE, projector, predictor).
 """
 
 import json
@@ -27,7 +28,6 @@ from data_helpers import random_jpegs
 from engine_helpers import TINY, run_deepspeed, run_python, tail, write_ds
 
 ARGS = TINY + [
-    'model.loss_con_weight=0',
     'train.warmup_epochs=0',
     'train.base_lr=0.05',
     'train.momentum_base=0.9',
@@ -260,10 +260,17 @@ def _continuation(tmp: Path, images: Path, mode: str, ranks: int, stage: int, ac
     return a, b
 
 
-def _key_bias(name: str, t: torch.Tensor) -> torch.Tensor:
-    """The key third of an attention's qkv bias, else nothing. Softmax ignores a bias added to every key, so its
-    true gradient is zero and what it gets is rounding noise, which Adam divides by its own tiny RMS into full lr
-    steps: those entries drift by up to an lr step between summation orders and are bounded by that instead."""
+# Biases whose output reaches a BatchNorm through linear maps and a token mean only (CMAE's contrastive branch):
+# a shift common to every image, which the BatchNorm's batch mean removes.
+BATCHNORM_FED = ('feature_decoder.norm.bias', 'feature_decoder.pred.bias', 'projector.fc0.bias', 'predictor.fc0.bias')
+
+
+def _zero_gradient(name: str, t: torch.Tensor) -> torch.Tensor:
+    """The entries whose true gradient is zero: the key third of an attention's qkv bias (softmax ignores a bias
+    added to every key) and the BATCHNORM_FED biases. What they get is rounding noise, which Adam divides by its own
+    tiny RMS into full lr steps: between summation orders they drift by up to an lr step, and are bounded by that."""
+    if name in BATCHNORM_FED:
+        return t.flatten()
     if not name.endswith('attn.qkv.bias'):
         return t.flatten()[:0]
     d = t.numel() // 3
@@ -271,31 +278,53 @@ def _key_bias(name: str, t: torch.Tensor) -> torch.Tensor:
 
 
 def _rest(name: str, t: torch.Tensor) -> torch.Tensor:
+    if name in BATCHNORM_FED:
+        return t.flatten()[:0]
     if not name.endswith('attn.qkv.bias'):
         return t.flatten()
     d = t.numel() // 3
     return torch.cat([t[:d], t[2 * d :]])
 
 
-def _assert_continues(resumed: dict, straight: dict, before: dict, parts, label: str) -> None:
+def _max(t: torch.Tensor) -> float:
+    return t.abs().max().item() if t.numel() else 0.0
+
+
+def _assert_continues(
+    resumed: dict, straight: dict, before: dict, parts, label: str, bound: float = 1e-4, moment: float = 1e-5
+) -> None:
     """After the resume, weights (and target) match the uninterrupted run to fp32 summation order: every tensor
-    within 1e-4 of what the steps moved it, and Adam's first moment (the averaged gradient) within 1e-5."""
+    within `bound` of what the steps moved it, the zero-gradient entries within two lr steps, and Adam's first
+    moment (the averaged gradient) within `moment` of its largest entry. Measured 2026-12-03 (this 2-core CPU), CMAE
+    ZeRO-2 -> ZeRO-3 with InfoNCE on: 1.3e-4 (a target norm weight), 3.0e-3 against 3.1e-3 (the feature decoder's
+    norm bias), 1.2e-5."""
     lr_steps = 2 * 0.05 * 8 / 256  # two steps at the peak lr (base_lr x global batch / 256)
-    report = {}
+    report, noise, moments = {}, {}, {}
     for part in parts:
         for name, value in straight[part].items():
             diff, moved = resumed[part][name] - value, value - before[part][name]
-            rel = _rest(name, diff).abs().max().item() / max(_rest(name, moved).abs().max().item(), 1e-12)
-            report[f'{part} {name}'] = rel
-            assert rel < 1e-4, (label, part, name, rel)
-            key = _key_bias(name, diff)
-            assert key.numel() == 0 or key.abs().max().item() < lr_steps, (label, name)
+            if _rest(name, diff).numel():
+                report[f'{part} {name}'] = _max(_rest(name, diff)) / max(_max(_rest(name, moved)), 1e-12)
+            if _zero_gradient(name, diff).numel():
+                noise[f'{part} {name}'] = _max(_zero_gradient(name, diff))
     for name, m in straight['exp_avg'].items():
-        gap = _rest(name, resumed['exp_avg'][name] - m).abs().max().item()
-        assert gap <= 1e-5 * _rest(name, m).abs().max().item(), (label, 'exp_avg', name)
+        if _rest(name, m).numel():
+            moments[name] = _max(_rest(name, resumed['exp_avg'][name] - m)) / max(_max(_rest(name, m)), 1e-30)
+    for table in (report, noise, moments):
+        worst = sorted(table.items(), key=lambda kv: -kv[1])[:3]
+        print(label, ', '.join(f'{k} {v:.2e}' for k, v in worst))
+    assert all(rel < bound for rel in report.values()), (label, report)
+    assert all(d < lr_steps for d in noise.values()), (label, noise)
+    assert all(gap <= moment for gap in moments.values()), (label, moments)
     assert resumed['adam_step'] == straight['adam_step'], label  # a shared counter once advanced twice per step
-    worst = max(report, key=report.get)
-    print(f'{label}: largest difference relative to the movement {report[worst]:.2e} ({worst})')
+    assert resumed['groups'] == straight['groups'], label  # each group's lr (the next step's) and weight decay
+
+
+def _assert_identical(resumed: dict, straight: dict, parts, label: str) -> None:
+    for part in (*parts, 'exp_avg', 'exp_avg_sq'):
+        for name, value in straight[part].items():
+            assert torch.equal(resumed[part][name], value), (label, part, name)
+    assert resumed['groups'] == straight['groups'], label
 
 
 @pytest.mark.slow
@@ -313,20 +342,22 @@ def test_mae_on_two_ranks_continues_on_one_like_the_uninterrupted_run(tmp_path, 
 @pytest.mark.slow
 @pytest.mark.dist
 def test_cmae_zero2_continues_on_zero3_like_the_uninterrupted_run(tmp_path, images):
-    """Same ranks and micro-batches, ZeRO-2 -> ZeRO-3: the same CMAE steps, online weights and target branch."""
+    """Same ranks and micro-batches, ZeRO-2 -> ZeRO-3, InfoNCE on: the same CMAE steps in another summation order
+    (ZeRO-2 and ZeRO-3 reduce the gradients in other buckets), online weights and target branch within bounds."""
     a, b = _continuation(tmp_path, images, 'cmae', 2, 3, 1)
     _assert_equal(b[2], a[2])
-    _assert_continues(b[4], a[4], a[2], ('online', 'target'), 'CMAE ZeRO-2 -> ZeRO-3')
+    _assert_continues(b[4], a[4], a[2], ('online', 'target'), 'CMAE ZeRO-2 -> ZeRO-3', bound=5e-4, moment=5e-5)
 
 
 @pytest.mark.slow
 @pytest.mark.dist
 def test_zero3_resumed_on_zero3_continues_like_the_uninterrupted_run(tmp_path, images):
     """The plain resume, no conversion: DeepSpeed's prefetch trace must not be recorded from the state the load
-    leaves (it failed the second step after the resume with a 'tracing error')."""
+    leaves (it failed the second step after the resume with a 'tracing error'). The same layout and summation
+    order: two steps later everything (weights, target, both Adam moments, group lr) is bit-identical."""
     a, b = _continuation(tmp_path, images, 'cmae', 2, 3, 1, a_stage=3)
     _assert_equal(b[2], a[2])
-    _assert_continues(b[4], a[4], a[2], ('online', 'target'), 'CMAE ZeRO-3 -> ZeRO-3')
+    _assert_identical(b[4], a[4], ('online', 'target'), 'CMAE ZeRO-3 -> ZeRO-3')
     assert b[4]['adam_step'] == [4.0]
 
 

@@ -17,6 +17,8 @@ import psutil
 import pytest
 import torch
 
+from cmae_ds.modelfiles.model_file import RUN_MODEL
+
 from engine_helpers import DEEPSPEED, ROOT, TINY, env, write_ds
 from helpers import free_port, model_state
 
@@ -157,22 +159,69 @@ def test_a_second_sigint_during_the_stop_leaves_a_complete_resume_point(tmp_path
 
 
 def test_chaos_kill_term_int_at_random_steps_ends_bit_identical(tmp_path, folder, straight):
-    """Seeded rounds of SIGKILL, SIGTERM and SIGINT at random moments; each time the same command resumes."""
+    """Seeded rounds of SIGKILL, SIGTERM and SIGINT at random moments of a step (each after a new checkpoint, so
+    mid-run: the run has 160 steps, the rounds take a few each); each time the same command resumes. Every round
+    must have interrupted the run: cut off (SIGKILL) or stopped with a checkpoint (75), no model file yet."""
     rng = random.Random(1234)
-    run_dir = tmp_path / 'run'
-    for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGKILL, signal.SIGTERM):
+    run_dir, rounds = tmp_path / 'run', (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGKILL, signal.SIGTERM)
+    interrupted = 0
+    for sig in rounds:
+        pointer = run_dir / 'checkpoints' / 'latest'
+        before = pointer.read_text() if pointer.exists() else None
         proc = start([sys.executable, *args(tmp_path, 'run', folder)])
-        wait_for(run_dir / 'tensorboard', proc)
-        time.sleep(rng.uniform(0.5, 3.0))
-        if proc.poll() is not None:  # finished before the signal: the chaos is over
-            break
+        wait_for_new_checkpoint(pointer, before, proc)
+        time.sleep(rng.uniform(0.0, 0.5))
         proc.send_signal(sig)
         rc, out = finish(proc)
-        # -sig: the signal came after the run had finished (handlers restored): nothing was left to save
-        assert rc in (-sig, EXIT_PREEMPTED, 0), out[-3000:]
+        assert rc in (-sig, EXIT_PREEMPTED), out[-3000:]
+        interrupted += not (run_dir / RUN_MODEL).exists()
+    assert interrupted == len(rounds)
     rc, out = finish(start([sys.executable, *args(tmp_path, 'run', folder)]))
     assert rc == 0, out[-3000:]
     assert_bit_identical(model(tmp_path, 'run'), straight.state)
+
+
+def wait_for_new_checkpoint(pointer: Path, before, proc: subprocess.Popen, timeout: float = 600) -> None:
+    """Until `latest` names another checkpoint than `before` (the run has taken steps since it started)."""
+    deadline = time.monotonic() + timeout
+    while not pointer.exists() or pointer.read_text() == before:
+        assert proc.poll() is None, proc.stdout.read()[-3000:] if proc.stdout else f'exit {proc.returncode}'
+        assert time.monotonic() < deadline, f'{pointer} did not move'
+        time.sleep(0.05)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize('target', ['runner', 'launch.py'])
+def test_a_signalled_launcher_leaves_one_checkpoint_every_rank_saved(tmp_path, folder, target):
+    """SIGTERM to the launcher, not to a rank. The `deepspeed` runner has no handler on one node: it dies of the
+    signal at once (-15; 143 in a shell), and the ranks, seeing it gone, stop together and save. Its child
+    deepspeed.launcher.launch passes the signal to the ranks, which save, and then exits 1, which the runner
+    returns. Either way: one complete checkpoint holding both ranks' files, preempted.json naming it."""
+    launcher = launch_two_ranks(tmp_path, folder)
+    ranks = _ranks(launcher)
+    wait_for_checkpoint(tmp_path / 'run', launcher)
+    if target == 'runner':
+        launcher.send_signal(signal.SIGTERM)
+    else:
+        [middle] = [p for p in psutil.Process(launcher.pid).children() if 'deepspeed.launcher.launch' in p.cmdline()]
+        middle.send_signal(signal.SIGTERM)
+    rc = launcher.wait(timeout=300)
+    _, alive = psutil.wait_procs(ranks, timeout=300)
+    assert not alive, launcher_output(tmp_path)
+    assert rc == (-signal.SIGTERM if target == 'runner' else 1), launcher_output(tmp_path)
+    note = json.loads((tmp_path / 'run' / 'preempted.json').read_text())
+    saved = Path(note['checkpoint'])
+    assert (saved / 'complete.json').is_file() and (
+        tmp_path / 'run' / 'checkpoints' / 'latest'
+    ).read_text() == saved.name
+    assert sorted(p.name for p in saved.glob('rank_state_*.pt')) == ['rank_state_00000.pt', 'rank_state_00001.pt']
+    assert {p.name for p in saved.glob('zero_pp_rank_*_optim_states.pt')} == {
+        'zero_pp_rank_0_mp_rank_00_optim_states.pt',
+        'zero_pp_rank_1_mp_rank_00_optim_states.pt',
+    }
+    # the rank that noticed first names the reason; the other joins the agreed stop as its peer
+    reason = 'launcher process' if target == 'runner' else 'SIGTERM'
+    assert note['ranks'] and all(reason in why for why in note['ranks'].values()), note
 
 
 @pytest.mark.parametrize('task', ['finetune', 'linprobe'])

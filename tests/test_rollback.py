@@ -11,6 +11,7 @@ from PIL import Image
 from test_engine import assert_same_weights, final_state
 
 from cmae_ds.data.sampling import ShardPlan
+from cmae_ds.modelfiles.model_file import read_model_file
 
 from engine_helpers import TINY, run_deepspeed, run_python, tail, write_ds
 from finetune_helpers import write_class_folder
@@ -153,5 +154,5 @@ def test_finetuning_rolls_back_too(tmp_path):
     (event,) = events(tmp_path, 'ft')
     assert (event['step'], event['reason'], event['checkpoint']) == (3, 'non-finite loss', 'step_00000002')
     assert index in event['skipped_images']
-    state = torch.load(tmp_path / 'ft' / 'model_last.pt', weights_only=True)['state_dict']
+    state = read_model_file(tmp_path / 'ft' / 'model_last.safetensors')['state_dict']
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())

@@ -134,7 +134,22 @@ def shutdown_distributed() -> None:
         gc.collect()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+            _forget_deepspeed_groups()
         gc.collect()
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed keeps the world group it cloned (and the groups made from it) in module globals: after the groups
+    are destroyed, the next engine of this process found them there and failed ('Group ... is not registered')."""
+    import sys
+
+    groups = sys.modules.get('deepspeed.utils.groups')
+    if groups is None:
+        return
+    for name in ('_WORLD_GROUP', '_DATA_PARALLEL_GROUP', '_ZERO_PARAM_INTRA_PARALLEL_GROUP', 'mesh_device'):
+        setattr(groups, name, None)
+    for name in ('_EXPERT_PARALLEL_GROUP', '_EXPERT_DATA_PARALLEL_GROUP', '_ALL_TO_ALL_GROUP'):
+        getattr(groups, name).clear()
 
 
 @contextlib.contextmanager

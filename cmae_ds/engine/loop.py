@@ -245,7 +245,7 @@ class Loop:
     def _log_values(self, task: Task, step: int) -> dict:
         p = self.progress
         return {
-            'lr': self.schedule.lr(step),
+            'lr': self.schedule.lr(step - 1),  # the rate step `step` was taken with (the next one is set already)
             **task.log_values(step),
             'epoch': p.epoch + p.batch_in_epoch / max(1, self.usable),
         }

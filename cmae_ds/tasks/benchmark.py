@@ -3,6 +3,11 @@
 Modes: 'model' (synthetic batches already on the device), 'data' (the pipeline alone), 'e2e' (the real step fed by
 the real pipeline). Step times come from device events on a GPU (one synchronize at the end) and from the host
 clock on a CPU, where execution is synchronous anyway.
+
+The unit timed in 'model' and 'e2e' is the whole optimizer step: every micro-step of its gradient accumulation and
+the target's momentum update. images/s is the images of the timed steps over their summed time, and MFU follows
+from it; a median over micro-steps would leave out the ones that carry the optimizer step and the momentum update
+(at accumulation 4 it is a bare forward-backward) and overstate both. In 'data' the unit is one micro-batch.
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ from ..kernels import last_impl
 from .flops import flops_per_image, mfu, peak_tflops
 from .pretrain import mask_generator, momentum_step, train_step
 
+clock = time.perf_counter  # the host clock of every CPU timing here (a test puts a simulated one in its place)
+
 
 @dataclass
 class BenchResult:
-    mode: str
+    mode: str  # images_per_s_*: images over the summed time of whole optimizer steps (one micro-batch in 'data')
     size: str
     model_mode: str
     ds_config: str
@@ -68,7 +75,7 @@ class StepTimer:
             event.record()
             self.marks.append(event)
         else:
-            self.marks.append(time.perf_counter())
+            self.marks.append(clock())
 
     def durations_ms(self) -> list[float]:
         if self.cuda:
@@ -172,6 +179,8 @@ def _time_data(batches, warmup: int, steps: int, device) -> tuple[list[float], f
 
 
 def _time_steps(cfg, ds, batch_cfg, ctx, batches, warmup, steps, result) -> tuple[list[float], float]:
+    """`warmup` and `steps` count optimizer steps, each of grad_accum micro-steps and the momentum update; the
+    timer marks the end of each (the durations are whole optimizer steps)."""
     from .pretrain import build_engine
 
     engine, model, result.optimizer = build_engine(
@@ -182,14 +191,13 @@ def _time_steps(cfg, ds, batch_cfg, ctx, batches, warmup, steps, result) -> tupl
     for i in range(warmup + steps):
         if i == warmup:
             timer.mark()
-        t0 = time.perf_counter()
-        batch = next(batches)
-        if i >= warmup:
-            wait += time.perf_counter() - t0
-        boundary = engine.is_gradient_accumulation_boundary()
-        train_step(engine, batch, dtype, gen)
-        if boundary:
-            momentum_step(model, 0.996, batch_cfg.zero_stage)
+        for _ in range(batch_cfg.grad_accum):  # a fresh engine: its last micro-step here is the boundary
+            t0 = clock()
+            batch = next(batches)
+            if i >= warmup:
+                wait += clock() - t0
+            train_step(engine, batch, dtype, gen)
+        momentum_step(model, 0.996, batch_cfg.zero_stage)
         if i >= warmup:
             timer.mark()
     times = timer.durations_ms()
@@ -197,15 +205,16 @@ def _time_steps(cfg, ds, batch_cfg, ctx, batches, warmup, steps, result) -> tupl
     result.extra.update(compile=model.compiled.scope, compile_s=round(model.compiled.compile_s, 1))
     if model.compiled.fallback:
         result.extra['compile_fallback'] = model.compiled.fallback
+    result.extra['micro_steps_per_step'] = batch_cfg.grad_accum
     del engine, model
     gc.collect()
     return times, wait * 1000 / max(sum(times), 1e-9)
 
 
 def _fill(result: BenchResult, cfg, batch_cfg, ctx, times, wait, peak_override) -> None:
-    median = statistics.median(times)
-    result.step_ms_median, result.step_ms_p90 = median, _percentile(times, 0.9)
-    result.images_per_s_per_device = batch_cfg.micro_batch * 1000 / median
+    result.step_ms_median, result.step_ms_p90 = statistics.median(times), _percentile(times, 0.9)
+    per_step = batch_cfg.micro_batch * (1 if result.mode == 'data' else batch_cfg.grad_accum)
+    result.images_per_s_per_device = per_step * len(times) * 1000 / max(sum(times), 1e-9)
     result.images_per_s_total = result.images_per_s_per_device * ctx.world_size
     result.peak_mem_gib = _peak_mem_gib(ctx.device)
     if result.mode == 'data':
