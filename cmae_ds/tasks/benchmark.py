@@ -23,12 +23,11 @@ import torch
 
 from ..config import Config
 from ..config.ds_config import ResolvedBatch, check_precision_supported, compute_dtype, validate
-from ..data import build_pretrain_loader
 from ..engine.dist import DistContext
 from ..engine.schedules import scaled_lr
 from ..kernels import last_impl
 from .flops import flops_per_image, mfu, peak_tflops
-from .pretrain import mask_generator, momentum_step, train_step
+from .pretrain import mask_generator, momentum_step, pretrain_loader, train_step
 
 clock = time.perf_counter  # the host clock of every CPU timing here (a test puts a simulated one in its place)
 
@@ -110,16 +109,7 @@ def _batches(mode: str, cfg: Config, batch_cfg: ResolvedBatch, ctx: DistContext)
     if mode == 'model':
         batch = _synthetic_batch(cfg, batch_cfg, ctx.device)
         return iter(lambda: batch, None), 'synthetic-on-device'
-    loader = build_pretrain_loader(
-        cfg.data,
-        img_size=cfg.model.img_size,
-        batch_size=batch_cfg.micro_batch,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        seed=cfg.train.seed,
-        device=ctx.device,
-        drop_last=True,
-    )
+    loader = pretrain_loader(cfg, batch_cfg, ctx)
 
     def endless():
         epoch = 0

@@ -205,9 +205,9 @@ def train(
         return _train(cfg, run, observer)
 
 
-def _train(cfg: Config, run: RunStart, observer) -> RunResult:
-    ctx, batch_cfg = run.ctx, run.batch
-    loader = build_pretrain_loader(
+def pretrain_loader(cfg: Config, batch_cfg: ResolvedBatch, ctx: DistContext):
+    """This rank's loader of (online, target) micro-batches, as the run and the benchmark read them."""
+    return build_pretrain_loader(
         cfg.data,
         img_size=cfg.model.img_size,
         batch_size=batch_cfg.micro_batch,
@@ -217,6 +217,11 @@ def _train(cfg: Config, run: RunStart, observer) -> RunResult:
         device=ctx.device,
         drop_last=True,
     )
+
+
+def _train(cfg: Config, run: RunStart, observer) -> RunResult:
+    ctx, batch_cfg = run.ctx, run.batch
+    loader = pretrain_loader(cfg, batch_cfg, ctx)
     schedule = make_schedule(cfg.train, batch_cfg.global_batch, batch_cfg.grad_accum, len(loader), run.ds_path)
     engine, model, opt_name = build_engine(cfg, run.ds, batch_cfg, ctx, schedule.peak_lr)
     progress, mask_gen = Progress(), mask_generator(cfg, ctx)
