@@ -3,8 +3,9 @@ state (online fp32 weights, target, buffers, Adam moments and step, group lr and
 run starts and after each optimizer step listed in --record.
 
 Masks are drawn from a generator seeded by each image's content instead of the rank's mask stream (a wrapper
-around CMAE.forward), so that the same images get the same masks on any number of ranks: the only test-side
-change, and what lets a resumed run on another layout be compared with an uninterrupted one.
+around CMAE.forward that replaces the mask the training step drew from that stream), so that the same images get the
+same masks on any number of ranks: the only test-side change, and what lets a resumed run on another layout be
+compared with an uninterrupted one.
 """
 
 import argparse
@@ -26,10 +27,11 @@ def _image_seed(img: torch.Tensor) -> int:
 
 
 def forward_with_image_masks(self, img, img_target=None, mask=None, generator=None):
-    if mask is None:
-        mask = torch.cat(
-            [self.random_mask(1, img.device, generator=torch.Generator().manual_seed(_image_seed(x))) for x in img]
-        )
+    # The step draws its mask before the forward (tasks/pretrain.py, so that the forward compiles); that draw still
+    # advances the rank's stream as in training, and is replaced here.
+    mask = torch.cat(
+        [self.random_mask(1, img.device, generator=torch.Generator().manual_seed(_image_seed(x))) for x in img]
+    )
     return _forward(self, img, img_target, mask=mask)
 
 
