@@ -56,9 +56,6 @@ def _kernel_switches():
     _switch._set(saved)  # and the ops forget the choices made under the test's switches
 
 
-GROUP_ENV = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')
-
-
 @pytest.fixture(autouse=True)
 def _process_group_env():
     """A test that builds an engine in this process (setup_distributed writes RANK, MASTER_PORT, ... for its one-rank
@@ -66,14 +63,11 @@ def _process_group_env():
     environment, took that group's port for theirs and died with EADDRINUSE on the port this process still held."""
     from cmae_ds.engine import dist
 
+    from run_recorder import GROUP_ENV, restore_group_env
+
     saved = {k: os.environ.get(k) for k in GROUP_ENV}
     had_group = torch.distributed.is_available() and torch.distributed.is_initialized()
     yield
     if not had_group and torch.distributed.is_available() and torch.distributed.is_initialized():
         dist.shutdown_distributed()
-    dist._own_env = False
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    restore_group_env(saved)

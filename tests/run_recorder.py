@@ -49,12 +49,17 @@ def one_rank_group():
         yield
     finally:
         dist.shutdown_distributed()
-        dist._own_env = False
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore_group_env(saved)
+
+
+def restore_group_env(saved: dict) -> None:
+    """Put RANK, MASTER_PORT, ... back as `saved` had them; the next setup_distributed makes its own again."""
+    dist._own_env = False
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def momentum_of(before: torch.Tensor, after: torch.Tensor, online: torch.Tensor) -> float:
