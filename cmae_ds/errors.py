@@ -2,7 +2,7 @@
 traceback."""
 
 from .config import ConfigError
-from .data.sources import DataFileError, DataSourceError
+from .data.errors import DataFileError, DataSourceError
 from .modelfiles.formats import CheckpointError
 from .storage.output_dir import OutputWriteError
 

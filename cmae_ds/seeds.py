@@ -6,8 +6,8 @@ Engine streams (this module):
 - masks: one generator per rank, saved in checkpoints;
 - a rank that a checkpoint has no saved state for (a resume on more ranks), and every classification rank after
   a resume (DeepSpeed keeps only rank 0's client state): streams keyed by (seed, rank, step).
-Data streams: every view decision is keyed by (seed, epoch, dataset index) (`cmae_ds.data.draws`, counter-based),
-the order and the per-sample generators by (seed, epoch[, index]) (`cmae_ds.data.sampling`), so they depend on
+Data streams: every view decision is keyed by (seed, epoch, dataset index) (`cmae_ds.data.views.draws`, counter-based),
+the order and the per-sample generators by (seed, epoch[, index]) (`cmae_ds.data.pipelines.sampling`), so they depend on
 neither ranks nor workers nor resumes; the per-batch streams below (random erasing, DALI's own operators,
 synthetic batches) are keyed by (seed, epoch, rank, batch).
 """

@@ -113,7 +113,7 @@ import os
 from multiprocessing import Pool
 from pathlib import Path
 
-from cmae_ds.data.bench import write_imagenet_like
+from cmae_ds.data.tools.bench import write_imagenet_like
 
 n, size = int(os.environ['IMAGES']), tuple(int(v) for v in os.environ['JPEG_SIZE'].split())
 root = Path(os.environ['WORK']) / 'jpegs'
@@ -124,7 +124,7 @@ EOF
 }
 
 data_rate() {  # the torch_gpu pipeline alone: both views, images/s
-    python3 -m cmae_ds.data.bench --root "$WORK/jpegs" --device "$DEVICE" --pipelines torch_gpu \
+    python3 -m cmae_ds.data.tools.bench --root "$WORK/jpegs" --device "$DEVICE" --pipelines torch_gpu \
         --threads "$DATA_THREADS" --batch "$DATA_BATCH" --img-size "$DATA_SIZE" --epochs 3 --json "$OUT/data.json"
 }
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cmae_ds.data.scan import make_annotations  # noqa: E402
+from cmae_ds.data.sources.scan import make_annotations  # noqa: E402
 
 
 def parse(argv=None):

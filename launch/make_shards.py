@@ -31,8 +31,8 @@ def parse(argv=None):
 
 def main() -> int:
     from cmae_ds.config import DataConfig
-    from cmae_ds.data.packing import pack
-    from cmae_ds.data.sources import list_samples
+    from cmae_ds.data.sources.files import list_samples
+    from cmae_ds.data.sources.packing import pack
 
     args = parse()
     cfg = DataConfig(source=args.source, root=args.src, ann_file=args.ann_file)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cmae_ds.data.scan import scan_folder, scan_shards  # noqa: E402
-from cmae_ds.data.shard_index import shard_names  # noqa: E402
+from cmae_ds.data.sources.scan import scan_folder, scan_shards  # noqa: E402
+from cmae_ds.data.sources.shard_index import shard_names  # noqa: E402
 
 
 def parse(argv=None):

@@ -83,9 +83,9 @@ def view_steps(images: int = 64) -> dict:
     import torchvision.transforms.functional as tvF
     from PIL import Image, ImageFilter
 
-    from cmae_ds.data import views_torch as V
-    from cmae_ds.data.bench import write_imagenet_like
-    from cmae_ds.data.draws import draw_views, rrc_box
+    from cmae_ds.data.tools.bench import write_imagenet_like
+    from cmae_ds.data.views import pil as V
+    from cmae_ds.data.views.draws import draw_views, rrc_box
 
     torch.set_num_threads(1)
     spent: dict = {}

@@ -7,7 +7,7 @@ import contextlib
 
 import torch
 
-from cmae_ds.data import gpu_pipeline
+from cmae_ds.data.pipelines import torch_gpu as gpu_pipeline
 from cmae_ds.engine.checkpoints import store
 from cmae_ds.tasks.benchmark import StepTimer, _peak_mem_gib
 

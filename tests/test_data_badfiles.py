@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from cmae_ds.data import build_pretrain_loader
-from cmae_ds.data.dali_pipeline import DataFileError
-from cmae_ds.data.scan import scan_folder
-from cmae_ds.data.sources import filelist_samples
+from cmae_ds.data.pipelines.dali import DataFileError
+from cmae_ds.data.sources.files import filelist_samples
+from cmae_ds.data.sources.scan import scan_folder
 
 from data_helpers import cfg, plant_bad_files, random_jpegs
 

@@ -1,4 +1,4 @@
-"""The data-only benchmark (`python -m cmae_ds.data.bench`): real pipelines on real JPEGs, counts and report shape.
+"""The data-only benchmark (`python -m cmae_ds.data.tools.bench`): real pipelines on real JPEGs, counts, report.
 Rates are not asserted (they are measurements, docs/data.md); what is checked is that every image is counted once
 and that both modes run the real graphs end to end."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from cmae_ds.data import bench
+from cmae_ds.data.tools import bench
 
 from data_helpers import PIPELINES
 

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from cmae_ds.data import MEAN, STD, build_classification_loader
-from cmae_ds.data.erasing import random_erasing
-from cmae_ds.data.recipe import eval_resize_size
+from cmae_ds.data.views.erasing import random_erasing
+from cmae_ds.data.views.recipe import eval_resize_size
 
 from data_helpers import PIPELINES, cfg, coord_image, random_jpegs, write_folder
 
@@ -87,7 +87,7 @@ def test_torch_rand_augment_survives_the_largest_magnitudes():
 
     from PIL import Image as PILImage
 
-    from cmae_ds.data.views_torch import _rand_augment
+    from cmae_ds.data.views.pil import _rand_augment
 
     random.seed(0)
     augment = _rand_augment(16)

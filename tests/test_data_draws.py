@@ -1,10 +1,10 @@
-"""The shared per-sample draws (cmae_ds.data.draws): keyed, uniform, independent, and the same one at a time as in a
+"""The shared per-sample draws (cmae_ds.data.views.draws): keyed, uniform, independent, the same one at a time as in a
 batch (the torch workers draw per sample, the DALI feed per batch)."""
 
 import numpy as np
 
-from cmae_ds.data import recipe as C
-from cmae_ds.data.draws import DALI_COLUMNS, UNIFORMS, dali_columns, draw_batch, draw_views, uniforms
+from cmae_ds.data.views import recipe as C
+from cmae_ds.data.views.draws import DALI_COLUMNS, UNIFORMS, dali_columns, draw_batch, draw_views, uniforms
 
 
 def test_uniforms_are_keyed_and_deterministic():

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cmae_ds.data import views_gpu as G
-from cmae_ds.data.draws import draw_batch
-from cmae_ds.data.gpu_pipeline import collate, decode_batch, unpack
+from cmae_ds.data.pipelines.torch_gpu import collate, decode_batch, unpack
+from cmae_ds.data.views import batched as G
+from cmae_ds.data.views.draws import draw_batch
 
 CUDA_RNG = ('manual_seed', 'manual_seed_all', 'seed', 'seed_all', 'set_rng_state', 'set_rng_state_all')
 

@@ -15,9 +15,15 @@ from PIL import Image
 
 from cmae_ds.config import DataConfig
 from cmae_ds.data import STD, build_classification_loader, build_pretrain_loader
-from cmae_ds.data import views_gpu as G
-from cmae_ds.data.gpu_pipeline import decode_batch, jpeg_components, read_sample
-from cmae_ds.data.threads import cores_per_rank, data_workers, default_data_workers, size_torch_threads, torch_threads
+from cmae_ds.data.pipelines.threads import (
+    cores_per_rank,
+    data_workers,
+    default_data_workers,
+    size_torch_threads,
+    torch_threads,
+)
+from cmae_ds.data.pipelines.torch_gpu import decode_batch, jpeg_components, read_sample
+from cmae_ds.data.views import batched as G
 
 from data_helpers import cfg, coord_image, plant_bad_files, random_jpegs
 from engine_helpers import run_python, tail
@@ -180,7 +186,7 @@ def test_classification_training_views_resume_exactly(tmp_path, augment):
 
 
 def test_auto_takes_torch_gpu_on_a_cuda_device_without_dali(monkeypatch):
-    from cmae_ds.data import build
+    from cmae_ds.data.pipelines import build
 
     monkeypatch.setattr(build, 'dali_available', lambda: False)
     assert build.resolve_pipeline('auto', 'cuda') == 'torch_gpu'

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cmae_ds.data import build_pretrain_loader
-from cmae_ds.data.sampling import ShardPlan
+from cmae_ds.data.pipelines.sampling import ShardPlan
 
 from data_helpers import PIPELINES, cfg, random_jpegs
 

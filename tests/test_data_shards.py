@@ -16,11 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cmae_ds.data import build_classification_loader, build_pretrain_loader, list_samples, packing, shard_index
-from cmae_ds.data.packing import PackError, pack
-from cmae_ds.data.scan import scan_shards
-from cmae_ds.data.shard_index import INDEX_NAME, ShardError
-from cmae_ds.data.sources import DataFileError
+from cmae_ds.data import build_classification_loader, build_pretrain_loader, list_samples
+from cmae_ds.data.sources import packing, shard_index
+from cmae_ds.data.sources.files import DataFileError
+from cmae_ds.data.sources.packing import PackError, pack
+from cmae_ds.data.sources.scan import scan_shards
+from cmae_ds.data.sources.shard_index import INDEX_NAME, ShardError
 
 from data_helpers import PIPELINES, cfg, random_jpegs
 

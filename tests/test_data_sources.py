@@ -12,7 +12,7 @@ import torch
 
 from cmae_ds.config import DataConfig
 from cmae_ds.data import DataSourceError, build_pretrain_loader, list_samples, resolve_pipeline
-from cmae_ds.data.sources import embedded_samples
+from cmae_ds.data.sources.files import embedded_samples
 
 from data_helpers import cfg, random_jpegs
 
@@ -100,7 +100,7 @@ def test_pipeline_choice():
 
 
 def test_without_dali_auto_falls_back_to_torch(monkeypatch):
-    from cmae_ds.data import build
+    from cmae_ds.data.pipelines import build
 
     monkeypatch.setattr(build, 'dali_available', lambda: False)
     assert resolve_pipeline('auto') == 'torch'

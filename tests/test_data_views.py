@@ -190,7 +190,7 @@ def test_crop_boxes_follow_torchvision_rules():
     """Area fraction in (0.2, 1) and aspect in (3/4, 4/3) up to pixel rounding, inside the image, distributed as
     torchvision's sampler's, positions spread over the free range; an image no candidate fits takes the central crop
     at the nearest allowed ratio."""
-    from cmae_ds.data.draws import draw_views, rrc_box
+    from cmae_ds.data.views.draws import draw_views, rrc_box
 
     boxes = torch.tensor([rrc_box(draw_views(0, 0, i, 32), 500, 375) for i in range(2000)]).double()
     top, left, h, w = boxes.unbind(1)

@@ -10,9 +10,9 @@ import torch
 import torchvision.transforms.functional as tvF
 from PIL import Image, ImageFilter
 
-from cmae_ds.data import views_torch as V
-from cmae_ds.data.draws import draw_views, rrc_box
-from cmae_ds.data.sources import embedded_samples
+from cmae_ds.data.sources.files import embedded_samples
+from cmae_ds.data.views import pil as V
+from cmae_ds.data.views.draws import draw_views, rrc_box
 
 
 def _before(path: str, d, size: int, extra: int):

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from cmae_ds.data import build_classification_loader
-from cmae_ds.data.build import dali_available
-from cmae_ds.data.recipe import MEAN, STD
-from cmae_ds.data.scan import scan_folder
-from cmae_ds.data.sources import DataFileError, folder_samples
+from cmae_ds.data.pipelines.build import dali_available
+from cmae_ds.data.sources.files import DataFileError, folder_samples
+from cmae_ds.data.sources.scan import scan_folder
+from cmae_ds.data.views.recipe import MEAN, STD
 
 from data_helpers import cfg, solid_image, write_folder
 

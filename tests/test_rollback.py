@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from test_engine import assert_same_weights, final_state
 
-from cmae_ds.data.sampling import ShardPlan
+from cmae_ds.data.pipelines.sampling import ShardPlan
 from cmae_ds.modelfiles.model_file import read_model_file
 
 from engine_helpers import TINY, run_deepspeed, run_python, tail, write_ds

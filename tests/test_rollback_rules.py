@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from cmae_ds.data.sampling import ShardPlan
+from cmae_ds.data.pipelines.sampling import ShardPlan
 from cmae_ds.engine.guards.divergence import DivergenceDetector, SpikeRule
 from cmae_ds.engine.guards.skips import Layout, dataset_indices, first_unskipped, ranges_between
 

@@ -122,7 +122,7 @@ class DataConfig:
     and views made on the device by torch ops) or 'torch' (PIL in DataLoader workers)."""
     num_workers: int = ranged(-1, ge=-1)
     """DataLoader workers (torch pipelines) or DALI CPU threads per rank; -1: sized to the cores this rank owns
-    (cmae_ds/data/threads.py)."""
+    (cmae_ds/data/pipelines/threads.py)."""
     master_extra: int = ranged(32, ge=0)
     """The master crop is view + this many pixels (docs/spec.md section 7: 256 for 224 views)."""
     hw_decoder_load: float = ranged(0.65, ge=0, le=1)

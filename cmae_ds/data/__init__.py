@@ -3,9 +3,10 @@
 The engines call `build_pretrain_loader`, `build_classification_loader` and `list_samples`; see docs/data.md.
 """
 
-from .build import build_classification_loader, build_pretrain_loader, resolve_pipeline
-from .recipe import MEAN, STD
-from .sources import DataSourceError, list_samples
+from .errors import DataFileError, DataSourceError, ShardError
+from .pipelines.build import build_classification_loader, build_pretrain_loader, resolve_pipeline
+from .sources.files import list_samples
+from .views.recipe import MEAN, STD
 
 __all__ = [
     'build_pretrain_loader',
@@ -13,6 +14,8 @@ __all__ = [
     'list_samples',
     'resolve_pipeline',
     'DataSourceError',
+    'DataFileError',
+    'ShardError',
     'MEAN',
     'STD',
 ]

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from ..data.threads import size_torch_threads
+from ..data.pipelines.threads import size_torch_threads
 from .slurm import slurm_env
 
 # The signals that ask a run to stop (guards/preemption.py installs their handlers; the teardown holds them).
@@ -81,7 +81,7 @@ def setup_distributed(timeout_s: Optional[float] = None) -> DistContext:
         device = torch.device('cuda', index)
     else:
         device = torch.device('cpu')
-    size_torch_threads(device)  # intra-op threads sized to this rank's cores (cmae_ds/data/threads.py)
+    size_torch_threads(device)  # intra-op threads sized to this rank's cores (cmae_ds/data/pipelines/threads.py)
     return DistContext(rank, world, local_rank, device)
 
 

@@ -7,9 +7,10 @@ from typing import Optional
 
 import torch
 
+from ..errors import DataSourceError
+from ..sources.files import Sample, list_samples
 from .base import EpochLoader
 from .sampling import ShardPlan
-from .sources import DataSourceError, Sample, list_samples
 from .threads import data_workers
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ def _make(
     erase = mode == 'cls_train'
     workers = data_workers(data_cfg.num_workers, device)
     if pipeline == 'dali':
-        from .dali_pipeline import DaliLoader
+        from .dali import DaliLoader
 
         loader = DaliLoader(
             samples,
@@ -87,12 +88,12 @@ def _make(
             erase,
         )
     elif pipeline == 'torch_gpu':
-        from .gpu_pipeline import BytesDataset, GpuLoader
+        from .torch_gpu import BytesDataset, GpuLoader
 
         ds = BytesDataset(samples, mode, img_size, data_cfg.master_extra, plan.seed, debug)
         loader = GpuLoader(ds, plan, device, workers, erase)
     else:
-        from .torch_pipeline import TorchLoader, ViewDataset
+        from .torch_workers import TorchLoader, ViewDataset
 
         ds = ViewDataset(samples, mode, img_size, data_cfg.master_extra, plan.seed, debug)
         loader = TorchLoader(ds, plan, device, workers, erase)

@@ -19,18 +19,18 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..seeds import dali_pipeline_seed
-from . import recipe as C
+from ...seeds import dali_pipeline_seed
+from ..errors import DataFileError
+from ..sources.shards import ShardSamples, record_bytes
+from ..views import recipe as C
+from ..views.draws import cls_columns, dali_columns, draw_batch
+from ..views.erasing import batch_generator, random_erasing
 from .base import EpochLoader
-from .draws import cls_columns, dali_columns, draw_batch
-from .erasing import batch_generator, random_erasing
 from .sampling import ShardPlan
-from .shards import ShardSamples, record_bytes
-from .sources import DataFileError
 
 
 def _graph_for(mode: str, size: int, extra: int, device: str, hw: float, debug: bool):
-    from . import dali_graphs as G  # imports nvidia.dali: only when a DALI loader is built
+    from ..views import dali_graphs as G  # imports nvidia.dali: only when a DALI loader is built
 
     # The random graphs take the external source of each epoch's draws (feed=) from the loader.
     if mode == 'pretrain':
@@ -137,7 +137,7 @@ class DaliLoader(EpochLoader):
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        from .dali_graphs import READER
+        from ..views.dali_graphs import READER
 
         batches = self.plan.batches(epoch, start_batch)
         if not batches:
@@ -214,7 +214,7 @@ class DaliLoader(EpochLoader):
         )
 
     def _unreadable(self, i: int) -> bool:
-        from .scan import check_bytes
+        from ..sources.scan import check_bytes
 
         return check_bytes(record_bytes(self.samples, i)) is not None
 

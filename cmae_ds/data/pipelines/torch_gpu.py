@@ -20,15 +20,15 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from . import recipe as C
-from . import views_gpu as G
-from . import views_torch as V
-from .draws import draw_batch
-from .normalize import normalize
+from ..sources.shards import record_bytes
+from ..views import batched as G
+from ..views import pil as V
+from ..views import recipe as C
+from ..views.draws import draw_batch
+from ..views.normalize import normalize
+from ..views.upload import upload
 from .sampling import sample_rng
-from .shards import record_bytes
-from .torch_pipeline import TorchLoader, ViewDataset
-from .upload import upload
+from .torch_workers import TorchLoader, ViewDataset
 
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame markers (DHT, JPG, DAC are not)
 

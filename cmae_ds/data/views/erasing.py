@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ..seeds import erasing_seed
+from ...seeds import erasing_seed
 from .recipe import ERASE_LOG_RATIO, ERASE_P
 from .upload import upload
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from .sources import Sample, folder_samples, write_filelist, write_official_json
+from .files import Sample, folder_samples, write_filelist, write_official_json
 
 
 def check_file(path: str) -> Optional[str]:

@@ -1,6 +1,6 @@
 """Read rate of shards against the same images as a folder of files (docs/data.md, "Shards").
 
-    python -m cmae_ds.data.bench_shards --files 20000 --workers 2 [--root DIR] [--json OUT]
+    python -m cmae_ds.data.tools.bench_shards --files 20000 --workers 2 [--root DIR] [--json OUT]
 
 Without --root it writes `--files` small JPEGs (64x48, random content) into an ImageNet-style folder under /tmp,
 packs them with make_shards' code (pack) beside it, and reads every image's bytes once in a random order (the order
@@ -23,9 +23,9 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .packing import pack
-from .shards import ShardSamples, record_bytes, shard_samples
-from .sources import folder_samples
+from ..sources.files import folder_samples
+from ..sources.packing import pack
+from ..sources.shards import ShardSamples, record_bytes, shard_samples
 
 
 def write_small_jpegs(root: Path, n: int, classes: int = 100, seed: int = 0) -> None:
@@ -119,7 +119,7 @@ def dali_read_rates(shards: ShardSamples, order: np.ndarray, threads: int, batch
     order by index) against DALI's own webdataset reader (its shard order; index built by DALI)."""
     from nvidia.dali import fn, pipeline_def
 
-    from .dali_pipeline import RecordFeed
+    from ..pipelines.dali import RecordFeed
 
     def rate(graph, iters: int) -> float:
         pipe = pipeline_def(graph, batch_size=batch, num_threads=threads, device_id=None, seed=0)()

@@ -7,7 +7,7 @@ from typing import Iterator
 
 import torch
 
-from ..seeds import synthetic_batch_seed
+from ...seeds import synthetic_batch_seed
 from .base import EpochLoader
 from .sampling import ShardPlan
 

@@ -1,6 +1,6 @@
 """Regenerate cmae_ds/data/embedded/: small JPEG crops of public-domain / CC0 scikit-image sample photographs.
 
-    python -m cmae_ds.data.make_embedded [--count 128] [--seed 0]
+    python -m cmae_ds.data.tools.make_embedded [--count 128] [--seed 0]
 
 Needs scikit-image only here; the committed JPEGs are read at run time without it.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .sources import EMBEDDED_DIR
+from ..sources.files import EMBEDDED_DIR
 
 # skimage.data function -> (license as stated in its docstring, credit). Only public-domain / CC0 photographs.
 SOURCES = {
@@ -70,7 +70,7 @@ def _readme(count: int, seed: int) -> str:
 
 {count} JPEG crops (sides 160-256 px) cut from scikit-image's sample images (`skimage.data`), used by
 `python launch/pretrain.py` with no arguments (data.source: embedded). Each file is named after its source image.
-Regenerate with `python -m cmae_ds.data.make_embedded --count {count} --seed {seed}`.
+Regenerate with `python -m cmae_ds.data.tools.make_embedded --count {count} --seed {seed}`.
 
 Only photographs whose license, as stated in scikit-image's `skimage/data/_fetchers.py` docstrings, is public
 domain or CC0 are used:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .sources import DataSourceError
+from ..errors import DataSourceError, ShardError
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,6 @@ VERSION = 1
 IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'ppm', 'pgm', 'pbm', 'pnm', 'tif', 'tiff')
 CHUNK = 8 << 20
 BLOCK = 512
-
-
-class ShardError(DataSourceError):
-    """A shard is truncated or corrupt, or the index does not describe the shards; the message names the shard."""
 
 
 @dataclass

@@ -21,15 +21,12 @@ import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+from ..errors import PackError
+from .files import Sample
 from .shard_index import INDEX_NAME, VERSION, Index, build_index, read_index, save_index
-from .sources import DataSourceError, Sample
 
 PACK_DIR = '.pack'
 BLOCK = 512
-
-
-class PackError(DataSourceError):
-    """make_shards cannot write into OUT (another dataset there, or another plan); the message says why."""
 
 
 def member_ext(head: bytes, path: str) -> str:

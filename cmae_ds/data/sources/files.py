@@ -18,19 +18,12 @@ import json
 import os
 from pathlib import Path
 
+from ..errors import DataFileError, DataSourceError  # noqa: F401 (DataFileError: re-exported)
+
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm', '.pbm', '.pnm')
-EMBEDDED_DIR = Path(__file__).parent / 'embedded'
+EMBEDDED_DIR = Path(__file__).parents[1] / 'embedded'
 
 Sample = tuple[str, int]
-
-
-class DataFileError(RuntimeError):
-    """A pipeline met a file it cannot decode; the message names it. (Defined here, not in the DALI module, so it
-    can be caught where DALI is not installed.)"""
-
-
-class DataSourceError(ValueError):
-    """A data source (folder, annotation file, file list) is missing or malformed; the message names it."""
 
 
 def is_image_name(name: str) -> bool:

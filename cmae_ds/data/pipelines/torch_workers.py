@@ -14,16 +14,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from . import recipe as C
-from . import views_torch as V
+from ..errors import ShardError
+from ..sources.shards import record_file
+from ..views import pil as V
+from ..views import recipe as C
+from ..views.draws import draw_views, rrc_box
+from ..views.erasing import batch_generator, random_erasing
+from ..views.normalize import normalize
+from ..views.upload import upload
 from .base import EpochLoader
-from .draws import draw_views, rrc_box
-from .erasing import batch_generator, random_erasing
-from .normalize import normalize
 from .sampling import ShardPlan, sample_rng
-from .shard_index import ShardError
-from .shards import record_file
-from .upload import upload
 
 MAX_SUBSTITUTES = 64
 

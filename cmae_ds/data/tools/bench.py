@@ -1,6 +1,6 @@
 """Data-only benchmark: images/s of the DALI, torch and torch_gpu pipelines on the same JPEGs and threads.
 
-    python -m cmae_ds.data.bench --images 512 --batch 64 --threads 2 [--device cuda] [--root DIR]
+    python -m cmae_ds.data.tools.bench --images 512 --batch 64 --threads 2 [--device cuda] [--root DIR]
         [--pipelines dali,torch,torch_gpu]
 
 Without --root it writes ImageNet-like JPEGs (500x375, quality 90, photo content from the embedded set) to a temp
@@ -22,8 +22,8 @@ from PIL import Image
 
 from cmae_ds.config import DataConfig
 
-from .build import build_pretrain_loader
-from .sources import embedded_samples
+from ..pipelines.build import build_pretrain_loader
+from ..sources.files import embedded_samples
 
 
 def write_imagenet_like(root: Path, n: int, size=(500, 375), seed: int = 0) -> None:
@@ -75,7 +75,7 @@ def dali_stage_costs(root: Path, batch: int, threads: int, img_size: int, iters:
     dali_graphs.cmae_views), so the cost of each stage is the difference between two rows."""
     from nvidia.dali import fn, types
 
-    from . import dali_graphs as G
+    from ..views import dali_graphs as G
 
     files = sorted(str(p) for p in root.rglob('*.jpg'))
     indices = list(range(len(files)))
@@ -117,7 +117,7 @@ def dali_stage_costs(root: Path, batch: int, threads: int, img_size: int, iters:
     rows = []
     for stage, name in enumerate(names):
         rows.append((name,) + _steady_cost(lambda stage=stage: prefix(stage), batch, threads, iters))
-    from .dali_pipeline import DrawFeed
+    from ..pipelines.dali import DrawFeed
 
     feed = DrawFeed(indices, batch, seed=0, epoch=0, extra=32)
     full = _steady_cost(

@@ -1,0 +1,1 @@
+"""Tools beside the training path: the data benchmarks and the embedded-set maker."""
