@@ -117,7 +117,7 @@ def raw_name(name: str) -> bytes:
 def walk_shard(path: Path) -> tuple[list[tuple[bytes, int, int, int]], dict]:
     """(records, notes) of one tar. records: (image member name, data offset, size, label) of every sample, in file
     order; a sample is the consecutive members sharing a key (webdataset's rule), its label the integer in its 'cls'
-    member (-1 without one). notes: {'no_image': [count, first], 'repeated_key': [count, first]}, first being
+    member (-1 without one). notes: {'no_image' | 'repeated_key' | 'extra_images': [count, first]}, first being
     (shard, key, byte offset) or None."""
     path = Path(path)
     end = path.stat().st_size
@@ -152,7 +152,7 @@ class _Walk:
     def __init__(self, path: Path):
         self.path, self.records, self.seen = path, [], set()
         self.key, self.cur, self.suffixes, self.last = None, None, set(), 'the start of the file'
-        self.notes = dict(no_image=[0, None], repeated_key=[0, None])
+        self.notes = dict(no_image=[0, None], repeated_key=[0, None], extra_images=[0, None])
 
     def member(self, f, m: tarfile.TarInfo) -> None:
         key, suffix = split_key(m.name)
@@ -172,6 +172,8 @@ class _Walk:
         self.suffixes.add(suffix)
         if is_image_suffix(suffix) and self.cur[0] is None:
             self.cur[:3] = raw_name(m.name), m.offset_data, m.size
+        elif is_image_suffix(suffix):
+            self._note('extra_images', key, m.offset)
         elif suffix == 'cls':
             self.cur[3] = _read_cls(f, m, self.path)
         self.last = shown(key)
@@ -196,7 +198,7 @@ class _Walk:
 
 
 def merge_notes(notes: list[dict]) -> dict:
-    out = dict(no_image=[0, None], repeated_key=[0, None])
+    out = dict(no_image=[0, None], repeated_key=[0, None], extra_images=[0, None])
     for n in notes:
         for k, (count, first) in n.items():
             out[k][0] += count
@@ -207,6 +209,8 @@ def merge_notes(notes: list[dict]) -> dict:
 NOTE_TEXT = dict(
     no_image='sample(s) without an image member, left out',
     repeated_key='key(s) that come back after other keys, read as separate samples (as webdataset reads them)',
+    extra_images="image member(s) beside a sample's first image, not read (webdataset groups 'a.1.jpg', 'a.2.jpg'"
+    " under key 'a')",
 )
 
 
@@ -214,7 +218,7 @@ def report_notes(root: Path, notes: dict) -> list[str]:
     """One line per kind of note (logged once, when the index is built; launch/scan_dataset.py prints them)."""
     lines = []
     for k, (count, first) in notes.items():
-        if count:
+        if count and k in NOTE_TEXT:
             shard, key, offset = first
             lines.append(f'{root}: {count} {NOTE_TEXT[k]}; first: {shard} key {key} at byte {offset}')
     for line in lines:
