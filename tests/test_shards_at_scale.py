@@ -25,7 +25,6 @@ from cmae_ds.data import build_pretrain_loader, list_samples
 from cmae_ds.data.pipelines.dali import RecordFeed
 from cmae_ds.data.sources import shard_index
 from cmae_ds.data.sources import shards as shards_mod
-from cmae_ds.data.sources.scan import scan_shards
 from cmae_ds.data.sources.shard_index import INDEX_NAME, LOCK_NAME, ShardError
 from cmae_ds.data.sources.shards import ShardSamples
 
@@ -245,8 +244,13 @@ def scanned(packed, tmp_path_factory):
     samples = list_samples(shards_cfg(root))
     corrupt_record(samples, 9)
     Path(list_samples(cfg(clean, 'torch'))[9][0]).unlink()
-    result = scan_shards(str(root), workers=1)
-    assert [p for p, _ in result.bad] == [samples[9][0]]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / 'launch/scan_dataset.py'), str(root), '--workers', '1'],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0 and '22 readable -> the index; 1 unreadable' in proc.stdout, proc.stderr[-2000:]
+    assert (root / 'shards.bad.txt').read_text().split('\t')[0] == samples[9][0]
     return root, clean
 
 

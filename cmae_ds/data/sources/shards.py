@@ -28,7 +28,7 @@ import numpy as np
 
 from .shard_index import Index, ShardError, load_index, shown
 
-MAX_OPEN = 256
+MAX_OPEN = 16384  # every shard of a large dataset where the limit allows: random order then opens nothing
 OPEN_ENV = 'CMAE_DS_SHARD_OPEN_FILES'
 
 
