@@ -130,7 +130,8 @@ class DaliLoader(EpochLoader):
         super().__init__(plan, device)
         self.samples, self.mode, self.debug, self.erase, self.extra = samples, mode, debug, erase, master_extra
         self.paths = [p for p, _ in samples]
-        self.labels = torch.tensor([lab for _, lab in samples], dtype=torch.int64)
+        shards = isinstance(samples, ShardSamples)  # its labels without a name string per sample
+        self.labels = torch.as_tensor(samples.labels if shards else [lab for _, lab in samples], dtype=torch.int64)
         self.dali_device = 'gpu' if self.device.type == 'cuda' else 'cpu'
         self.name = f'dali-{self.dali_device}'
         self.num_threads = max(1, num_threads)

@@ -391,8 +391,9 @@ def _touch(lock: Path) -> None:
         pass
 
 
-def wait_for_lock(lock: Path, root: Path, poll: float = 0.1) -> None:
-    """Until the lock is gone; a lock left by a dead builder is removed (the caller then takes it)."""
+def wait_for_lock(lock: Path, root: Path, poll: float = 0.05) -> None:
+    """Until the lock is gone; a lock left by a dead builder is removed (the caller then takes it). The poll backs
+    off to 2 s: a thousand waiting ranks are a thousand stats a poll on the shards' file server."""
     log.info('data: waiting for another process to index %s (%s)', root, lock)
     while True:
         try:
@@ -404,6 +405,7 @@ def wait_for_lock(lock: Path, root: Path, poll: float = 0.1) -> None:
             lock.unlink(missing_ok=True)
             return
         time.sleep(poll)
+        poll = min(2.0, poll * 1.5)
 
 
 def _abandoned(text: str, age: float) -> bool:
