@@ -71,6 +71,7 @@ print(json.dumps(dict(seen=seen, same=bool(same), reads=pool.reads, peak=pool.pe
 """
 
 
+@pytest.mark.slow  # a child process with torch
 def test_a_many_shard_epoch_under_a_low_file_limit_reads_every_sample_once(tmp_path):
     """The issue's epoch at CI size (300 shards of 2 tiny JPEGs, RLIMIT_NOFILE 64; the 2,000-shard, limit-256 run is
     cmae_ds/data/tools/bench_shards.py --scale): in random order, every sample read exactly once (one pread each), the
@@ -132,6 +133,7 @@ def test_a_file_system_error_stops_naming_the_shard_and_is_never_substituted(pac
     assert '\n' not in msg and f'{out}/shard-0000' in msg and code in msg and getattr(loader, 'num_bad_files', 0) == 0
 
 
+@pytest.mark.slow  # a child process with torch
 def test_the_soft_file_limit_is_raised_to_the_hard_one():
     import resource
 
