@@ -6,7 +6,8 @@ The shards are for data.source=shards data.root=OUT.
     python launch/make_shards.py data/ImageNet data/shards --source json --ann-file meta/ImageNet_train.json
 
 Each shard holds '<key>.jpg' (the original bytes) and '<key>.cls' per image, in the source's order; the index
-(shards.index.npz) sits beside them. A rerun after an interruption writes only the shards that are missing.
+(shards.index.npz) sits beside them. A rerun after an interruption writes only the shards that are missing. The
+shards are plain webdataset tars: webdataset.WebDataset reads them (tests/test_shards_at_scale.py).
 """
 
 import argparse

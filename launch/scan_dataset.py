@@ -6,8 +6,13 @@ Every image is decoded in full, in parallel (truncated or corrupt JPEG, non-imag
 list is for data.source=filelist data.root=ROOT data.ann_file=OUT.
 
 A folder of webdataset shards (data.source=shards) is scanned in place: every shard walked and checksummed (a
-truncated or corrupt one stops with one line naming it and its first bad key), the index rewritten if it is stale,
-every record decoded; the bad records are listed in --report (default ROOT/shards.bad.txt). The pipelines skip them.
+truncated or corrupt one stops with one line naming it and its first bad key), every record decoded, and the index
+rewritten with the undecodable records marked excluded (beside the shards, or in the index cache when ROOT is
+read-only). Every pipeline (dali, torch_gpu, torch) then leaves them out of the epoch, as a clean file list leaves
+out a folder's bad files: each costs one sample, and the epoch's order (so resume) is a function of what is left.
+The bad records are listed in --report (default ROOT/shards.bad.txt); samples without an image, keys that come back
+and extra image members (webdataset's grouping) are counted and printed. A record that goes bad after the scan is
+still substituted by torch and torch_gpu and stops DALI, as a bad file does.
 
     python launch/scan_dataset.py data/ImageNet/train_shards --workers 16
 """
@@ -47,6 +52,8 @@ def main() -> int:
         f'scanned {len(result.good) + len(result.bad)} files in {time.time() - t:.1f}s: {len(result.good)} '
         f'readable -> {clean}; {len(result.bad)} unreadable -> {report}'
     )
+    for note in getattr(result, 'notes', []):
+        print(f'  note: {note}')
     for path, reason in result.bad[:20]:
         print(f'  {path}: {reason}')
     if len(result.bad) > 20:

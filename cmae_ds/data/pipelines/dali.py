@@ -20,11 +20,12 @@ import numpy as np
 import torch
 
 from ...seeds import dali_pipeline_seed
-from ..errors import DataFileError
+from ..errors import DataFileError, ShardError
 from ..sources.shards import ShardSamples, record_bytes
 from ..views import recipe as C
 from ..views.draws import cls_columns, dali_columns, draw_batch
 from ..views.erasing import batch_generator, random_erasing
+from ..views.upload import upload
 from .base import EpochLoader
 from .sampling import ShardPlan
 
@@ -65,21 +66,48 @@ class DrawFeed:
 
 class RecordFeed:
     """External source of the shard graph: iteration i -> (image bytes, dataset index) of batch i's samples, read by
-    index (pread) in `threads` threads. Padded, and repeated past the end, like DrawFeed."""
+    index (pread) in `threads` threads. Padded, and repeated past the end, like DrawFeed.
 
-    def __init__(self, samples: ShardSamples, indices: list[int], batch_size: int, threads: int):
-        self.samples, self.indices, self.batch_size = samples, indices, batch_size
+    The reads run ahead of DALI: when batch i is asked for, batches i+1..i+depth are already being read in the
+    pool, so the training thread that drives DALI's non-parallel external source only hands over bytes that are
+    there. A ShardError of a read (the file system's, never an image's) is kept in `error` for the loader to raise
+    as it is."""
+
+    def __init__(self, samples: ShardSamples, indices: list[int], batch_size: int, threads: int, depth: int = 3):
+        self.samples, self.indices, self.batch_size, self.depth = samples, indices, batch_size, depth
         self.pool = ThreadPoolExecutor(max(1, threads))
+        self.last = (len(indices) - 1) // batch_size
+        self.ahead: dict[int, list] = {}
+        self.error: Exception | None = None
+
+    def _batch(self, i: int) -> list[int]:
+        b = self.batch_size
+        idx = self.indices[i * b : (i + 1) * b]
+        return idx + [idx[-1]] * (b - len(idx))
+
+    def _read(self, k: int) -> np.ndarray:
+        return np.frombuffer(self.samples.read(k), dtype=np.uint8)
+
+    def _submit(self, i: int) -> None:
+        if i <= self.last and i not in self.ahead:
+            self.ahead[i] = [self.pool.submit(self._read, k) for k in self._batch(i)]
 
     def __call__(self, info) -> tuple:
-        b = self.batch_size
-        i = min(info.iteration, (len(self.indices) - 1) // b)
-        idx = self.indices[i * b : (i + 1) * b]
-        idx = idx + [idx[-1]] * (b - len(idx))
-        data = list(self.pool.map(lambda k: np.frombuffer(self.samples.read(k), dtype=np.uint8), idx))
-        return data, [np.array([k], dtype=np.int32) for k in idx]
+        i = min(info.iteration, self.last)
+        for j in range(i, i + self.depth + 1):
+            self._submit(j)
+        futures = self.ahead.pop(i) if i < self.last else self.ahead[i]  # the last one is repeated past the end
+        try:
+            data = [f.result() for f in futures]
+        except ShardError as e:
+            self.error = e
+            raise
+        return data, [np.array([k], dtype=np.int32) for k in self._batch(i)]
 
     def close(self) -> None:
+        for futures in self.ahead.values():
+            for f in futures:
+                f.cancel()
         self.pool.shutdown(wait=True)
 
 
@@ -102,7 +130,8 @@ class DaliLoader(EpochLoader):
         super().__init__(plan, device)
         self.samples, self.mode, self.debug, self.erase, self.extra = samples, mode, debug, erase, master_extra
         self.paths = [p for p, _ in samples]
-        self.labels = torch.tensor([lab for _, lab in samples], dtype=torch.int64)
+        shards = isinstance(samples, ShardSamples)  # its labels without a name string per sample
+        self.labels = torch.as_tensor(samples.labels if shards else [lab for _, lab in samples], dtype=torch.int64)
         self.dali_device = 'gpu' if self.device.type == 'cuda' else 'cpu'
         self.name = f'dali-{self.dali_device}'
         self.num_threads = max(1, num_threads)
@@ -174,6 +203,8 @@ class DaliLoader(EpochLoader):
                 except StopIteration:
                     break
                 except Exception as e:  # noqa: BLE001 - DALI raises plain RuntimeError; name the file instead
+                    if shards and files.error is not None:  # the file system, not an image: no decode error
+                        raise files.error from None
                     raise self._file_error(e, batches[b - start_batch : b - start_batch + 3]) from e
                 yield self._finish(raw, valid, epoch, b)
         finally:
@@ -188,10 +219,11 @@ class DaliLoader(EpochLoader):
             out['img_target'] = raw['img_target'].to(self.device)
         elif self.erase:
             random_erasing(out['img'], batch_generator(self.plan.seed, epoch, self.plan.rank, b))
-        out['index'] = index.to(self.device)
+        # The index comes out of the CPU stage (the shard feed's, or the reader's labels): pinned, not a blocking copy.
+        out['index'] = upload(index, self.device)
         if self.mode != 'pretrain':
-            out['label'] = self.labels[index.cpu()].to(self.device)
-            out['valid'] = torch.from_numpy(valid.copy()).to(self.device)
+            out['label'] = upload(self.labels[index.cpu()], self.device)
+            out['valid'] = upload(valid.copy(), self.device)
         if self.debug and self.mode == 'pretrain':
             out['debug'] = {
                 k: raw[k].reshape(len(index), -1).squeeze(1).cpu().to(C.DEBUG_DTYPES[k]) for k in C.DEBUG_KEYS

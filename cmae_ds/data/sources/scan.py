@@ -44,6 +44,7 @@ class ScanResult:
     good: list[Sample] = field(default_factory=list)
     bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     report: str = ''
+    notes: list[str] = field(default_factory=list)  # shards: samples without an image, repeated keys
 
 
 def scan_samples(samples: list[Sample], workers: int = 1, chunksize: int = 64) -> ScanResult:
@@ -80,38 +81,49 @@ def make_annotations(root: str, out: str, prefix: str = '') -> int:
 
 
 def _check_shard_records(path: str, records: list[tuple[str, int, int]]) -> list[Optional[str]]:
-    with open(path, 'rb') as f:
-        return [check_bytes(os.pread(f.fileno(), size, offset)) for _, offset, size in records]
+    """One reason (or None) per record; a read the file system refuses stops, naming the shard: it is no verdict
+    on the image."""
+    from .shard_index import ShardError
+
+    try:
+        with open(path, 'rb') as f:
+            return [check_bytes(os.pread(f.fileno(), size, offset)) for _, offset, size in records]
+    except OSError as e:
+        raise ShardError(f'{path}: cannot be read ({e.strerror or e})') from None
 
 
 def scan_shards(root: str, workers: int = 1, report: Optional[str] = None) -> ScanResult:
     """Walk every shard in full (a truncated or corrupt one stops with a ShardError naming it and the first bad
-    key), compare with the index (a stale one is rewritten, or cached when root is read-only) and decode every
-    record; bad records, 'shard.tar:member<TAB>reason' a line, go to `report` (default ROOT/shards.bad.txt, or the
-    cache folder when ROOT is read-only). ScanResult.good lists (record, label)."""
-    from .shard_index import cache_dir, index_shards, load_index_file, shard_names, store_index
+    key), decode every record and write the index with the undecodable records marked excluded (Index.excluded:
+    every pipeline then leaves them out), beside the shards or in the cache when ROOT is read-only. The bad records,
+    'shard.tar:member<TAB>reason' a line, go to `report` (default ROOT/shards.bad.txt, or the cache folder).
+    ScanResult.good lists (record, label)."""
+    from .shard_index import cache_dir, index_shards, load_index_file, report_notes, shard_names, shown, store_index
 
     rootp = Path(root)
     names = shard_names(rootp)
     fresh = index_shards(rootp, names, workers)
     old = load_index_file(rootp)
     if old is not None:
-        fresh.meta = old.meta  # make_shards' fingerprint: a rerun of the packing still recognises the folder
-    if old is None or not same_index(old, fresh):
-        where = store_index(fresh, rootp)
-        print(f'{"no" if old is None else "a stale"} index for {root}: written to {where}')
+        fresh.meta = dict(old.meta, notes=fresh.meta['notes'])  # make_shards' fingerprint: a rerun still matches
     result = ScanResult()
     per_shard = [[] for _ in names]
     for i in range(len(fresh)):
-        per_shard[fresh.shard[i]].append((fresh.name[i].decode(), int(fresh.offset[i]), int(fresh.size[i])))
+        per_shard[fresh.shard[i]].append((shown(fresh.name[i]), int(fresh.offset[i]), int(fresh.size[i])))
     paths = [str(rootp / n) for n in names]
     with ProcessPoolExecutor(max(1, workers)) as pool:
-        reasons = list(pool.map(_check_shard_records, paths, per_shard))
-    for s, (recs, why) in enumerate(zip(per_shard, reasons)):
-        for (name, _, _), reason, label in zip(recs, why, fresh.label[fresh.shard == s]):
-            (result.good if reason is None else result.bad).append(
-                (f'{paths[s]}:{name}', int(label)) if reason is None else (f'{paths[s]}:{name}', reason)
-            )
+        reasons = [r for rs in pool.map(_check_shard_records, paths, per_shard) for r in rs]
+    fresh.excluded = np.array([r is not None for r in reasons], dtype=bool)
+    for i, reason in enumerate(reasons):
+        name = f'{paths[fresh.shard[i]]}:{shown(fresh.name[i])}'
+        if reason is None:
+            result.good.append((name, int(fresh.label[i])))
+        else:
+            result.bad.append((name, reason))
+    if old is None or not same_index(old, fresh):
+        where = store_index(fresh, rootp)
+        print(f'{"no" if old is None else "a stale"} index for {root} (or new exclusions): written to {where}')
+    result.notes = report_notes(rootp, fresh.meta['notes'])
     report = report or str(rootp / 'shards.bad.txt' if os.access(rootp, os.W_OK) else cache_dir() / 'shards.bad.txt')
     Path(report).write_text(''.join(f'{p}\t{r}\n' for p, r in result.bad))
     result.report = report
@@ -122,4 +134,10 @@ def same_index(a, b) -> bool:
     keys = ('name', 'size', 'mtime_ns', 'crc32', 'samples')
     if [[s[k] for k in keys] for s in a.shards] != [[s[k] for k in keys] for s in b.shards]:
         return False
-    return all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ('shard', 'offset', 'size', 'label', 'name'))
+    if not all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ('shard', 'offset', 'size', 'label', 'name')):
+        return False
+    return np.array_equal(_mask(a), _mask(b))
+
+
+def _mask(index) -> np.ndarray:
+    return index.excluded if index.excluded is not None else np.zeros(len(index), bool)

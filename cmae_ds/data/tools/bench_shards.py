@@ -1,6 +1,9 @@
 """Read rate of shards against the same images as a folder of files (docs/data.md, "Shards").
 
     python -m cmae_ds.data.tools.bench_shards --files 20000 --workers 2 [--root DIR] [--json OUT]
+    python -m cmae_ds.data.tools.bench_shards --scale [--shards 2000 --per-shard 100 --limit 256 --ranks 4]
+
+--scale: thousands of shards under a low file limit and the index build per rank (bench_shards_scale.py).
 
 Without --root it writes `--files` small JPEGs (64x48, random content) into an ImageNet-style folder under /tmp,
 packs them with make_shards' code (pack) beside it, and reads every image's bytes once in a random order (the order
@@ -146,7 +149,21 @@ def main(argv=None) -> None:
     ap.add_argument('--root', type=Path, default=None, help='an existing ImageNet-style folder instead')
     ap.add_argument('--dali', action='store_true', help="also DALI's two ways of reading shards")
     ap.add_argument('--json', type=Path, default=None)
+    ap.add_argument('--scale', action='store_true', help='the at-scale run instead (bench_shards_scale.py)')
+    ap.add_argument('--shards', type=int, default=2000)
+    ap.add_argument('--per-shard', type=int, default=100)
+    ap.add_argument('--limit', type=int, default=256, help='RLIMIT_NOFILE of the epoch (--scale)')
+    ap.add_argument('--ranks', type=int, default=4, help='processes building the index at once (--scale)')
+    ap.add_argument('--no-views', action='store_true', help='--scale: reads only, not the torch views')
     args = ap.parse_args(argv)
+    if args.scale:
+        from .bench_shards_scale import run_scale
+
+        with tempfile.TemporaryDirectory(prefix='bench_shards_scale_', dir='/tmp') as tmp:
+            result = run_scale(Path(tmp), args.shards, args.per_shard, args.limit, args.ranks, not args.no_views)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
+        return
     with tempfile.TemporaryDirectory(prefix='bench_shards_', dir='/tmp') as tmp:
         root = args.root or Path(tmp) / 'folder'
         if args.root is None:
