@@ -221,3 +221,26 @@ def test_rank_and_world_without_local_rank_on_the_cpu_or_one_gpu():
     # DeepSpeed looks for MPI where LOCAL_RANK is missing (deepspeed/comm/comm.py, init_distributed): it is set
     assert decide(env, None).env == {'LOCAL_RANK': '0'}
     assert decide(env, 1).env == {'LOCAL_RANK': '0'} and decide(env, 1).device == 0
+
+
+class CudaOfOneGpu:
+    """DeepSpeed's CUDA accelerator as a task bound to one GPU sees it (the CUDA choice, forced on this CPU)."""
+
+    def device_name(self):
+        return 'cuda'
+
+    def device_count(self):
+        return 1
+
+
+def test_setup_sets_local_rank_0_before_deepspeed_reads_it(monkeypatch):
+    from cmae_ds.engine import dist
+
+    monkeypatch.setattr(dist, '_own_env', False)
+    for key in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+        monkeypatch.delenv(key, raising=False)  # restored as they were after the test
+    for key, value in step_task(11, visible='3').items():
+        monkeypatch.setenv(key, value)
+    place = dist._place(CudaOfOneGpu())
+    assert place.device == 0
+    assert [dist.os.environ[k] for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')] == ['11', '32', '0']

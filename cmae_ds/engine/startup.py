@@ -17,8 +17,6 @@ import signal
 import sys
 import threading
 
-from ..cli import EXIT_PREEMPTED
-
 STOPS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
 _active: dict = {}  # 'read', 'write' (the pipe) while start-up lasts
 
@@ -53,10 +51,8 @@ def end() -> None:
 
 
 def exit_code(signum: int) -> int:
-    """What a shell reports for death by the signal; SIGUSR1 (Slurm's warning before the time limit) exits as a
-    stopped run does, so that a requeueing batch script requeues: the last complete checkpoint stays the resume
-    point."""
-    return EXIT_PREEMPTED if signum == signal.SIGUSR1 else 128 + signum
+    """What a shell reports for death by the signal (130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1)."""
+    return 128 + signum
 
 
 def _watch(read: int) -> None:
