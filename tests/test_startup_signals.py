@@ -14,10 +14,10 @@ import time
 import psutil
 import pytest
 
+from cmae_ds.engine import dist, startup
+
 from engine_helpers import ROOT, TINY, env, write_ds
 from helpers import free_port
-
-pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
 
 def waiting_rank0(tmp_path, name):
@@ -44,6 +44,8 @@ def wait_listening(proc, port, timeout=300):
     raise AssertionError('rank 0 never listened for its peer')
 
 
+@pytest.mark.slow
+@pytest.mark.dist
 def test_sigint_and_sigterm_end_a_rank_waiting_for_its_peer(tmp_path):
     procs = {sig: waiting_rank0(tmp_path, sig.name) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig, (proc, port) in procs.items():
@@ -60,3 +62,16 @@ def test_sigint_and_sigterm_end_a_rank_waiting_for_its_peer(tmp_path):
         assert proc.returncode == 128 + sig, (sig.name, proc.returncode, err[-2000:])
         assert f'cmae_ds: {sig.name} during start-up (before the first step): exiting now' in err, err[-2000:]
         assert took < 5, took
+
+
+def test_an_in_process_group_leaves_signals_to_its_caller():
+    """A notebook's or a test's own setup_distributed: once the group exists, Ctrl-C is theirs again (the guard
+    ends with the group's forming; a run's start_run holds it until the first step)."""
+    from run_recorder import one_rank_group
+
+    with one_rank_group():
+        dist.setup_distributed()
+        assert not startup._active
+        previous = signal.set_wakeup_fd(-1)
+        signal.set_wakeup_fd(previous)
+        assert previous == -1

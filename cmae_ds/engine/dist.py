@@ -54,19 +54,23 @@ def setup_distributed(timeout_s: Optional[float] = None) -> DistContext:
     (cmae_ds/engine/placement.py): a launcher's RANK/WORLD_SIZE, a task of an srun step (cmae_ds/engine/slurm.py),
     or one process (`python launch/x.py`, also in an sbatch script's batch step) on a free local port.
     `timeout_s`: how long a collective may wait for a peer before it fails (None: torch's default).
-    A stop signal before the first step ends the process at once (cmae_ds/engine/startup.py).
+    A stop signal while the group forms ends the process at once (cmae_ds/engine/startup.py).
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    startup.begin()
     accel = get_accelerator()
     backend = accel.communication_backend_name()
     place = _place(accel)
     if not torch.distributed.is_initialized():
-        kw = {} if timeout_s is None else {'timeout': timedelta(seconds=timeout_s)}
-        _init_on_restart_store(backend, kw.get('timeout'))
-        deepspeed.init_distributed(dist_backend=backend, **kw)
+        began = startup.begin()  # a run's start_run has begun it already, and ends it at the first step
+        try:
+            kw = {} if timeout_s is None else {'timeout': timedelta(seconds=timeout_s)}
+            _init_on_restart_store(backend, kw.get('timeout'))
+            deepspeed.init_distributed(dist_backend=backend, **kw)
+        finally:
+            if began:  # a notebook's or a test's Ctrl-C after this is theirs again
+                startup.end()
         atexit.unregister(_destroy_gloo_group)  # once per process, however often a group is set up
         atexit.register(_destroy_gloo_group)
         _unlink_shm_names()

@@ -21,23 +21,25 @@ STOPS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
 _active: dict = {}  # 'read', 'write' (the pipe) while start-up lasts
 
 
-def begin() -> None:
-    """From here until `end()`, SIGINT, SIGTERM or SIGUSR1 end the process. Main thread only (else a no-op), once."""
+def begin() -> bool:
+    """From here until `end()`, SIGINT, SIGTERM or SIGUSR1 end the process. Main thread only, once: True when this
+    call began it (the caller that began it ends it)."""
     if _active or threading.current_thread() is not threading.main_thread():
-        return
+        return False
     read, write = os.pipe()
     os.set_blocking(write, False)
     try:
         previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
     except ValueError:
         os.close(read), os.close(write)
-        return
+        return False
     if previous != -1:  # someone else's (an event loop): theirs stays
         signal.set_wakeup_fd(previous)
         os.close(read), os.close(write)
-        return
+        return False
     _active.update(read=read, write=write)
     threading.Thread(target=_watch, args=(read,), name='cmae-startup-signals', daemon=True).start()
+    return True
 
 
 def end() -> None:
