@@ -188,6 +188,15 @@ def deepspeed_rank(rank, node_rank=0, nodes=2, slots=8):
     }
 
 
+def test_launcher_ranks_sharing_one_gpu_stop_in_one_line():
+    env = torchrun_worker(3, nodes=1, CUDA_VISIBLE_DEVICES='0')
+    with pytest.raises(ConfigError, match='LOCAL_WORLD_SIZE=8 ranks on this node but 1 GPU') as e:
+        decide(env, gpus(env))
+    assert '\n' not in str(e.value)
+    with pytest.raises(ConfigError, match='LOCAL_SIZE=8 ranks on this node but 4 GPU'):
+        decide({**deepspeed_rank(3), 'CUDA_VISIBLE_DEVICES': '0,1,2,3'}, 4)
+
+
 def test_deepspeed_with_a_hostfile_keeps_its_settings():
     env = deepspeed_rank(13, node_rank=1)
     p = decide(env, gpus(env))

@@ -50,6 +50,8 @@ def decide(env: Mapping[str, str], gpus: Optional[int]) -> Placement:
         launcher = 'sbatch' if slurm.in_batch_step(env) else 'python'
         rank, world, local = 0, 1, 0
         out = {'RANK': '0', 'WORLD_SIZE': '1', 'LOCAL_RANK': '0', 'MASTER_ADDR': '127.0.0.1'}
+    if launcher == 'launcher':
+        _enough_gpus(env, gpus)
     device = _device(local, gpus, env)
     if device is not None and device != local:
         out['LOCAL_RANK'] = str(device)
@@ -78,6 +80,16 @@ def _int(env: Mapping[str, str], key: str) -> int:
         return int(env[key])
     except ValueError:
         raise ConfigError(f'{key}={env[key]!r} is not an integer') from None
+
+
+def _enough_gpus(env: Mapping[str, str], gpus: Optional[int]) -> None:
+    """A launcher's ranks of one node all see the same devices: more ranks than GPUs would share one."""
+    key = 'LOCAL_WORLD_SIZE' if 'LOCAL_WORLD_SIZE' in env else 'LOCAL_SIZE'  # torchrun's, deepspeed's
+    if gpus and key in env and _int(env, key) > gpus:
+        raise ConfigError(
+            f'{key}={env[key]} ranks on this node but {gpus} GPU(s) visible (CUDA_VISIBLE_DEVICES='
+            f'{env.get("CUDA_VISIBLE_DEVICES", "unset")}): start at most {gpus} per node (--nproc_per_node, --num_gpus)'
+        )
 
 
 def _device(local: int, gpus: Optional[int], env: Mapping[str, str]) -> Optional[int]:
