@@ -48,20 +48,28 @@ def wait_listening(proc, port, timeout=300):
 @pytest.mark.dist
 def test_sigint_and_sigterm_end_a_rank_waiting_for_its_peer(tmp_path):
     procs = {sig: waiting_rank0(tmp_path, sig.name) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig, (proc, port) in procs.items():
-        wait_listening(proc, port)
-        time.sleep(1)  # well inside the wait
-        sent = time.monotonic()
-        proc.send_signal(sig)
-        try:
-            _, err = proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise AssertionError(f'{sig.name}: still waiting 10 s after the signal') from None
-        took = time.monotonic() - sent
-        assert proc.returncode == 128 + sig, (sig.name, proc.returncode, err[-2000:])
-        assert f'cmae_ds: {sig.name} during start-up (before the first step): exiting now' in err, err[-2000:]
-        assert took < 5, took
+    try:
+        for sig, (proc, port) in procs.items():
+            signal_ends_it(proc, port, sig)
+    finally:
+        for proc, _ in procs.values():
+            proc.kill() if proc.poll() is None else None
+
+
+def signal_ends_it(proc, port, sig):
+    wait_listening(proc, port)
+    time.sleep(1)  # well inside the wait
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f'{sig.name}: still waiting 10 s after the signal') from None
+    took = time.monotonic() - sent
+    assert proc.returncode == 128 + sig, (sig.name, proc.returncode, err[-2000:])
+    assert f'cmae_ds: {sig.name} during start-up (before the first step): exiting now' in err, err[-2000:]
+    assert took < 5, took
 
 
 def test_an_in_process_group_leaves_signals_to_its_caller():
