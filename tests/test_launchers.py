@@ -125,11 +125,14 @@ def start_slurm_tasks(tmp_path, folder, job: int, attempt: int) -> list[subproce
             for k, v in env().items()
             if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')
         }
-        e.update(
+        e.update(  # a step's task (SchedMD/slurm src/common/env.c, env_array_for_step)
             SLURM_PROCID=str(procid),
             SLURM_LOCALID=str(procid),
             SLURM_NTASKS='2',
+            SLURM_STEP_NUM_TASKS='2',
+            SLURM_STEP_ID='0',
             SLURM_JOB_NODELIST='localhost',
+            SLURM_STEP_NODELIST='localhost',
             SLURM_JOB_ID=str(job),
         )
         log = open(tmp_path / f'task{procid}.{attempt}.log', 'w')

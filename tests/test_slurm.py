@@ -1,5 +1,7 @@
 """Tasks started by srun without a launcher: Slurm's compressed host lists and the torch.distributed environment
-derived from a task's Slurm variables (cmae_ds/engine/slurm.py)."""
+derived from a task's Slurm variables (cmae_ds/engine/slurm.py). A task of a step carries SLURM_STEP_NUM_TASKS and
+SLURM_STEP_NODELIST (SchedMD/slurm src/common/env.c, `env_array_for_step`); tests/test_placement.py holds the
+batch step, salloc, heterogeneous steps and the launchers."""
 
 import pytest
 
@@ -45,8 +47,11 @@ def task(procid, **extra):
     env = {
         'SLURM_PROCID': str(procid),
         'SLURM_NTASKS': '8',
+        'SLURM_STEP_NUM_TASKS': '8',
+        'SLURM_STEP_ID': '0',
         'SLURM_LOCALID': str(procid % 4),
         'SLURM_JOB_NODELIST': 'gpu-a[001-002]',
+        'SLURM_STEP_NODELIST': 'gpu-a[001-002]',
         'SLURM_JOB_ID': '4242917',
     }
     return {**env, **extra}
@@ -64,7 +69,8 @@ def test_a_task_gets_rank_world_master_and_a_port_of_its_job(monkeypatch):
     assert other_job['MASTER_PORT'] != derived[0]['MASTER_PORT']
 
 
-def test_a_step_uses_its_own_tasks_and_nodes():
+def test_a_step_uses_its_own_tasks_and_nodes(monkeypatch):
+    monkeypatch.setattr(slurm.shutil, 'which', lambda _: None)
     env = task(1, SLURM_STEP_NUM_TASKS='2', SLURM_STEP_NODELIST='gpu-a002')
     assert slurm_env(env) == {
         'RANK': '1',
@@ -79,8 +85,10 @@ def test_only_task_0_takes_the_run_lock(monkeypatch):
     """The lock is taken before the process group exists: from SLURM_PROCID where no launcher set RANK."""
     from cmae_ds.engine.guards import run_lock
 
-    for env, first in ((task(0), True), (task(1), False), (task(1, RANK='0'), True), ({}, True)):
-        for key in ('RANK', 'WORLD_SIZE', 'SLURM_PROCID'):
+    batch_step = {k: v for k, v in task(0).items() if not k.startswith('SLURM_STEP')}
+    cases = ((task(0), True), (task(1), False), (task(1, RANK='0'), True), ({}, True), (batch_step, True))
+    for env, first in cases:
+        for key in ('RANK', 'WORLD_SIZE', 'SLURM_PROCID', 'SLURM_STEP_NUM_TASKS'):
             monkeypatch.delenv(key, raising=False)
         for key, value in env.items():
             monkeypatch.setenv(key, value)
@@ -112,8 +120,8 @@ def test_scontrol_is_asked_where_it_exists(monkeypatch):
     'env,match',
     [
         (task(8), 'SLURM_PROCID 8 is outside the 8 tasks'),
-        (task(0, SLURM_NTASKS='eight'), "SLURM_NTASKS='eight'"),
-        ({k: v for k, v in task(0).items() if k != 'SLURM_JOB_NODELIST'}, 'SLURM_JOB_NODELIST is not set'),
+        (task(0, SLURM_STEP_NUM_TASKS='eight'), "SLURM_STEP_NUM_TASKS='eight'"),
+        ({k: v for k, v in task(0).items() if 'NODELIST' not in k}, 'SLURM_STEP_NODELIST is not set'),
         ({k: v for k, v in task(0).items() if k != 'SLURM_JOB_ID'}, 'SLURM_JOB_ID=None'),
     ],
 )

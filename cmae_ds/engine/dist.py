@@ -8,6 +8,7 @@ import gc
 import os
 import signal
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
@@ -16,8 +17,10 @@ from typing import Optional
 
 import torch
 
+from ..config import ConfigError
 from ..data.pipelines.threads import size_torch_threads
-from .slurm import slurm_env
+from . import startup
+from .placement import GROUP_KEYS, Placement, decide
 
 # The signals that ask a run to stop (guards/preemption.py installs their handlers; the teardown holds them).
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -47,52 +50,87 @@ _own_env = False  # whether this process made up its own one-rank environment
 def setup_distributed(timeout_s: Optional[float] = None) -> DistContext:
     """Initialise torch.distributed through DeepSpeed (NCCL on GPUs, gloo on the CPU).
 
-    A plain `python launch/x.py` gets a one-rank group on a free local port, so the same code path runs everywhere;
-    a task `srun` started gets its rank and peers from the Slurm environment (cmae_ds/engine/slurm.py).
+    Rank, world size, local rank and device are decided from the environment before the group exists
+    (cmae_ds/engine/placement.py): a launcher's RANK/WORLD_SIZE, a task of an srun step (cmae_ds/engine/slurm.py),
+    or one process (`python launch/x.py`, also in an sbatch script's batch step) on a free local port.
     `timeout_s`: how long a collective may wait for a peer before it fails (None: torch's default).
+    A stop signal while the group forms ends the process at once (cmae_ds/engine/startup.py).
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    global _own_env
-    derived = slurm_env(os.environ)  # srun without a launcher; None under torchrun and deepspeed
-    if derived is not None:
-        os.environ.update(derived)
-    if _own_env or 'RANK' not in os.environ:  # a fresh port after shutdown_distributed: the old may linger
-        _own_env = True
-        os.environ.update(
-            RANK='0', LOCAL_RANK='0', WORLD_SIZE='1', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(_free_port())
-        )
     accel = get_accelerator()
     backend = accel.communication_backend_name()
+    place = _place(accel)
     if not torch.distributed.is_initialized():
-        kw = {} if timeout_s is None else {'timeout': timedelta(seconds=timeout_s)}
-        _init_on_restart_store(backend, kw.get('timeout'))
-        deepspeed.init_distributed(dist_backend=backend, **kw)
+        began = startup.begin()  # a run's start_run has begun it already, and ends it at the first step
+        try:
+            kw = {} if timeout_s is None else {'timeout': timedelta(seconds=timeout_s)}
+            _init_on_restart_store(backend, kw.get('timeout'))
+            deepspeed.init_distributed(dist_backend=backend, **kw)
+        finally:
+            if began:  # a notebook's or a test's Ctrl-C after this is theirs again
+                startup.end()
         atexit.unregister(_destroy_gloo_group)  # once per process, however often a group is set up
         atexit.register(_destroy_gloo_group)
         _unlink_shm_names()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    local_rank = int(os.environ.get('LOCAL_RANK', 0))
-    if accel.device_name() == 'cuda':
-        # srun --gpus-per-task shows each task its one GPU only
-        index = 0 if accel.device_count() == 1 else local_rank
-        accel.set_device(index)
-        device = torch.device('cuda', index)
+    if place.device is not None:
+        accel.set_device(place.device)
+        device = torch.device('cuda', place.device)
     else:
         device = torch.device('cpu')
     size_torch_threads(device)  # intra-op threads sized to this rank's cores (cmae_ds/data/pipelines/threads.py)
-    return DistContext(rank, world, local_rank, device)
+    return DistContext(rank, world, place.local_rank, device)
+
+
+def _place(accel) -> Placement:
+    """Decide, and set RANK ... LOCAL_RANK as decided (DeepSpeed reads them from the environment)."""
+    global _own_env
+    env = dict(os.environ)
+    if _own_env:  # written by an earlier group of this process: decided afresh, on a fresh port
+        for key in GROUP_KEYS:
+            env.pop(key, None)
+    place = decide(env, accel.device_count() if accel.device_name() == 'cuda' else None)
+    os.environ.update(place.env)
+    if place.own_group:
+        _own_env = True
+        os.environ['MASTER_PORT'] = str(_free_port())
+        tasks = os.environ.get('SLURM_NTASKS', '1')
+        if place.launcher == 'sbatch' and tasks != '1':
+            print(
+                f'cmae_ds: the batch step of Slurm job {os.environ.get("SLURM_JOB_ID")}: one process; '
+                f"`srun python ...` runs the job's {tasks} tasks",
+                file=sys.stderr,
+                flush=True,
+            )
+    return place
 
 
 def _init_on_restart_store(backend: str, timeout: Optional[timedelta]) -> None:
     """Under torchrun the ranks meet in the agent's store, which outlives a restart (--max-restarts): the group's
     keys of the failed attempt were still there, the new ranks read their peers' old addresses and failed to
     connect (gloo: 'connectFullMesh failed ... Connection refused'; seen here on every restart, torch 2.14, static
-    and c10d rendezvous). Each attempt meets under its own prefix instead. DeepSpeed takes the group as it is."""
+    and c10d rendezvous). On one node each attempt meets under its own prefix instead. DeepSpeed takes the group
+    as it is.
+
+    Over several nodes no prefix can serve: TORCHELASTIC_RESTART_COUNT is each agent's own count, raised when its
+    workers failed and not when it restarts them because another node waits (torch/distributed/elastic/agent/server/
+    api.py, `_invoke_run`), so the nodes of one restart can wait under different prefixes until the timeout.
+    Without the shared store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, the agents' environment) rank 0 serves a new
+    store on a new port at every rendezvous round (torch/distributed/elastic/rendezvous/dynamic_rendezvous.py) and no
+    old key is left to read."""
     attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT')
     if attempt is None or os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True':
         return
+    nodes = int(os.environ.get('GROUP_WORLD_SIZE', '1'))
+    restarts = int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', '0'))
+    if nodes > 1 and restarts > 0:
+        raise ConfigError(
+            f'torchrun over {nodes} nodes with --max-restarts {restarts} and the shared rendezvous store: the nodes '
+            'of a restart cannot agree on it; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node and use '
+            '--rdzv-backend c10d'
+        )
     rank, world = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
     timeout = timeout or timedelta(minutes=30)
     agent = torch.distributed.TCPStore(
@@ -141,8 +179,6 @@ def shutdown_distributed() -> None:
 def _forget_deepspeed_groups() -> None:
     """DeepSpeed keeps the world group it cloned (and the groups made from it) in module globals: after the groups
     are destroyed, the next engine of this process found them there and failed ('Group ... is not registered')."""
-    import sys
-
     groups = sys.modules.get('deepspeed.utils.groups')
     if groups is None:
         return

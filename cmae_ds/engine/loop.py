@@ -24,6 +24,7 @@ from ..errors import Preempted
 from ..kernels import configure as configure_kernels
 from ..modelfiles.safe_load import scan_folder
 from ..storage.atomic_write import atomic_write_text
+from . import startup
 from .checkpoints.store import Checkpointer, select_resume_tag
 from .checkpoints.store import tag_for as checkpoint_tag
 from .dist import DistContext, setup_distributed
@@ -106,11 +107,13 @@ def start_run(
     checkpoint, and rank 0 holds its lock (run_lock) until the run ends. Signals are caught from here on, restored
     on leaving."""
     stop = StopRequests().install()
+    startup.begin()  # until the first step, a stop signal ends the process at once
     configure_kernels(**kernels.switches())
     try:
         with run_lock.guard(section.output_dir, take_over=take_over_lock, key=f'{section.section}.output_dir'):
             yield from _started(ds_path, cfg, section, resume, check, trust, stop)
     finally:
+        startup.end()
         stop.restore()
 
 
@@ -162,6 +165,7 @@ class Loop:
 
     def run(self, task: Task, loader) -> None:
         p, last_step, usable = self.progress, self.last_step, self.usable
+        startup.end()  # from here a stop signal is a request for a checkpoint at the next step
         self.guard.plan = getattr(loader, 'plan', None)
         self._set_lr(p.step)
         while p.step < last_step:

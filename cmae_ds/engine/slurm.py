@@ -1,6 +1,13 @@
-"""A job started by `srun` (one task per GPU) without a launcher: the rank, world size, local rank and the master
-address and port that torch.distributed reads, derived from what Slurm sets in every task (SLURM_PROCID,
-SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NODELIST, SLURM_JOB_ID).
+"""A job step started by `srun` (one task per GPU) without a launcher: the rank, world size, local rank and the
+master address and port that torch.distributed reads, derived from what Slurm sets in every task of a step.
+
+Slurm's sources tell a step from the batch step (SchedMD/slurm, src/common/env.c): `env_array_for_step` gives a
+step's tasks SLURM_STEP_NUM_TASKS, SLURM_STEP_NODELIST and SLURM_STEP_ID; `env_array_for_batch_job` gives the batch
+script SLURM_NTASKS (the job's task count) and no SLURM_STEP_*; slurmstepd sets SLURM_PROCID and SLURM_LOCALID in
+both (0 in the batch step: src/slurmd/slurmstepd/task.c). A process of the batch step is one process, whatever
+SLURM_NTASKS says: `python launch/x.py` in an sbatch script runs alone, `srun python launch/x.py` runs the job's tasks.
+In a heterogeneous step SLURM_PROCID and SLURM_STEP_NUM_TASKS count the whole step, but SLURM_JOB_ID is each
+component's own id: the port comes from the first component's (SLURM_JOB_ID_HET_GROUP_0).
 
 torchrun and the deepspeed launcher set RANK and WORLD_SIZE themselves: their values are never replaced.
 `deepspeed --launcher slurm` runs the script under srun with MASTER_ADDR and MASTER_PORT exported and no RANK:
@@ -96,28 +103,37 @@ def _int(env: Mapping[str, str], key: str) -> int:
         raise ConfigError(f'{key}={env.get(key)!r}: a Slurm task needs it as an integer') from None
 
 
+def in_step(env: Mapping[str, str]) -> bool:
+    """A task srun started (a job step), not the batch script's process (the batch step)."""
+    return 'SLURM_PROCID' in env and 'SLURM_STEP_NUM_TASKS' in env
+
+
+def in_batch_step(env: Mapping[str, str]) -> bool:
+    return 'SLURM_PROCID' in env and 'SLURM_JOB_ID' in env and 'SLURM_STEP_NUM_TASKS' not in env
+
+
 def slurm_rank(env: Mapping[str, str]) -> Optional[int]:
     """This task's rank when srun started it without a launcher (no RANK/WORLD_SIZE), else None."""
-    if 'RANK' in env or 'WORLD_SIZE' in env or 'SLURM_PROCID' not in env:
+    if 'RANK' in env or 'WORLD_SIZE' in env or not in_step(env):
         return None
     return _int(env, 'SLURM_PROCID')
 
 
 def slurm_env(env: Mapping[str, str]) -> Optional[dict]:
-    """The torch.distributed variables for a task srun started, or None when a launcher has set RANK/WORLD_SIZE or
-    the process is no Slurm task. The task count of the step (srun's own) wins over the job's."""
+    """The torch.distributed variables for a task of an srun step, or None when a launcher has set RANK/WORLD_SIZE
+    or the process is no task of a step (the batch step, salloc's shell, no Slurm)."""
     if slurm_rank(env) is None:
         return None
-    world_key = 'SLURM_STEP_NUM_TASKS' if 'SLURM_STEP_NUM_TASKS' in env else 'SLURM_NTASKS'
-    rank, world = _int(env, 'SLURM_PROCID'), _int(env, world_key)
+    rank, world = _int(env, 'SLURM_PROCID'), _int(env, 'SLURM_STEP_NUM_TASKS')
     if not 0 <= rank < world:
-        raise ConfigError(f'SLURM_PROCID {rank} is outside the {world} tasks of {world_key}')
+        raise ConfigError(f'SLURM_PROCID {rank} is outside the {world} tasks of SLURM_STEP_NUM_TASKS')
     out = {'RANK': str(rank), 'WORLD_SIZE': str(world), 'LOCAL_RANK': str(env.get('SLURM_LOCALID', '0'))}
     if 'MASTER_ADDR' not in env:
         nodelist = env.get('SLURM_STEP_NODELIST') or env.get('SLURM_JOB_NODELIST') or env.get('SLURM_NODELIST')
         if not nodelist:
-            raise ConfigError('SLURM_JOB_NODELIST is not set: cannot tell the master address (set MASTER_ADDR)')
+            raise ConfigError('SLURM_STEP_NODELIST is not set: cannot tell the master address (set MASTER_ADDR)')
         out['MASTER_ADDR'] = first_host(nodelist)
     if 'MASTER_PORT' not in env:
-        out['MASTER_PORT'] = str(PORT_BASE + _int(env, 'SLURM_JOB_ID') % PORT_SPAN)
+        job_key = 'SLURM_JOB_ID_HET_GROUP_0' if 'SLURM_JOB_ID_HET_GROUP_0' in env else 'SLURM_JOB_ID'
+        out['MASTER_PORT'] = str(PORT_BASE + _int(env, job_key) % PORT_SPAN)
     return out

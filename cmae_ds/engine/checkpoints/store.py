@@ -196,8 +196,8 @@ def save(
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
     layout = engine_layout(engine)
-    if is_main and tag_dir.exists():
-        # A folder left at this tag (a run resumed from an older checkpoint, or renumbered by another global batch):
+    if is_main and tag_dir.exists() and not _kept_aside(ckpt_dir, tag, layout):
+        # A folder left at this tag (a run resumed from an older checkpoint, or a partial save):
         # unmarked first, so a crash while it is removed never leaves a "complete" mix of old and new files.
         (tag_dir / MARKER).unlink(missing_ok=True)
         shutil.rmtree(tag_dir, ignore_errors=True)
@@ -217,6 +217,29 @@ def save(
             prune(ckpt_dir, keep_last)
     _stop_if_failed(gather_objects(error), ckpt_dir, tag, is_main)
     return tag_dir
+
+
+def _global_batch(layout: dict) -> int:
+    return layout['world_size'] * layout['micro_batch'] * layout['grad_accum']
+
+
+def _kept_aside(ckpt_dir: Path, tag: str, layout: dict) -> bool:
+    """A complete checkpoint of another global batch at this tag is a good one that a resize renumbered into this
+    run's way (engine/checkpoints/elastic.py), often the one the run resumed from: renamed out of the tag namespace
+    (<tag>.gb<N>, never pruned) instead of overwritten. True when it was moved."""
+    try:
+        saved = read_marker(ckpt_dir, tag).get('layout')
+    except (OSError, ValueError):
+        return False
+    if not saved or _global_batch(saved) == _global_batch(layout):
+        return False
+    aside = ckpt_dir / f'{tag}.gb{_global_batch(saved)}-{time.strftime("%Y%m%d-%H%M%S")}'
+    try:
+        (ckpt_dir / tag).rename(aside)
+    except OSError:
+        return False
+    print(f'cmae_ds: checkpoint {tag} of global batch {_global_batch(saved)} kept as {aside.name}', flush=True)
+    return True
 
 
 def engine_layout(engine) -> dict:

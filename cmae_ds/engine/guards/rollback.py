@@ -31,6 +31,7 @@ from ..checkpoints import store
 from ..checkpoints.verify import MARKER, check_tag
 from ..dist import barrier, gather_objects
 from .divergence import DivergenceDetector, SpikeRule, Verdict
+from .lineage import Lineage
 from .skips import Layout, dataset_indices, first_unskipped, ranges_between
 
 RECORD = 'rollbacks.json'
@@ -76,6 +77,7 @@ class RollbackGuard:
         self._last_n = max((e['n'] for e in state['events']), default=0)
         if self.on:
             self._merge_recorded()
+            self.lineage = self._lineage()
 
     @property
     def path(self) -> Path:
@@ -176,11 +178,16 @@ class RollbackGuard:
             self.logger.writer.add_scalar('rollback/skipped_images', skipped, event.step)
         return True
 
+    def _lineage(self) -> Lineage:
+        """The checkpoints this run started with, as rank 0 read them (collective): every rank judges the same."""
+        found = Lineage.at_start(self.start.ckpt_dir, self.start.tag) if self._main else None
+        return gather_objects(found)[0]
+
     def _target(self, first_step: int) -> Optional[str]:
-        """The newest complete checkpoint written before `first_step` that verifies (collective)."""
+        """The newest checkpoint written before the event that verifies (collective): the resumed one and those
+        before it, or one of this run's own saved before `first_step` (guards/lineage.py: write order, not tags)."""
         ckpt_dir = self.start.ckpt_dir
-        before = [tag for tag in store.complete_tags(ckpt_dir) if store.read_marker(ckpt_dir, tag)['step'] < first_step]
-        for tag in reversed(before):
+        for tag in reversed(self.lineage.before(first_step)):
             problem = check_tag(ckpt_dir, tag, self._say)
             if problem is None:
                 return tag
@@ -188,14 +195,14 @@ class RollbackGuard:
         return None
 
     def _drop_after(self, tag: str, first_step: int) -> None:
-        """Checkpoints written at or after the event's first step hold the diverged weights: not resume points;
-        `latest` names the one rolled back to (a crash from here on resumes from it). Collective."""
+        """This run's checkpoints written at or after the event's first step hold the diverged weights: not resume
+        points; the resumed one and every one before this run stay. `latest` names the one rolled back to (a crash
+        from here on resumes from it). Collective."""
         ckpt_dir = self.start.ckpt_dir
         if self._main:
-            for other in store.complete_tags(ckpt_dir):
-                if store.read_marker(ckpt_dir, other)['step'] >= first_step:
-                    (ckpt_dir / other / MARKER).unlink(missing_ok=True)
-                    shutil.rmtree(ckpt_dir / other, ignore_errors=True)
+            for other in self.lineage.after(first_step):
+                (ckpt_dir / other / MARKER).unlink(missing_ok=True)
+                shutil.rmtree(ckpt_dir / other, ignore_errors=True)
         self._point_to(tag)
 
     def _point_to(self, tag: Optional[str]) -> None:
