@@ -4,7 +4,9 @@ generators: the side-stream prefetch of torch_gpu, the benchmark's event timing,
 from __future__ import annotations
 
 import contextlib
+import threading
 
+import pytest
 import torch
 
 from cmae_ds.data.pipelines import torch_gpu as gpu_pipeline
@@ -13,10 +15,11 @@ from cmae_ds.tasks.benchmark import StepTimer, _peak_mem_gib
 
 
 class Recorder:
-    """torch.cuda's Stream, Event, stream() and current_stream() as objects that log what is done with them."""
+    """torch.cuda's Stream, Event, stream(), current_stream(), set_device() and synchronize() as objects that log
+    what is done with them, and on which thread; the current stream is per thread, as CUDA's is."""
 
     def __init__(self):
-        self.log, self.current = [], 'main'
+        self.log, self.local = [], threading.local()
         recorder = self
 
         class Stream:
@@ -24,11 +27,14 @@ class Recorder:
                 self.name = name
 
             def wait_event(self, event):
-                recorder.log.append(('wait', self.name, event.tag))
+                recorder.log.append(('wait', self.name, event.tag, threading.current_thread().name))
+
+            def synchronize(self):
+                recorder.log.append(('stream sync', self.name))
 
         class Event:
             def __init__(self, **kw):
-                self.tag, self.t = None, None
+                self.tag = None
 
             def record(self, stream=None):
                 self.tag = (stream.name if stream is not None else recorder.current, len(recorder.log))
@@ -37,40 +43,64 @@ class Recorder:
         self.Stream, self.Event = Stream, Event
         self.main = Stream('main')
 
+    @property
+    def current(self) -> str:
+        return getattr(self.local, 'stream', 'main')
+
     @contextlib.contextmanager
     def stream(self, s):
-        saved, self.current = self.current, s.name
+        saved, self.local.stream = self.current, s.name
         yield
-        self.current = saved
+        self.local.stream = saved
 
     def install(self, monkeypatch):
         monkeypatch.setattr(torch.cuda, 'Stream', lambda device=None: self.Stream())
         monkeypatch.setattr(torch.cuda, 'Event', self.Event)
         monkeypatch.setattr(torch.cuda, 'stream', self.stream)
         monkeypatch.setattr(torch.cuda, 'current_stream', lambda device=None: self.main)
+        monkeypatch.setattr(torch.cuda, 'set_device', lambda device: self.log.append(('set_device', str(device))))
+        monkeypatch.setattr(torch.cuda, 'synchronize', lambda device=None: self.log.append(('device sync',)))
 
 
-def test_side_stream_builds_the_next_batch_before_handing_over_the_current(monkeypatch):
+def test_producer_thread_builds_the_next_batch_on_its_stream_before_the_current_is_handed_over(monkeypatch):
     rec = Recorder()
     rec.install(monkeypatch)
+    main_thread = threading.current_thread().name
 
-    def batches():
-        for b in range(3):
-            rec.log.append(('make', b, rec.current))
-            yield {'b': b, 'img': torch.zeros(1)}
+    def make(b):
+        rec.log.append(('make', b, rec.current, threading.current_thread().name))
+        return {'b': b, 'img': torch.zeros(1)}
 
-    for out in gpu_pipeline.one_ahead_on_side_stream(batches(), torch.device('cuda')):
+    for out in gpu_pipeline.produce_ahead(((b,) for b in range(3)), make, torch.device('cuda')):
         rec.log.append(('use', out['b']))
     log = rec.log
-    assert [e for e in log if e[0] == 'make'] == [('make', b, 'side') for b in range(3)]  # all on the side stream
+    made = [e for e in log if e[0] == 'make']
+    assert [e[:3] for e in made] == [('make', b, 'side') for b in range(3)]  # all on the producer's stream
+    assert all(e[3] != main_thread for e in made)  # ... and off the training thread
+    assert not [e for e in log if 'sync' in e[0]]  # no host wait anywhere
     for b in range(3):
         use = log.index(('use', b))
-        if b < 2:
-            assert log.index(('make', b + 1, 'side')) < use  # b + 1 is queued before b is handed over
         waits = [i for i, e in enumerate(log[:use]) if e[0] == 'wait']
-        assert len(waits) == b + 1 and log[waits[-1]][1] == 'main'  # the main stream waits for b's event first
-        made = log.index(('make', b, 'side'))
-        assert log[waits[-1]][2][1] > made  # ... an event recorded after batch b was queued
+        assert len(waits) == b + 1 and log[waits[-1]][1] == 'main' and log[waits[-1]][3] == main_thread
+        assert log[waits[-1]][2][1] > log.index(made[b])  # the main stream waits for an event recorded after b
+
+
+def test_producer_thread_works_ahead_and_passes_errors_to_the_training_thread():
+    """On the CPU too (the same code path): batch b + 1 is being made while b is used, and an exception in the
+    producer reaches the caller."""
+    started = [threading.Event() for _ in range(3)]
+
+    def make(b):
+        started[b].set()
+        if b == 2:
+            raise ValueError('bad batch 2')
+        return b
+
+    got = gpu_pipeline.produce_ahead(((b,) for b in range(3)), make, torch.device('cpu'))
+    assert next(got) == 0 and started[1].wait(10)  # 1 was queued before 0 was handed over
+    assert next(got) == 1
+    with pytest.raises(ValueError, match='bad batch 2'):
+        next(got)
 
 
 def test_benchmark_times_cuda_steps_with_events_and_one_synchronize(monkeypatch):

@@ -184,3 +184,63 @@ def test_cuda_blur_is_fp32_like_the_cpus():
     want = G.gaussian_blur(x.clone(), blur, sigma)
     got = G.gaussian_blur(x.cuda(), blur, sigma).cpu()
     assert (got - want).abs().max() <= 1 and (got != want).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize('n_in,n_out', [(37, 8), (8, 37), (200, 96), (96, 96), (97, 96), (5, 1)])
+def test_resize_weights_are_torchs_antialiased_bicubic(n_in, n_out):
+    """The matrices of crop_resize against torch's own kernel (F.interpolate, bicubic, antialias), one axis at a
+    time: a row of the weights applied to a signal is the interpolated value."""
+    x = torch.rand((1, 1, 3, n_in), generator=torch.Generator().manual_seed(n_in)) * 255
+    want = torch.nn.functional.interpolate(x, size=(3, n_out), mode='bicubic', antialias=True, align_corners=False)
+    got = x @ torch.from_numpy(G.aa_weights(n_in, n_out)).T
+    assert (got - want).abs().max() < 1e-3
+
+
+def _photos(n: int) -> list:
+    from cmae_ds.data.pipelines.torch_gpu import decode_batch, sample_from_bytes
+    from cmae_ds.data.sources.files import embedded_samples
+
+    blobs = [sample_from_bytes(open(p, 'rb').read()) for p, _ in embedded_samples()[:n]]
+    return decode_batch(blobs, torch.device('cpu'))
+
+
+def test_batched_crop_resize_and_flip_are_the_per_crop_interpolate(monkeypatch):
+    """One crop at a time through torch's interpolate (then flipped) is the reference; the batched matmuls agree to
+    the level, but for float ties at a rounding boundary; a batch split to bound memory gives the same views."""
+    imgs = _photos(24)
+    imgs[3] = imgs[3].contiguous()  # the workers' planar layout beside the CPU decoder's interleaved one
+    d = draw_batch(5, 0, np.arange(len(imgs)), 32)
+    boxes = G.boxes_of(d, imgs)
+    got = G.crop_resize(imgs, boxes, 96, d['flip'])
+    for n, (img, (t, l, h, w)) in enumerate(zip(imgs, boxes)):
+        crop = img[None, :, t : t + h, l : l + w].float()
+        want = torch.nn.functional.interpolate(crop, size=(96, 96), mode='bicubic', antialias=True)[0]
+        want = want.clamp(0, 255).round()
+        want = want.flip(-1) if d['flip'][n] else want
+        diff = (got[n] - want).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3, n
+    monkeypatch.setattr(G, 'CHUNK', 3 * 200 * 200)  # a few crops per part
+    assert len(G._chunks(boxes)) > 3
+    assert torch.equal(G.crop_resize(imgs, boxes, 96, d['flip']), got)
+
+
+def test_a_batch_of_views_costs_a_number_of_operators_that_does_not_grow_with_the_batch():
+    """About one kernel per aten operator on CUDA: the pretraining views of 8 and of 32 images run the same number,
+    but for the steps no sample of the smaller batch draws (one interpolate, stack and copy per crop made the
+    count grow by about 9 per image)."""
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    imgs, counts = _photos(32), []
+    for n in (8, 32):
+        d = draw_batch(1, 0, np.arange(n), 32)
+        Count.n = 0
+        with Count():
+            G.cmae_views(imgs[:n], d, 64, 32)
+        counts.append(Count.n)
+    assert counts[1] - counts[0] < 40 and counts[1] < 500, counts

@@ -1,6 +1,7 @@
-"""The torch_gpu pipeline: DataLoader workers read file bytes; the training process decodes the JPEGs of a batch in
-one torchvision.io.decode_jpeg call on `device` (batched nvJPEG on CUDA, libjpeg-turbo on CPU) and makes the views
-with the batched tensor ops of views_gpu, from the shared draws.
+"""The torch_gpu pipeline: DataLoader workers read file bytes; a producer thread of the training process decodes the
+JPEGs of a batch in one torchvision.io.decode_jpeg call on `device` (batched nvJPEG on CUDA, libjpeg-turbo on CPU)
+and makes the views with the batched tensor ops of views/batched.py, from the shared draws, one batch ahead of
+training and on a CUDA stream of its own (produce_ahead).
 
 What nvJPEG should not get is decoded on the CPU and joined to the batch: the workers decode non-JPEG files (PNG,
 ...) and JPEGs that are not 3-component (CMYK, grayscale) with PIL, as the torch pipeline does; a JPEG that
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 import io
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_leaves
 from torch.utils.data import get_worker_info
 
 from ..sources.shards import record_bytes
@@ -160,27 +163,45 @@ def decode_batch(data: list[torch.Tensor], device: torch.device) -> list[Optiona
     return out
 
 
-def one_ahead_on_side_stream(batches: Iterator[dict], device: torch.device) -> Iterator[dict]:
-    """Batch b + 1 is decoded and built on a side stream before batch b is handed over, so its kernels can run
-    beside the model's work on batch b instead of between two steps. The main stream waits for a batch's event
-    only when the batch is handed over; record_stream keeps its memory alive until the main stream is done."""
-    side, main = torch.cuda.Stream(device), torch.cuda.current_stream(device)
-    pending = None
-    while True:
+def produce_ahead(items: Iterator[tuple], make: Callable, device: torch.device) -> Iterator:
+    """make(*item) for batch b + 1 runs on a producer thread while the caller trains on batch b, so decoding and
+    views leave the training thread. On CUDA the producer queues its kernels on a stream of its own and records an
+    event per batch; the training stream waits for that event when the batch is handed over (no host wait, no
+    synchronize), and record_stream keeps the batch's memory, allocated on the producer's stream, alive until the
+    training stream is done with it."""
+    cuda = device.type == 'cuda'
+    side = torch.cuda.Stream(device) if cuda else None
+
+    def run(item: tuple):
+        if not cuda:
+            return make(*item), None
+        torch.cuda.set_device(device)  # the current device is per thread
         with torch.cuda.stream(side):
-            nxt = next(batches, None)
+            made = make(*item)
             ready = torch.cuda.Event()
             ready.record(side)
+        return made, ready
+
+    with ThreadPoolExecutor(1, thread_name_prefix='torch_gpu-views') as pool:
+        pending = None
+        for item in items:
+            queued = pool.submit(run, item)
+            if pending is not None:
+                yield _hand_over(*pending.result(), device)
+            pending = queued
         if pending is not None:
-            out, event = pending
-            main.wait_event(event)
-            for v in out.values():
-                if isinstance(v, torch.Tensor) and v.is_cuda:
-                    v.record_stream(main)
-            yield out
-        if nxt is None:
-            return
-        pending = (nxt, ready)
+            yield _hand_over(*pending.result(), device)
+
+
+def _hand_over(made, ready, device: torch.device):
+    if ready is None:
+        return made
+    main = torch.cuda.current_stream(device)
+    main.wait_event(ready)
+    for t in tree_leaves(made):
+        if isinstance(t, torch.Tensor) and t.is_cuda:
+            t.record_stream(main)
+    return made
 
 
 class GpuLoader(TorchLoader):
@@ -194,15 +215,23 @@ class GpuLoader(TorchLoader):
         self.name = f'torch_gpu-{self.device.type}'
 
     def _iterate(self, epoch: int, start_batch: int) -> Iterator[dict]:
-        batches = super()._iterate(epoch, start_batch)
-        yield from one_ahead_on_side_stream(batches, self.device) if self.device.type == 'cuda' else batches
+        for made in produce_ahead(self._raw(epoch, start_batch), self._make, self.device):
+            yield self._hand_over(*made)
 
-    def _finish(self, raw: dict, valid: np.ndarray, epoch: int, b: int) -> dict:
+    def _make(self, raw: dict, valid: np.ndarray, epoch: int, b: int) -> tuple:
+        """Producer thread: decode, substitutes for unreadable files, views (all but RandAugment)."""
         imgs = decode_batch(unpack(raw), self.device)
         bad = raw['bad'] + self._substitute(imgs, raw)
+        out = self._views(imgs, raw['index'].numpy(), epoch, raw)
+        return out, bad, raw, valid, epoch, b
+
+    def _hand_over(self, out: dict, bad: list, raw: dict, valid: np.ndarray, epoch: int, b: int) -> dict:
+        """Training thread, in batch order. RandAugment runs here: torchvision's draws from the process-global CPU
+        generator (rand_augment), which the training thread uses too, so on another thread the two would
+        interleave and neither stream would be reproducible."""
         self._report_bad(bad)
-        index = raw['index'].numpy()
-        out = self._views(imgs, index, epoch, raw)
+        if 'seeds' in out:
+            out = dict(img=normalize(G.rand_augment(out['img'], out['seeds'])))
         return self._complete(out, raw, valid, epoch, b)
 
     def _substitute(self, imgs: list, raw: dict) -> list[str]:
@@ -233,4 +262,4 @@ class GpuLoader(TorchLoader):
         if ds.mode == 'cls_probe':
             return dict(img=normalize(G.probe_views(imgs, d, ds.size)))
         seeds = [int(sample_rng(seed, epoch, int(i)).integers(2**62)) for i in index]
-        return dict(img=normalize(G.train_views(imgs, d, seeds, ds.size)))
+        return dict(img=G.probe_views(imgs, d, ds.size), seeds=seeds)  # RandAugment: _hand_over

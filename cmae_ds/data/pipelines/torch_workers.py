@@ -109,6 +109,11 @@ class TorchLoader(EpochLoader):
         self._bad_paths: set[str] = set()
 
     def _iterate(self, epoch: int, start_batch: int) -> Iterator[dict]:
+        for raw in self._raw(epoch, start_batch):
+            yield self._finish(*raw)
+
+    def _raw(self, epoch: int, start_batch: int) -> Iterator[tuple]:
+        """(collated batch, valid flags, epoch, batch number) as the DataLoader's workers deliver them."""
         batches = self.plan.batches(epoch, start_batch)
         keys = [[(int(i), epoch) for i in idx] for idx, _ in batches]
         dl = DataLoader(
@@ -120,7 +125,7 @@ class TorchLoader(EpochLoader):
             prefetch_factor=4 if self.num_workers else None,
         )
         for b, (raw, (_, valid)) in enumerate(zip(dl, batches), start_batch):
-            yield self._finish(raw, valid, epoch, b)
+            yield raw, valid, epoch, b
 
     def _finish(self, raw: dict, valid: np.ndarray, epoch: int, b: int) -> dict:
         self._report_bad(raw.pop('bad'))

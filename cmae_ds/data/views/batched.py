@@ -4,10 +4,13 @@ device: the torch_gpu pipeline runs them on CUDA, the test suite on CPU tensors.
 Every random decision comes from draws.py (the arrays of draw_batch, batch first), so a sample is cropped, flipped
 and shifted exactly as by the torch and DALI pipelines. Images enter as a list of uint8 (3, H, W) tensors (sizes
 differ); after the crop-resize everything is master-sized and the rest works on one (N, 3, M, M) float tensor in
-0-255 units, rounded after each op the way the uint8 pipelines quantize. Per-sample selections (who is jittered,
-blurred, ...) are index lists built from the draws on the host and queued to the device from pinned memory
-(upload.py), so nothing here waits on the device; the exceptions are torchvision's RandAugment (fine-tuning: its
-affine ops build their matrices with blocking copies) and a crop too large for the CUDA resize (_bicubic_aa).
+0-255 units, rounded after each op the way the uint8 pipelines quantize. A batch costs a number of operators that
+does not grow with its size (about 200 for the pretraining views: tests/measure_data_ops.py): the crops are
+resized and flipped by two batched matmuls, the target windows cut by one gather, colour jitter is one blend per
+step plus the hue. Per-sample selections (who is jittered, blurred, ...) are built from the draws on the host and
+queued to the device from pinned memory (upload.py), so nothing here waits on the device; the exceptions are
+torchvision's RandAugment (fine-tuning: its affine ops build their matrices with blocking copies) and, in the
+evaluation resize only, a crop too large for the CUDA interpolate kernel (_bicubic_aa).
 """
 
 from __future__ import annotations
@@ -93,12 +96,102 @@ def _bicubic_aa(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=size, mode='bicubic', antialias=True, align_corners=False)
 
 
-def crop_resize(imgs: list[torch.Tensor], boxes, size: int) -> torch.Tensor:
-    """Random-resized-crop: each image's box resized to size x size -> float (N, 3, size, size)."""
-    crops = [img[:, t : t + h, l : l + w] for img, (t, l, h, w) in zip(imgs, boxes)]
-    out = torch.empty((len(crops), 3, size, size), device=imgs[0].device)
-    resize_all(crops, [(size, size)] * len(crops), out)
+def aa_weights(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float32: row i holds the taps of torch's antialiased bicubic resize for output pixel i (Keys'
+    cubic with a = -0.5, support widened by the downscale factor, taps normalized to sum 1), as
+    _compute_indices_min_size_weights_aa computes them (aten/src/ATen/native/UpSample.h)."""
+    scale = float(np.float32(n_in) / np.float32(n_out))  # area_pixel_compute_scale in float32
+    support, inv = (2.0 * scale, 1.0 / scale) if scale >= 1.0 else (2.0, 1.0)
+    center = scale * (np.arange(n_out) + 0.5)
+    lo = np.maximum(np.trunc(center - support + 0.5).astype(np.int64), 0)
+    hi = np.minimum(np.trunc(center + support + 0.5).astype(np.int64), n_in)
+    j = np.arange(n_in)
+    x = np.abs((j[None] - center[:, None] + 0.5) * inv)
+    a = -0.5
+    near, far = ((a + 2) * x - (a + 3)) * x * x + 1, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    w = np.where(x < 1, near, np.where(x < 2, far, 0.0))
+    w = np.where((j[None] >= lo[:, None]) & (j[None] < hi[:, None]), w, 0.0)
+    return (w / w.sum(1, keepdims=True)).astype(np.float32)
+
+
+def _resize_matrices(boxes, size: int, flip: np.ndarray | None, rows: int, cols: int) -> tuple[np.ndarray, ...]:
+    """Per sample, the resize of its crop (h, w) to size x size as two matrices, zero-padded to the batch's
+    largest crop: Wy (N, size, rows), Wx^T (N, cols, size); a flip reverses Wx's output order."""
+    wy = np.zeros((len(boxes), size, rows), np.float32)
+    wxt = np.zeros((len(boxes), cols, size), np.float32)
+    for n, (_, _, h, w) in enumerate(boxes):
+        wy[n, :, :h] = aa_weights(h, size)
+        wx = aa_weights(w, size)
+        wxt[n, :w] = (wx[::-1] if flip is not None and flip[n] else wx).T
+    return wy, wxt
+
+
+def _flat(img: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """uint8 (3, H, W) -> its values in memory order (a view, no copy, for the planar layout of nvJPEG and the
+    workers and the interleaved one of the CPU decoder) and the (channel, row, column) strides into them."""
+    h, w = img.shape[-2:]
+    if img.is_contiguous():
+        return img.reshape(-1), (h * w, w, 1)
+    hwc = img.permute(1, 2, 0)
+    if hwc.is_contiguous():
+        return hwc.reshape(-1), (1, 3 * w, 3)
+    return img.contiguous().reshape(-1), (h * w, w, 1)
+
+
+def _gather_crops(imgs: list[torch.Tensor], boxes, rows: int, cols: int) -> torch.Tensor:
+    """The crops of a batch as one uint8 (N, 3, rows, cols) tensor, padded by repeating each crop's last row and
+    column (their weights are 0): one concatenation and one gather, whatever the number of images."""
+    dev = imgs[0].device
+    flats, strides = zip(*(_flat(img) for img in imgs))
+    box = np.asarray(boxes, np.int64).reshape(-1, 4)
+    start = np.concatenate([[0], np.cumsum([f.numel() for f in flats])[:-1]]).astype(np.int64)
+    per = upload(np.concatenate([start[:, None], np.asarray(strides, np.int64), box], 1), dev)
+    start, sc, sy, sx, top, left, h, w = (per[:, k].view(-1, 1) for k in range(8))
+    y = torch.minimum(torch.arange(rows, device=dev).view(1, -1), h - 1) + top  # (N, rows)
+    x = torch.minimum(torch.arange(cols, device=dev).view(1, -1), w - 1) + left  # (N, cols)
+    channel = torch.arange(3, device=dev).view(1, 3, 1, 1) * sc.view(-1, 1, 1, 1)
+    idx = start.view(-1, 1, 1, 1) + channel + (y * sy).view(-1, 1, rows, 1) + (x * sx).view(-1, 1, 1, cols)
+    return torch.cat(flats)[idx]
+
+
+def crop_resize(imgs: list[torch.Tensor], boxes, size: int, flip: np.ndarray | None = None) -> torch.Tensor:
+    """Random-resized-crop (and the horizontal flip where `flip` says) of a whole batch -> float (N, 3, size, size)
+    in 0-255, rounded and clamped like a uint8 image. The antialiased bicubic resize is separable, so each crop's
+    resize is Wy @ crop @ Wx^T: two batched matmuls over the padded crops instead of one interpolate per crop
+    (the crops differ in shape). A batch is split where padding to its largest crop would exceed CHUNK values."""
+    parts = _chunks(boxes)
+    if len(parts) == 1:
+        return _crop_resize(imgs, boxes, size, flip)
+    out = torch.empty((len(imgs), 3, size, size), device=imgs[0].device)
+    for idx in parts:
+        sub = _crop_resize([imgs[i] for i in idx], [boxes[i] for i in idx], size, None if flip is None else flip[idx])
+        out[upload(idx, out.device)] = sub
     return out
+
+
+def _crop_resize(imgs: list[torch.Tensor], boxes, size: int, flip: np.ndarray | None) -> torch.Tensor:
+    rows, cols = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    wy, wxt = _resize_matrices(boxes, size, flip, rows, cols)
+    crops, dev = _gather_crops(imgs, boxes, rows, cols).float(), imgs[0].device
+    y = upload(wy, dev).unsqueeze(1) @ (crops @ upload(wxt, dev).unsqueeze(1))  # horizontal pass first, as torch
+    return y.clamp_(0, 255).round_()
+
+
+CHUNK = 1 << 26  # padded crop values per matmul batch (256 MB in fp32): bounds memory when one image is huge
+
+
+def _chunks(boxes) -> list[np.ndarray]:
+    """Sample indices in groups whose padded crops stay under CHUNK values, similar sizes together."""
+    order = np.argsort([h * w for _, _, h, w in boxes], kind='stable')
+    parts, start, mh, mw = [], 0, 0, 0
+    for k, i in enumerate(order):
+        h, w = boxes[i][2], boxes[i][3]
+        if k > start and (k + 1 - start) * 3 * max(mh, h) * max(mw, w) > CHUNK:
+            parts.append(order[start:k])
+            start, mh, mw = k, 0, 0
+        mh, mw = max(mh, h), max(mw, w)
+    parts.append(order[start:])
+    return parts if len(parts) > 1 else [np.arange(len(boxes))]
 
 
 def _rows(mask: np.ndarray, device) -> torch.Tensor | None:
@@ -106,16 +199,14 @@ def _rows(mask: np.ndarray, device) -> torch.Tensor | None:
     return upload(idx, device) if len(idx) else None
 
 
-def where_flip(x: torch.Tensor, flip: np.ndarray) -> torch.Tensor:
-    rows = _rows(flip, x.device)
-    if rows is not None:
-        x[rows] = x[rows].flip(-1)
-    return x
-
-
 def windows(master: torch.Tensor, dy: np.ndarray, dx: np.ndarray, size: int) -> torch.Tensor:
-    """(N, 3, M, M) -> (N, 3, size, size): sample n's window at (dy[n], dx[n]), copied in one stack."""
-    return torch.stack([m[:, y : y + size, x : x + size] for m, y, x in zip(master, dy.tolist(), dx.tolist())])
+    """(N, 3, M, M) -> (N, 3, size, size): sample n's window at (dy[n], dx[n]), one gather for the batch."""
+    n, dev = master.shape[0], master.device
+    step = torch.arange(size, device=dev)
+    y = upload(dy, dev).view(-1, 1) + step  # (N, size)
+    x = upload(dx, dev).view(-1, 1) + step
+    rows = torch.arange(n, device=dev).view(-1, 1, 1, 1)
+    return master[rows, torch.arange(3, device=dev).view(1, 3, 1, 1), y.view(n, 1, size, 1), x.view(n, 1, 1, size)]
 
 
 def luma(x: torch.Tensor) -> torch.Tensor:
@@ -124,57 +215,19 @@ def luma(x: torch.Tensor) -> torch.Tensor:
     return (x * w).sum(1, keepdim=True)
 
 
-def _per_sample(f: torch.Tensor) -> torch.Tensor:
-    return f.view(-1, 1, 1, 1)
-
-
-def brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return x * _per_sample(f)
-
-
-def contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    # Blend with the image's mean luma (PIL ImageEnhance.Contrast, torchvision adjust_contrast).
-    mean = luma(x).mean((1, 2, 3), keepdim=True)
-    return _per_sample(f) * x + (1 - _per_sample(f)) * mean
-
-
-def saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return _per_sample(f) * x + (1 - _per_sample(f)) * luma(x)
-
-
-def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) in [0, 1] -> hue, saturation, value (torchvision's tensor formulas, batched)."""
-    r, g, b = x.unbind(1)
-    maxc, minc = x.amax(1), x.amin(1)
-    flat = maxc == minc
-    cr = maxc - minc
-    s = cr / torch.where(flat, torch.ones_like(maxc), maxc)
-    div = torch.where(flat, torch.ones_like(cr), cr)
-    rc, gc, bc = (maxc - r) / div, (maxc - g) / div, (maxc - b) / div
-    hr = (maxc == r) * (bc - gc)
-    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
-    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    return torch.stack((h, s, maxc), 1)
-
-
-def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of rgb_to_hsv: channel c = v - v s clamp(min(k, 4 - k), 0, 1) with k = (n_c + 6 h) mod 6, n = 5, 3, 1
-    (the closed form of the six-sector table, a few elementwise ops)."""
-    h, s, v = x.unbind(1)
-    n = constant((5.0, 3.0, 1.0), x.device, x.dtype).view(1, 3, 1, 1)
-    k = torch.remainder(n + 6.0 * h.unsqueeze(1), 6.0)
-    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return v.unsqueeze(1) - (v * s).unsqueeze(1) * ramp
-
-
 def hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    hsv = rgb_to_hsv(x / 255.0)
-    hsv[:, 0] = torch.remainder(hsv[:, 0] + f.view(-1, 1, 1), 1.0)
-    return hsv_to_rgb(hsv) * 255.0
-
-
-JITTER_OPS = (brightness, contrast, saturation, hue)  # the factor columns and order codes of draw_batch
+    """torchvision's adjust_hue (RGB -> HSV, hue + f mod 1, back) on 0-255 values, in closed form, about 20 ops:
+    with the largest channel m (r before g before b on ties, as torchvision's maxc == r tests), the spread
+    cr = max - min and the hue in sixths h6 = (next - next-but-one) / cr + 2 m, channel c comes back as
+    max - cr clamp(min(k, 4 - k), 0, 1) with k = (n_c + h6 + 6 f) mod 6, n = (5, 3, 1) (the six-sector table;
+    v s = cr). An achromatic pixel (cr = 0) keeps its value."""
+    top, m = x.max(1, keepdim=True)  # the first maximal channel on ties
+    cr = top - x.amin(1, keepdim=True)
+    nxt = x.roll(-1, 1) - x.roll(-2, 1)  # per channel: g - b, b - r, r - g
+    h6 = (nxt.gather(1, m) / cr.clamp(min=1e-6)).add_(m, alpha=2)
+    n = constant((5.0, 3.0, 1.0), x.device, x.dtype).view(1, 3, 1, 1)
+    k = torch.remainder(n + (h6 + 6.0 * f.view(-1, 1, 1, 1)), 6.0)
+    return top - cr * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
 
 
 def _apply(x: torch.Tensor, mask: np.ndarray, op, *args) -> None:
@@ -185,12 +238,22 @@ def _apply(x: torch.Tensor, mask: np.ndarray, op, *args) -> None:
 
 
 def color_jitter(x: torch.Tensor, jitter: np.ndarray, factors: np.ndarray, order: np.ndarray) -> torch.Tensor:
-    """torchvision ColorJitter on the samples that drew it, each sample's four ops in its drawn order: at step k
-    the samples whose k-th op is op j take op j together."""
-    f = upload(factors, x.device, x.dtype)
+    """torchvision ColorJitter on the samples that drew it, each sample's four ops in its drawn order. Brightness,
+    contrast and saturation are one blend f x + (1 - f) T (T = 0, the mean luma, the luma), so at step k every
+    sample takes its k-th op in one pass over the batch: f = 1 (an exact no-op on integer levels) where the op
+    is hue or the sample does not jitter. Hue takes the samples whose k-th op it is."""
+    dev, n = x.device, x.shape[0]
     for k in range(order.shape[1]):
-        for j, op in enumerate(JITTER_OPS):
-            _apply(x, jitter & (order[:, k] == j), op, f[:, j])
+        op = np.where(jitter, order[:, k], -1)
+        f = np.where((op >= 0) & (op <= 2), factors[np.arange(n), np.clip(op, 0, 3)], 1.0)
+        w = np.stack([op == 1, op == 2], 1).astype(np.float32)  # weight of the mean luma, of the luma
+        if (f != 1.0).any():
+            fw = upload(np.concatenate([f[:, None], w], 1).astype(np.float32), dev, x.dtype)
+            fk, wm, wl = (fw[:, j].view(-1, 1, 1, 1) for j in range(3))
+            lum = luma(x)
+            t = wm * lum.mean((1, 2, 3), keepdim=True) + wl * lum
+            x = (fk * x + (1 - fk) * t).clamp_(0, 255).round_()
+        _apply(x, op == 3, hue, upload(factors[:, 3], dev, x.dtype))
     return x
 
 
@@ -228,7 +291,7 @@ def gaussian_blur(x: torch.Tensor, blur: np.ndarray, sigma: np.ndarray) -> torch
 def cmae_views(imgs: list[torch.Tensor], d: dict, size: int, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Spec section 7 for a batch: decoded uint8 (3, H, W) images and their draw_batch arrays -> (online, target),
     float (N, 3, size, size) normalized."""
-    master = where_flip(crop_resize(imgs, boxes_of(d, imgs), size + extra), d['flip'])
+    master = crop_resize(imgs, boxes_of(d, imgs), size + extra, d['flip'])
     online = master[:, :, :size, :size]
     target = windows(master, d['dy'], d['dx'], size)
     target = color_jitter(target, d['jitter'], d['factors'], d['order'])
@@ -254,7 +317,7 @@ def debug_of(d: dict, boxes) -> dict:
 def probe_views(imgs: list[torch.Tensor], d: dict, size: int) -> torch.Tensor:
     """RandomResizedCrop (0.08, 1) bicubic + flip from the draws (drawn with the classification scale) -> float
     (N, 3, S, S) in 0-255, not normalized."""
-    return where_flip(crop_resize(imgs, boxes_of(d, imgs), size), d['flip'])
+    return crop_resize(imgs, boxes_of(d, imgs), size, d['flip'])
 
 
 def eval_views(imgs: list[torch.Tensor], size: int) -> torch.Tensor:
@@ -295,8 +358,3 @@ def rand_augment(x: torch.Tensor, seeds: list[int]) -> torch.Tensor:
             torch.default_generator.manual_seed(s)
             u8[i] = ra(u8[i])
     return u8.float()
-
-
-def train_views(imgs: list[torch.Tensor], d: dict, seeds: list[int], size: int) -> torch.Tensor:
-    """Fine-tuning: the probe's crop and flip, then RandAugment per sample -> float (N, 3, S, S) in 0-255."""
-    return rand_augment(probe_views(imgs, d, size), seeds)
