@@ -81,10 +81,13 @@ class Schedule:
     warmup_start_factor: float
     min_lr: float
 
-    def lr(self, step: int) -> float:
+    def lr(self, step: int, scale: float = 1.0) -> float:
+        """The rate of a parameter group whose peak is `scale` x the peak (layer-wise decay in fine-tuning). The
+        cosine's floor `min_lr` is the same for every group, as mmengine's CosineAnnealingLR `eta_min` (the official
+        fine-tuning config), not `min_lr * scale` (MAE's lr_sched)."""
         return lr_at(
             step,
-            base_lr=self.peak_lr,
+            base_lr=self.peak_lr * scale,
             total_steps=self.total_steps,
             warmup_steps=self.warmup_steps,
             warmup_start_factor=self.warmup_start_factor,
