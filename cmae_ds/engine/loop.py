@@ -190,7 +190,7 @@ class Loop:
                     break
 
     def _set_lr(self, step: int) -> None:
-        set_lr(self.engine.optimizer, self.schedule.lr(step) * self.guard.lr_factor(step))
+        set_lr(self.engine.optimizer, self.schedule, step, self.guard.lr_factor(step))
 
     def _after_step(self, task: Task, batch: dict, out: dict, epoch_done: bool, final: bool) -> bool:
         """True when the step was rolled back: the progress moved and the data starts elsewhere."""

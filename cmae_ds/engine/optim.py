@@ -57,10 +57,10 @@ def undo_initial_step(engine) -> None:
     optimizer.optimizer.state.clear()
 
 
-def set_lr(optimizer, lr: float) -> None:
-    """The step's learning rate, times each group's 'lr_scale' (layer-wise decay in fine-tuning)."""
+def set_lr(optimizer, schedule, step: int, factor: float = 1.0) -> None:
+    """Each group's rate at `step`: `schedule.lr(step, lr_scale)` (its own peak, the common floor), times `factor`."""
     for group in optimizer.param_groups:
-        group['lr'] = lr * group.get('lr_scale', 1.0)
+        group['lr'] = schedule.lr(step, group.get('lr_scale', 1.0)) * factor
 
 
 def probe_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
