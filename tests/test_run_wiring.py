@@ -22,9 +22,10 @@ STEPS, WARMUP = 8, 2
 
 
 def expected_lr(k: int, peak: float = PEAK, total: int = STEPS, warmup: int = WARMUP) -> float:
-    """The lr of the k-th optimizer step (0-based), written out: linear warm-up from 0.1 x peak, then the cosine."""
+    """The lr of the k-th optimizer step (0-based), written out: linear warm-up from 0.1 x peak to the peak at step
+    warmup - 1 (mmengine's LinearLR), then the cosine."""
     if k < warmup:
-        return peak * (0.1 + 0.9 * k / warmup)
+        return peak * (0.1 + 0.9 * k / (warmup - 1))
     return 0.5 * peak * (1 + math.cos(math.pi * (k - warmup) / (total - warmup)))
 
 
@@ -63,7 +64,7 @@ def test_each_group_steps_with_the_scheduled_lr_through_warmup_and_cosine(straig
         assert len(groups) == 2  # decay and no decay
         for lr in groups:
             assert lr == pytest.approx(expected_lr(k), rel=1e-12, abs=1e-15), (k, groups)
-    assert rec.lrs[0][0] == pytest.approx(PEAK * 0.1) and rec.lrs[2][0] == pytest.approx(PEAK)
+    assert rec.lrs[0][0] == pytest.approx(PEAK * 0.1) and rec.lrs[1][0] == pytest.approx(PEAK)
 
 
 def test_the_ema_applies_the_scheduled_momentum_after_every_step(straight):

@@ -29,25 +29,34 @@ def lr_at(
     warmup_start_factor: float = 1e-4,
     min_lr: float = 0.0,
 ) -> float:
-    """Learning rate at optimizer step `step`: linear warmup, then cosine decay (per iteration).
+    """Learning rate at optimizer step `step`: linear warmup, then cosine decay (per iteration), as mmengine's
+    LinearLR followed by CosineAnnealingLR, both with `convert_to_iter_based=True` (the official config).
 
-    - `0 <= step < warmup_steps`: linear from `warmup_start_factor * base_lr` (at step 0) towards `base_lr`
-      (reached at step `warmup_steps`), as mmengine's LinearLR with `convert_to_iter_based=True`.
-    - `warmup_steps <= step <= total_steps`: half a cosine from `base_lr` down to `min_lr`.
+    - `0 <= step < warmup_steps`: linear from `warmup_start_factor * base_lr` (at step 0) to `base_lr`, reached at
+      step `warmup_steps - 1`: LinearLR sets `total_iters = end - begin - 1`
+      (mmengine/optim/scheduler/param_scheduler.py, LinearParamScheduler).
+    - `warmup_steps <= step <= total_steps`: half a cosine from the warmup's last value down to `min_lr`, so the
+      peak is held for two steps (`warmup_steps - 1` and `warmup_steps`) as in mmengine.
+    - `warmup_steps == 1`: LinearLR's `total_iters` is 0 and it never raises the rate, so step 0 is
+      `warmup_start_factor * base_lr` and the chained cosine decays from that value, not from `base_lr` (mmengine's
+      behaviour, kept so that a one-step warmup trains as the official code does).
     - `step >= total_steps`: `min_lr` (a run that goes past its planned length does not climb back up the cosine).
     - `warmup_steps == 0`: no warmup, the cosine starts at `base_lr` at step 0.
     - `warmup_steps >= total_steps`: warmup only; the rate holds at `base_lr` from `warmup_steps` on (there is no
       room left for a decay, and dropping to `min_lr` at the end of warmup would be a surprise).
     """
     _check_steps(step, total_steps, warmup_steps)
+    start = warmup_start_factor * base_lr
     if step < warmup_steps:
-        frac = step / warmup_steps
-        return base_lr * (warmup_start_factor + (1.0 - warmup_start_factor) * frac)
+        if warmup_steps == 1:
+            return start
+        return start + (base_lr - start) * (step / (warmup_steps - 1))
+    peak = start if warmup_steps == 1 else base_lr
     decay_steps = total_steps - warmup_steps
     if decay_steps <= 0:
-        return base_lr
+        return peak
     progress = min(1.0, (step - warmup_steps) / decay_steps)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def momentum_at(step: int, *, total_steps: int, m_base: float, m_end: float) -> float:
