@@ -22,6 +22,7 @@ from run_recorder import one_rank_group
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / 'fixtures' / 'official_trajectory'
+LOSS_KEYS = ('loss', 'loss_rec', 'loss_con')
 CALM = 1e-3  # tensors whose own noise floor is above this are rounding noise amplified by Adam (see the script)
 
 
@@ -130,7 +131,7 @@ def replay(fx: dict, tmp: Path, monkeypatch, precision: str = 'fp32', extra: tup
     def observer(step, engine, model):
         if step == 0:
             model.register_forward_hook(
-                lambda _m, _a, out: rec.losses.append({k: float(out[k]) for k in ('loss', 'loss_rec', 'loss_con')})
+                lambda _m, _a, out: rec.losses.append({k: float(out[k].detach()) for k in LOSS_KEYS if k in out})
             )
             inner = getattr(engine.optimizer, 'optimizer', engine.optimizer)
             inner.register_step_pre_hook(lambda opt, _a, _k: rec.lrs.append([g['lr'] for g in opt.param_groups]))
@@ -189,3 +190,17 @@ def tensor_gaps(ours: dict, fx: dict, part: str) -> dict:
         assert name in ours, f'{name} missing from our {part}'
         out[name] = (rel(ours[name], ref), floors[name])
     return out
+
+
+def global_gap(ours: dict, fx: dict, part: str = 'final') -> float:
+    """One relative distance over every calm tensor laid end to end: the measure for bf16, where a bias that
+    started at zero makes any per-tensor relative distance large."""
+    theirs = official_as_ours(fx[part])
+    floors = official_as_ours(fx['noise_floor'][part])
+    names = [n for n, t in theirs.items() if t.is_floating_point() and floors[n] < CALM]
+    return rel(torch.cat([ours[n].reshape(-1) for n in names]), torch.cat([theirs[n].reshape(-1) for n in names]))
+
+
+def loss_gaps(rep: Replay, fx: dict) -> list:
+    """Per step, the relative distance of the total loss."""
+    return [abs(a['loss'] - b['loss']) / abs(b['loss']) for a, b in zip(rep.losses, fx['losses'])]
