@@ -47,7 +47,7 @@ def test_replays_the_official_trajectory(mode, tmp_path, monkeypatch):
     """Measured 2026-12-06 (this CPU, loaded): CMAE within 1.9x the floor (loss 2.5e-6 against 2.2e-6), MAE within
     1.3x. Planted back one at a time, each official rule fails it by orders of magnitude: the warm-up peaking at T_w
     (loss 3.8e-2), the BatchNorm weights exempt from decay (projector.bn0.weight 2.1e-4 against a floor of 1.6e-7),
-    the momentum read at step k + 1 (the target's weights 5.1e-2 against 6.6e-6)."""
+    the momentum read at step k + 1 (the target's weights 5.1e-2 against 6.6e-6): tests/measure_planted_rules.py."""
     fx = load_fixture(mode)
     rep = replay(fx, tmp_path, monkeypatch)
     check_schedules(rep, fx)
