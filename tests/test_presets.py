@@ -83,16 +83,21 @@ def test_common_settings(name):
     assert 'optimizer' not in ds and 'scheduler' not in ds
 
 
-def test_fp16_dynamic_loss_scaling():
+def test_fp16_dynamic_loss_scaling_is_the_official_one():
+    """The official configs' AmpOptimWrapper(loss_scale='dynamic') builds a bare GradScaler() (mmengine
+    optim/optimizer/amp_optimizer_wrapper.py), so its law is torch.amp.GradScaler's defaults, read here: start at
+    init_scale, halve at the first overflow (no hysteresis), double after growth_interval clean steps."""
+    import inspect
+
+    import torch
+
+    defaults = {k: v.default for k, v in inspect.signature(torch.amp.GradScaler.__init__).parameters.items()}
     fp16 = json.loads((DS_DIR / 'zero2_fp16.json').read_text())['fp16']
-    assert fp16 == {
-        'enabled': True,
-        'loss_scale': 0,
-        'initial_scale_power': 16,
-        'loss_scale_window': 1000,
-        'hysteresis': 2,
-        'min_loss_scale': 1,
-    }
+    assert fp16['enabled'] is True and fp16['loss_scale'] == 0  # dynamic
+    assert 2 ** fp16['initial_scale_power'] == defaults['init_scale']
+    assert fp16['loss_scale_window'] == defaults['growth_interval']
+    assert fp16['hysteresis'] == 1 and defaults['backoff_factor'] == 0.5 and defaults['growth_factor'] == 2.0
+    assert fp16['min_loss_scale'] == 1  # GradScaler has no floor; DeepSpeed needs one (a documented difference)
 
 
 def test_offload_config_pins_memory():

@@ -30,7 +30,7 @@ def expected_lr(k: int, peak: float = PEAK, total: int = STEPS, warmup: int = WA
 
 
 def expected_momentum(s: int, total: int = STEPS) -> float:
-    """After s optimizer steps (docs/spec.md section 6), base 0.5 and end 0.9 as in run_recorder.ARGS."""
+    """Of the k-th optimizer step's EMA (docs/spec.md section 6), base 0.5 and end 0.9 as in run_recorder.ARGS."""
     return 0.9 - 0.4 * (math.cos(math.pi * s / total) + 1) / 2
 
 
@@ -71,7 +71,7 @@ def test_the_ema_applies_the_scheduled_momentum_after_every_step(straight):
     _, rec = straight
     assert sorted(rec.momenta) == list(range(1, STEPS + 1))
     for s, m in rec.momenta.items():
-        assert m == pytest.approx(expected_momentum(s), abs=2e-4), (s, m)
+        assert m == pytest.approx(expected_momentum(s - 1), abs=2e-4), (s, m)
 
 
 def test_the_optimizer_steps_once_per_accumulation_of_two_micro_steps(straight):
@@ -139,7 +139,7 @@ def test_a_resume_continues_both_schedules(straight):
         assert groups == pytest.approx([expected_lr(k)] * 2, rel=1e-12), k
     assert sorted(rec.momenta) == [5, 6, 7]
     for s, m in rec.momenta.items():
-        assert m == pytest.approx(expected_momentum(s), abs=2e-4), (s, m)
+        assert m == pytest.approx(expected_momentum(s - 1), abs=2e-4), (s, m)
 
 
 def test_a_resume_with_another_global_batch_follows_the_new_schedule(straight):
@@ -152,5 +152,5 @@ def test_a_resume_with_another_global_batch_follows_the_new_schedule(straight):
     for k, groups in enumerate(rec.lrs, start=8):
         assert groups == pytest.approx([expected_lr(k, peak=PEAK / 2, total=16, warmup=4)] * 2, rel=1e-12), k
     for s, m in rec.momenta.items():
-        assert m == pytest.approx(expected_momentum(s, total=16), abs=2e-4), (s, m)
+        assert m == pytest.approx(expected_momentum(s - 1, total=16), abs=2e-4), (s, m)
     assert sorted(rec.momenta) == [9, 10, 11]

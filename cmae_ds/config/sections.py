@@ -185,6 +185,10 @@ class TrainConfig(RunGuard):
     warmup_start_factor: float = ranged(1e-4, ge=0, le=1)
     min_lr: float = ranged(0.0, ge=0)
     weight_decay: float = ranged(0.05, ge=0)
+    no_decay: str = choice('official', ('official', 'one_dim'))
+    """Which parameters skip weight decay (docs/spec.md section 8): 'official' as the official configs'
+    paramwise_cfg (LayerNorms, biases, position embeddings, cls and mask tokens; BatchNorm weights decay);
+    'one_dim' every tensor of at most one dimension as well (MAE's and timm's rule)."""
     betas: tuple[float, float] = ranged((0.9, 0.95), ge=0, lt=1)
     momentum_base: float = ranged(0.996, ge=0, le=1)
     momentum_end: float = ranged(0.996, ge=0, le=1)

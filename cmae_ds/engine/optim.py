@@ -14,16 +14,34 @@ NO_DECAY_NAMES = ('pos_embed', 'cls_token', 'mask_token')
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
+    """Every tensor of at most one dimension, biases and the tokens: MAE's and timm's rule (fine-tuning)."""
     return param.ndim <= 1 or name.endswith('.bias') or name.split('.')[-1] in NO_DECAY_NAMES
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups, decay and no decay, over the trainable parameters; names are kept for inspection."""
+def official_no_decay(model: nn.Module) -> set[str]:
+    """The names the official pretraining configs exempt: their paramwise_cfg sets decay_mult 0 for names containing
+    'ln', 'bias', 'pos_embed', 'mask_token' or 'cls_token' (substrings, mmengine's DefaultOptimWrapperConstructor).
+    Every official LayerNorm is an `ln*` module and no other official name contains 'ln', so in our names that is
+    every LayerNorm; the BatchNorm weights of the projector and predictor (`bn0`) are decayed."""
+    out = set()
+    for module_name, module in model.named_modules():
+        for leaf, _ in module.named_parameters(recurse=False):
+            name = f'{module_name}.{leaf}' if module_name else leaf
+            if isinstance(module, nn.LayerNorm) or 'bias' in leaf or any(t in leaf for t in NO_DECAY_NAMES):
+                out.add(name)
+    return out
+
+
+def param_groups(model: nn.Module, weight_decay: float, rule: str = 'official') -> list[dict]:
+    """Two groups, decay and no decay, over the trainable parameters; names are kept for inspection. `rule`:
+    'official' (official_no_decay) or 'one_dim' (no_weight_decay)."""
+    exempt = official_no_decay(model) if rule == 'official' else None
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if no_weight_decay(name, param) else decay).append((name, param))
+        skip = name in exempt if exempt is not None else no_weight_decay(name, param)
+        (no_decay if skip else decay).append((name, param))
     groups = []
     for members, wd in ((decay, weight_decay), (no_decay, 0.0)):
         if members:

@@ -32,6 +32,7 @@ _OFFICIAL_PREFIXES = {
     'projector.': 'projector.',
     'target_projector.': 'target_projector.',
     'head.predictor.': 'predictor.',
+    'neck.': 'pixel_decoder.',  # the official MAE baseline stores its decoder as its neck
 }
 
 # Inside an encoder or decoder: the first matching rule applies.

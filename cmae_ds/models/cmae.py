@@ -15,7 +15,7 @@ from .decoder import MAEDecoder
 from .heads import ProjectionMLP
 from .losses import contrastive_loss, reconstruction_loss
 from .masking import block_mask, patch_mask, visible_ids
-from .vit import build_encoder
+from .vit import build_encoder, official_mae_init
 
 TARGET_PREFIXES = ('target_encoder.', 'target_projector.')
 
@@ -68,6 +68,8 @@ class CMAE(nn.Module):
         self.cfg = cfg
         patch_dim = cfg.patch_size**2 * cfg.in_chans
         self.encoder = build_encoder(cfg, final_norm=True, drop_path=cfg.drop_path)
+        if cfg.mode == 'mae':
+            official_mae_init(self.encoder)
         self.pixel_decoder = build_decoder(cfg, cfg.decoder_depth, patch_dim)
         target = None
         if cfg.mode == 'cmae':

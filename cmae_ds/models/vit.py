@@ -143,7 +143,9 @@ def make_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, drop_pat
 
 
 def init_weights(module: nn.Module) -> None:
-    """MAE initialization: xavier-uniform linears (and the patch conv as a linear), zero biases, unit LayerNorms."""
+    """MAE initialization: xavier-uniform linears (and the patch conv as a linear), zero biases, unit LayerNorms.
+    The patch conv's bias keeps nn.Conv2d's default, U(+-1/sqrt(fan_in)), as in the official CMAEViT and MAEViT,
+    whose init_weights re-initialize only the conv's weight."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -154,7 +156,8 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
         elif isinstance(m, PatchEmbed):
             nn.init.xavier_uniform_(m.proj.weight.view(m.proj.weight.shape[0], -1))
-            nn.init.zeros_(m.proj.bias)
+            bound = 1 / math.sqrt(m.proj.weight[0].numel())
+            nn.init.uniform_(m.proj.bias, -bound, bound)
 
 
 class ViTEncoder(nn.Module):
@@ -207,6 +210,14 @@ class ViTEncoder(nn.Module):
         """Encode every patch. (N, C, H, W) -> (N, 1 + L, D), cls first."""
         x = self.patch_embed(img) + self.pos_embed[:, 1:].to(img.dtype)
         return self.norm(self.blocks(self._with_cls(x)))
+
+
+def official_mae_init(encoder: ViTEncoder) -> None:
+    """The official MAE baseline's encoder MLP biases: normal(std 1e-6), from mmcls' TransformerEncoderLayer
+    init_weights, which MAEViT keeps (CMAEViT re-zeroes every linear bias)."""
+    for block in encoder.blocks:
+        nn.init.normal_(block.mlp.fc1.bias, std=1e-6)
+        nn.init.normal_(block.mlp.fc2.bias, std=1e-6)
 
 
 def build_encoder(

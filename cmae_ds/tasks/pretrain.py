@@ -120,7 +120,7 @@ def build_engine(cfg: Config, ds: dict, batch_cfg: ResolvedBatch, ctx: DistConte
     model = CMAE(cfg.model)
     compiled = apply_compile(model, cfg.model.compile, ctx.device, batch_cfg.zero_stage)
     optimizer, opt_name = build_optimizer(
-        param_groups(model, cfg.train.weight_decay),
+        param_groups(model, cfg.train.weight_decay, cfg.train.no_decay),
         lr=peak_lr,
         betas=cfg.train.betas,
         backend=cfg.train.optimizer,
@@ -159,18 +159,20 @@ class PretrainTask:
         return train_step(self.engine, batch, self.dtype, self.mask_gen)
 
     def momentum(self, step: int) -> float:
+        """The momentum of the EMA that follows optimizer step `step` (0-based). The official MomentumUpdateHook
+        reads runner.iter in before_train_iter, before mmengine raises it, so step k's EMA uses m(k), not m(k + 1)."""
         return momentum_at_step(self.cfg, self.schedule, step)
 
     def after_step(self, loop: Loop, batch: dict, out: dict, final: bool) -> None:
         step = loop.progress.step
-        momentum_step(self.model, self.momentum(step), self.run.batch.zero_stage)
+        momentum_step(self.model, self.momentum(step - 1), self.run.batch.zero_stage)
         if due(step, self.cfg.train.image_every_steps) or final:
             self.logger.reconstruction(
                 step, batch['img'], batch.get('img_target'), out['pred_pixel'], out['mask'], self.cfg.model.patch_size
             )
 
     def log_values(self, step: int) -> dict:
-        return {'momentum': self.momentum(step)}
+        return {'momentum': self.momentum(step - 1)}  # the one step `step`'s EMA applied
 
     def end_of_epoch(self, loop: Loop, final: bool) -> None:
         pass
