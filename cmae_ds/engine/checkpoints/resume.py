@@ -32,8 +32,9 @@ UNIVERSAL_ZERO0 = 'universal-zero0'  # the universal form, read into a ZeRO-0 op
 
 def choose(resume: str, ckpt_dir: Path, trust: bool = False, log: Optional[Callable[[str], None]] = None):
     """Collective. The tag to resume from, or None for a fresh run (`resume`: 'auto', 'none' or a tag), its files
-    checked for what they would run when unpickled unless `trust`."""
-    tag = store.select_resume_tag(resume, ckpt_dir, *([log] if log else []))
+    checked for what they would run when unpickled unless `trust`; `log` takes the warnings (default: rank 0's
+    stderr)."""
+    tag = store.select_resume_tag(resume, ckpt_dir, **({} if log is None else {'log': log}))
     if tag is not None:
         scan_folder(ckpt_dir / tag, trust=trust)
     return tag
