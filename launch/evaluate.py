@@ -1,14 +1,16 @@
 #!/usr/bin/env python
 """Top-1 / top-5 of a fine-tuned classifier on a validation set, on one or many ranks.
 
-  python launch/evaluate.py runs/ft_b300                       # our run folder: its model_best.pt and val_data
-  deepspeed --num_gpus 8 launch/evaluate.py runs/ft_b300/model_last.pt val_data.root=/data/imagenet/val
+  python launch/evaluate.py runs/ft_b300     # our run folder: its model_best.safetensors and val_data
+  deepspeed --num_gpus 8 launch/evaluate.py runs/ft_b300/model_last.safetensors val_data.root=/data/imagenet/val
   deepspeed --num_gpus 8 launch/evaluate.py cmae_base_pre300_8x128_100e_in1k_amp_fine.pth --config finetune_vit_base \\
       val_data.source=json val_data.root=data/ImageNet val_data.ann_file=ImageNet_val.json
 
-Our files describe their model; an official fine-tuned .pth takes the architecture and resolution from the model
-section (--config, model.* overrides). The validation set is val_data (from --config, else from the run folder's
-config.yaml). Every image counts once whatever the number of ranks. Prints a table and writes JSON (--out).
+A run folder means its model_best.safetensors (model_last.safetensors before its first evaluation; model_best.pt in
+a run from before safetensors). Our files describe their model; an official fine-tuned .pth takes the architecture
+and resolution from the model section (--config, model.* overrides). The validation set is val_data (from --config,
+else from the run folder's config.yaml). Every image counts once whatever the number of ranks. Prints a table and
+writes JSON (--out).
 """
 
 import argparse

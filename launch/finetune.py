@@ -8,7 +8,8 @@
   deepspeed --num_gpus 8 launch/finetune.py --linear-probe --config linprobe_vit_base ...   # = launch/linear_probe.py
 
 Trailing `section.key=value` arguments override the config (sections: model, data, val_data, finetune or linprobe).
-The run folder gets model_best.pt and model_last.pt for launch/evaluate.py; see docs/finetune.md.
+The run folder gets model_best.safetensors and model_last.safetensors for launch/evaluate.py, and a model card
+(README.md); see docs/finetune.md.
 """
 
 import argparse

@@ -5,7 +5,8 @@
       --deepspeed_config ds_configs/linprobe_bf16.json linprobe.pretrained=runs/cmae_vit_base_300e/model.safetensors \\
       data.root=/data/imagenet/train val_data.root=/data/imagenet/val
 
-The run folder gets model_best.pt and model_last.pt for launch/evaluate.py; see docs/finetune.md.
+The run folder gets model_best.safetensors and model_last.safetensors for launch/evaluate.py, and a model card
+(README.md); see docs/finetune.md.
 """
 
 import argparse

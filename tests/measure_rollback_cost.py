@@ -1,7 +1,8 @@
 """What a rollback costs, in one process: CMAE at a given size (default ViT-B) under DeepSpeed (ZeRO-0 fp32, AdamW
-state after one step) is saved with engine.checkpoints.store.save, then the rollback's reload (elastic.resume, what
-the tasks' load_checkpoint runs: file checks, DeepSpeed's load, the client state) is timed, warm (in the page cache)
-and cold (the checkpoint's pages evicted, as for a checkpoint written long before the event).
+state after one step) is saved with engine.checkpoints.store.save, then the rollback's reload
+(engine.checkpoints.resume.restore, what the tasks' load_checkpoint runs: file checks, DeepSpeed's load, the client
+state) is timed, warm (in the page cache) and cold (the checkpoint's pages evicted, as for a checkpoint written long
+before the event).
 
   PYTHONPATH=. python tests/measure_rollback_cost.py /tmp/rollback_bench [--size vit_base] [--repeats 3]
 """
@@ -14,6 +15,7 @@ import shutil
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from measure_checkpoint_verify import evict
@@ -34,7 +36,8 @@ def main() -> None:
 
     from cmae_ds.config import load_config
     from cmae_ds.config.ds_config import validate
-    from cmae_ds.engine.checkpoints import elastic, store
+    from cmae_ds.engine.checkpoints import store
+    from cmae_ds.engine.checkpoints.resume import restore
     from cmae_ds.engine.dist import setup_distributed
     from cmae_ds.tasks.pretrain import build_engine, train_step
 
@@ -57,7 +60,7 @@ def main() -> None:
     size = sum(p.stat().st_size for p in (ckpt_dir / tag).rglob('*') if p.is_file())
 
     def reload():
-        elastic.resume(engine, model, ckpt_dir, tag, cfg.model, 1, True)
+        restore(SimpleNamespace(ckpt_dir=ckpt_dir, ctx=ctx, trust=False), tag, engine, model, cfg.model, 1)
 
     warm, cold = [], []
     for _ in range(args.repeats):

@@ -8,6 +8,8 @@ import re
 import pytest
 from test_doc_commands import LAUNCH, commands_in_prose, launch_module, problem
 
+from cmae_ds.modelfiles.classifier import BEST, LAST, OLD_BEST, OLD_LAST
+
 SCRIPTS = sorted(p.stem for p in LAUNCH.glob('*.py'))
 
 
@@ -37,3 +39,12 @@ def test_help_says_what_and_shows_an_example(script):
 
 def test_every_script_is_covered():
     assert len(SCRIPTS) >= 10 and {'pretrain', 'scan_dataset', 'convert_checkpoint'} <= set(SCRIPTS)
+
+
+@pytest.mark.parametrize('script', ['finetune', 'linear_probe', 'evaluate'])
+def test_classifier_help_names_the_files_a_run_folder_holds(script):
+    """The names fine-tuning writes (tasks/finetune.py saves BEST and LAST) and evaluation looks for in a run
+    folder; the pickled names only as the older form."""
+    text = ' '.join(help_text(script).split())
+    assert BEST in text and LAST in text, f'launch/{script}.py --help does not name {BEST} and {LAST}'
+    assert OLD_LAST not in text and (OLD_BEST not in text or f'{OLD_BEST} in a run from before safetensors' in text)

@@ -6,7 +6,7 @@ micro-batches already trained on). At each optimizer step it asks the components
 images, evaluation), `StepMetrics` (log now?), the `Checkpointer` (save now?).
 A task supplies `train_step(batch) -> dict` (one micro-step, 'loss' on the device), `after_step(loop, batch, out,
 final)`, `log_values(step) -> dict`, `end_of_epoch(loop, final)` and `load_checkpoint(tag, steps_per_epoch) -> dict`
-(a rollback's reload: the progress saved with the checkpoint).
+(a rollback's reload: the progress saved with the checkpoint, through checkpoints.resume.restore as at the start).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from ..config import KernelConfig
 from ..config.ds_config import ResolvedBatch, check_precision_supported, load_ds_config, validate
 from ..errors import Preempted
 from ..kernels import configure as configure_kernels
-from ..modelfiles.safe_load import scan_folder
 from ..storage.atomic_write import atomic_write_text
 from . import startup
-from .checkpoints.store import Checkpointer, select_resume_tag
+from .checkpoints.resume import choose
+from .checkpoints.store import Checkpointer
 from .checkpoints.store import tag_for as checkpoint_tag
 from .dist import DistContext, setup_distributed
 from .guards import run_lock
@@ -128,9 +128,7 @@ def _started(ds_path, cfg, section, resume, check, trust, stop) -> Iterator[RunS
         if check is not None:
             check(ds, batch)
         run_dir = Path(section.output_dir)
-        tag = select_resume_tag(resume, run_dir / 'checkpoints')
-        if tag is not None:
-            scan_folder(run_dir / 'checkpoints' / tag, trust=trust)
+        tag = choose(resume, run_dir / 'checkpoints', trust)
         if ctx.is_main:
             (run_dir / PREEMPTED).unlink(missing_ok=True)
         watchdog = StepWatchdog(run_dir, ctx.rank, section.stall_factor, section.stall_min_s).start()

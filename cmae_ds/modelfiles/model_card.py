@@ -5,6 +5,8 @@ facts ('run') travel inside the file from the end of pretraining into every expo
 
 from __future__ import annotations
 
+import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -63,9 +65,34 @@ def card_path(model_path: Path) -> Path:
     if not readme.exists():
         return readme
     first = readme.read_text(errors='replace').split('\n', 1)[0]
-    return (
-        readme if first == MARKER.format(name=model_path.name) else model_path.with_name(model_path.stem + '.README.md')
-    )
+    return readme if first == _marker(model_path.name) else model_path.with_name(model_path.stem + '.README.md')
+
+
+def _marker(name: str) -> str:
+    # an HTML comment ends at the first '--' of '-->' and the line at a line break: neither may come from the name
+    return MARKER.format(name=_one_line(name).replace('--', '-\\-'))
+
+
+def _one_line(text) -> str:
+    """`text` on one line: line breaks and other control characters as their escapes (a metadata string may hold
+    them, and a line break inside a list item or comment would let it write the card's next line)."""
+    return ''.join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+def _code(text) -> str:
+    """An inline code span that holds `text` whatever backticks it contains (CommonMark: a longer run of them)."""
+    text = _one_line(text)
+    ticks = '`' * (max(map(len, re.findall('`+', text)), default=0) + 1)
+    pad = ' ' if text.startswith('`') or text.endswith('`') else ''
+    return f'{ticks}{pad}{text}{pad}{ticks}'
+
+
+def _fenced(info: str, lines: list[str]) -> list[str]:
+    """A code block that no line of its content can close (CommonMark: a fence longer than any backtick run in
+    it; the closing one must be at least as long)."""
+    text = '\n'.join(lines)
+    fence = '`' * max(3, max(map(len, re.findall('`+', text)), default=0) + 1)
+    return [fence + info, text, fence]
 
 
 def write_model_card(
@@ -82,26 +109,28 @@ def render(name: str, d: dict, tensors: dict, made_by: str) -> str:
     fmt = d.get('format', 'cmae_ds.model')
     cfg, run = d.get('model_config') or {}, d.get('run') or {}
     params = sum(t.numel() for t in tensors.values())
-    lines = [MARKER.format(name=name), f'# {_TITLES.get(fmt, fmt)}', '', '## Model', '']
-    lines.append(f'- file: `{name}` ({_file_kind(name)}, {len(tensors)} tensors, {params / 1e6:.2f} M values)')
+    lines = [_marker(name), f'# {_one_line(_TITLES.get(fmt, fmt))}', '', '## Model', '']
+    lines.append(f'- file: {_code(name)} ({_file_kind(name)}, {len(tensors)} tensors, {params / 1e6:.2f} M values)')
     if cfg:
         lines.append(
-            f'- architecture: ViT {cfg.get("size")} ({cfg.get("mode", "cmae")}), {cfg.get("img_size")} px, '
-            f'patch {cfg.get("patch_size")}, width {cfg.get("embed_dim")}, depth {cfg.get("depth")}, '
-            f'{cfg.get("num_heads")} heads'
+            _one_line(
+                f'- architecture: ViT {cfg.get("size")} ({cfg.get("mode", "cmae")}), {cfg.get("img_size")} px, '
+                f'patch {cfg.get("patch_size")}, width {cfg.get("embed_dim")}, depth {cfg.get("depth")}, '
+                f'{cfg.get("num_heads")} heads'
+            )
         )
     if d.get('timm_model'):
-        lines.append(f"- timm: `{d['timm_model']}` (global_pool='token', final norm)")
+        lines.append(f"- timm: {_code(d['timm_model'])} (global_pool='token', final norm)")
     if fmt == 'cmae_ds.classifier':
         lines += _classifier_lines(d)
     lines += ['', '## Training', ''] + _training_lines(run)
-    lines += ['', '## How it was made', '', '```', made_by, '```']
+    lines += ['', '## How it was made', ''] + _fenced('', [made_by])
     if run.get('command') and run['command'] != made_by:
-        lines += ['', 'from the model of the run made by', '', '```', run['command'], '```']
+        lines += ['', 'from the model of the run made by', ''] + _fenced('', [run['command']])
     if run.get('config'):
-        lines += ['', 'Config of that run:', '', '```yaml', yaml.safe_dump(run['config'], sort_keys=False).rstrip()]
-        lines.append('```')
-    lines += ['', '## Loading', '', '```python'] + _loading(name, fmt, d) + ['```', '']
+        config = yaml.safe_dump(run['config'], sort_keys=False).rstrip()
+        lines += ['', 'Config of that run:', ''] + _fenced('yaml', [config])
+    lines += ['', '## Loading', ''] + _fenced('python', _loading(name, fmt, d)) + ['']
     return '\n'.join(lines)
 
 
@@ -110,14 +139,16 @@ def _file_kind(name: str) -> str:
 
 
 def _classifier_lines(d: dict) -> list[str]:
-    lines = [f'- task: {d.get("kind")}, {d.get("num_classes")} classes at {d.get("img_size")} px']
+    lines = [_one_line(f'- task: {d.get("kind")}, {d.get("num_classes")} classes at {d.get("img_size")} px')]
     metrics = d.get('metrics') or {}
     if metrics:
         lines.append(
-            f'- validation at epoch {d.get("epoch")}: top-1 {metrics.get("top1")}, top-5 {metrics.get("top5")}'
+            _one_line(
+                f'- validation at epoch {d.get("epoch")}: top-1 {metrics.get("top1")}, top-5 {metrics.get("top5")}'
+            )
         )
     if d.get('pretrained'):
-        lines.append(f'- started from: `{d["pretrained"]}`')
+        lines.append(f'- started from: {_code(d["pretrained"])}')
     return lines
 
 
@@ -128,19 +159,21 @@ def _training_lines(run: dict) -> list[str]:
     source = ', '.join(f'{k} {v}' for k, v in data.items()) or 'not recorded'
     loss = run.get('final_loss')
     lines = [
-        f'- data: {source}',
-        f'- steps: {run.get("steps")} optimizer steps ({_epochs(run.get("epochs"))} epochs)',
+        _one_line(f'- data: {source}'),
+        _one_line(f'- steps: {run.get("steps")} optimizer steps ({_epochs(run.get("epochs"))} epochs)'),
         f'- final loss: {loss:.4f}' if isinstance(loss, (int, float)) else '- final loss: not logged',
     ]
     knn = run.get('knn')
     if knn:
         lines.append(
-            f'- kNN (k-NN monitor) at step {knn.get("step")}: top-1 {knn.get("top1")}, top-5 {knn.get("top5")}'
+            _one_line(
+                f'- kNN (k-NN monitor) at step {knn.get("step")}: top-1 {knn.get("top1")}, top-5 {knn.get("top5")}'
+            )
         )
     else:
         lines.append('- kNN accuracy: not logged (knn monitor off)')
     if run.get('run_dir'):
-        lines.append(f'- run folder: `{run["run_dir"]}`')
+        lines.append(f'- run folder: {_code(run["run_dir"])}')
     return lines
 
 
@@ -149,11 +182,14 @@ def _epochs(value) -> str:
 
 
 def _loading(name: str, fmt: str, d: dict) -> list[str]:
+    """Python that loads the file; every metadata string enters it as a literal (repr), and the command in its
+    comments on one line, quoted for the shell."""
+    file = repr(name)
     if fmt == 'cmae_ds.timm' and d.get('timm_model'):
         return [
             'import timm',
-            f"model = timm.create_model('{d['timm_model']}', pretrained=True, num_classes=0,",
-            f"                          pretrained_cfg_overlay=dict(file='{name}'))",
+            f'model = timm.create_model({d["timm_model"]!r}, pretrained=True, num_classes=0,',
+            f'                          pretrained_cfg_overlay=dict(file={file}))',
         ]
     if fmt == 'cmae_ds.timm':  # a size timm has no name for: its VisionTransformer with our arguments
         return [
@@ -161,19 +197,19 @@ def _loading(name: str, fmt: str, d: dict) -> list[str]:
             'from timm.models.vision_transformer import VisionTransformer',
             'from cmae_ds.config import ModelConfig',
             'from cmae_ds.modelfiles.formats import read_file, timm_kwargs',
-            f"model = VisionTransformer(**timm_kwargs(ModelConfig(**read_file('{name}')['model_config'])))",
-            f"model.load_state_dict(load_file('{name}'))",
+            f"model = VisionTransformer(**timm_kwargs(ModelConfig(**read_file({file})['model_config'])))",
+            f'model.load_state_dict(load_file({file}))',
         ]
     if fmt == 'cmae_ds.classifier':
         return [
-            '# python launch/evaluate.py ' + name + ' val_data.root=...',
+            _one_line(f'# python launch/evaluate.py {shlex.quote(name)} val_data.root=...'),
             'from cmae_ds.modelfiles.classifier import load_classifier',
-            f"model = load_classifier('{name}').model",
+            f'model = load_classifier({file}).model',
         ]
     return [
-        f'# fine-tune: python launch/finetune.py finetune.pretrained={name} ...',
+        _one_line(f'# fine-tune: python launch/finetune.py {shlex.quote(f"finetune.pretrained={name}")} ...'),
         'from cmae_ds.config import ModelConfig',
         'from cmae_ds.modelfiles.formats import load_encoder, read_file',
-        f"obj = read_file('{name}')",
+        f'obj = read_file({file})',
         "encoder = load_encoder(obj, ModelConfig(**obj['model_config']))",
     ]

@@ -23,8 +23,8 @@ from torch import nn
 from ..config import ConfigError, FinetuneConfig, LinearProbeConfig, TaskConfig
 from ..config.ds_config import ResolvedBatch, compute_dtype
 from ..data import build_classification_loader, list_samples
-from ..engine.checkpoints import elastic
 from ..engine.checkpoints.model_state import consolidated_state_dict
+from ..engine.checkpoints.resume import restore
 from ..engine.checkpoints.store import Checkpointer
 from ..engine.compile import apply_compile
 from ..engine.dist import DistContext
@@ -302,14 +302,14 @@ class ClassifierTask:
             save_classifier_file(run_dir / BEST, state, card=True, **kw)
 
 
-def load_checkpoint(cfg: TaskConfig, run: RunStart, engine, model, tag: str, steps_per_epoch: int) -> dict:
+def load_checkpoint(cfg: TaskConfig, run: RunStart, engine, model, tag: Optional[str], steps_per_epoch: int):
     """Collective: checkpoint `tag` into the engine, this rank's random streams reseeded for its step; returns its
-    progress (at the start of a resumed run, and at a rollback)."""
-    progress = elastic.resume(
-        engine, model, run.ckpt_dir, tag, cfg.model, steps_per_epoch, run.ctx.is_main, trust=run.trust
-    )['progress']
-    seed_classifier_rank(cfg.task.seed, run.ctx.rank, progress['step'])
-    return progress
+    progress (at the start of a resumed run, and at a rollback), or None when `tag` is None."""
+
+    def streams(state: Optional[dict], step: int) -> None:
+        seed_classifier_rank(cfg.task.seed, run.ctx.rank, step)  # a classifier saves no streams of its own
+
+    return restore(run, tag, engine, model, cfg.model, steps_per_epoch, streams)
 
 
 def run_evaluation(engine, val_loader, dtype: torch.dtype) -> EvalResult:
@@ -347,10 +347,9 @@ def _train(cfg: TaskConfig, run: RunStart) -> FinetuneResult:
     loader, val_loader = _loaders(cfg, batch_cfg, ctx)
     schedule = make_schedule(task, batch_cfg.global_batch, batch_cfg.grad_accum, len(loader), run.ds_path)
     engine, model, opt_name = build_engine(cfg, run.ds, batch_cfg, ctx, schedule.peak_lr, run.trust)
-    progress = ClassifierProgress()
-    if run.tag is not None:
-        progress = ClassifierProgress(**load_checkpoint(cfg, run, engine, model, run.tag, schedule.steps_per_epoch))
-    else:
+    saved = load_checkpoint(cfg, run, engine, model, run.tag, schedule.steps_per_epoch)
+    progress = ClassifierProgress(**(saved or {}))
+    if saved is None:
         seed_classifier_rank(task.seed, ctx.rank, progress.step)
     if ctx.is_main:
         write_run_files(run.run_dir, cfg, run.ds, progress.step)

@@ -16,8 +16,9 @@ import torch
 from ..config import Config
 from ..config.ds_config import ResolvedBatch, compute_dtype
 from ..data import build_pretrain_loader
-from ..engine.checkpoints import elastic, store
+from ..engine.checkpoints import store
 from ..engine.checkpoints.model_state import save_model_file
+from ..engine.checkpoints.resume import restore
 from ..engine.checkpoints.store import Checkpointer
 from ..engine.compile import apply_compile
 from ..engine.dist import DistContext
@@ -66,35 +67,28 @@ def train_step(engine, batch: dict, dtype: torch.dtype, mask_gen: Optional[torch
     return out
 
 
-def _restore_rank_state(
-    cfg: Config,
-    ctx: DistContext,
-    ckpt_dir: Path,
-    tag: str,
-    progress: Progress,
-    mask_gen: torch.Generator,
-    trust: bool = False,
-) -> None:
-    """RNG streams of this rank. A resume on more ranks than saved reseeds the new ranks from (seed, rank, step):
-    the run continues correctly, only not bit-for-bit as an uninterrupted one would."""
-    state = store.load_rank_state(ckpt_dir, tag, ctx.rank, trust=trust)
-    if state is None:
-        torch_seed, mask = resumed_rank_seeds(cfg.train.seed, ctx.rank, progress.step)
-        torch.manual_seed(torch_seed)
-        mask_gen.manual_seed(mask)
-        return
-    store.set_rng_state(state['rng'])
-    mask_gen.set_state(state['mask_rng'])
+def rank_streams(cfg: Config, rank: int, mask_gen: torch.Generator):
+    """How a resume sets this rank's random streams: from the rank's own saved state, or, on a rank the checkpoint
+    has none for (a resume on more ranks than saved), reseeded from (seed, rank, step): the run continues correctly,
+    only not bit-for-bit as an uninterrupted one would."""
+
+    def streams(state: Optional[dict], step: int) -> None:
+        if state is None:
+            torch_seed, mask = resumed_rank_seeds(cfg.train.seed, rank, step)
+            torch.manual_seed(torch_seed)
+            mask_gen.manual_seed(mask)
+            return
+        store.set_rng_state(state['rng'])
+        mask_gen.set_state(state['mask_rng'])
+
+    return streams
 
 
-def load_checkpoint(cfg: Config, run: RunStart, engine, model, mask_gen, tag: str, steps_per_epoch: int) -> dict:
+def load_checkpoint(cfg: Config, run: RunStart, engine, model, mask_gen, tag: Optional[str], steps_per_epoch: int):
     """Collective: checkpoint `tag` into the engine and this rank's random streams; returns its progress (at the
-    start of a resumed run, and at a rollback)."""
-    progress = elastic.resume(
-        engine, model, run.ckpt_dir, tag, cfg.model, steps_per_epoch, run.ctx.is_main, trust=run.trust
-    )['progress']
-    _restore_rank_state(cfg, run.ctx, run.ckpt_dir, tag, Progress(**progress), mask_gen, run.trust)
-    return progress
+    start of a resumed run, and at a rollback), or None when `tag` is None."""
+    streams = rank_streams(cfg, run.ctx.rank, mask_gen)
+    return restore(run, tag, engine, model, cfg.model, steps_per_epoch, streams)
 
 
 @dataclass
@@ -226,9 +220,8 @@ def _train(cfg: Config, run: RunStart, observer) -> RunResult:
     loader = pretrain_loader(cfg, batch_cfg, ctx)
     schedule = make_schedule(cfg.train, batch_cfg.global_batch, batch_cfg.grad_accum, len(loader), run.ds_path)
     engine, model, opt_name = build_engine(cfg, run.ds, batch_cfg, ctx, schedule.peak_lr)
-    progress, mask_gen = Progress(), mask_generator(cfg, ctx)
-    if run.tag is not None:
-        progress = Progress(**load_checkpoint(cfg, run, engine, model, mask_gen, run.tag, schedule.steps_per_epoch))
+    mask_gen = mask_generator(cfg, ctx)
+    progress = Progress(**(load_checkpoint(cfg, run, engine, model, mask_gen, run.tag, schedule.steps_per_epoch) or {}))
     if ctx.is_main:
         write_run_files(run.run_dir, cfg, run.ds, progress.step)
     logger = RunLogger(run.run_dir, schedule.total_steps, progress.step, ctx.is_main, cfg.train.progress_bar)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from cmae_ds.engine.checkpoints import elastic
 from cmae_ds.engine.checkpoints import store as checkpointing
+from cmae_ds.tasks import finetune
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,18 +62,19 @@ def main():
     (out,) = [a.split('=', 1)[1] for a in sys.argv if a.startswith('--probe-out=')]
     sys.argv = [a for a in sys.argv if not a.startswith('--probe-out=')]
     seen = {}
-    resume, save = elastic.resume, checkpointing.Checkpointer.save
+    restore, save = finetune.restore, checkpointing.Checkpointer.save
 
-    def recording_resume(engine, *args, **kwargs):
-        state = resume(engine, *args, **kwargs)
-        seen['resumed'] = (state['progress'], full_state(engine))
-        return state
+    def recording_restore(run, tag, engine, *args, **kwargs):
+        progress = restore(run, tag, engine, *args, **kwargs)
+        if progress is not None:
+            seen['resumed'] = (progress, full_state(engine))
+        return progress
 
     def recording_save(self, step):
         seen[step] = full_state(self.engine)
         return save(self, step)
 
-    elastic.resume, checkpointing.Checkpointer.save = recording_resume, recording_save
+    finetune.restore, checkpointing.Checkpointer.save = recording_restore, recording_save
     sys.argv[0] = str(ROOT / 'launch' / 'finetune.py')
     if os.environ.get('RANK', '0') == '0':  # the script ends through its exit handlers (cli.exit_process)
         atexit.register(lambda: torch.save(seen, out))

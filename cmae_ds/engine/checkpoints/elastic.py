@@ -1,10 +1,11 @@
-"""Resuming a run on another number of ranks or another ZeRO stage (docs/resume.md).
+"""The mechanics of resuming on another number of ranks, ZeRO stage or precision (docs/resume.md); what a resume
+does is decided in resume.py, the one way in.
 
 DeepSpeed's own checkpoints hold each rank's shard of the optimizer and reopen only on the world size, ZeRO stage
 and precision that wrote them. When one differs, the checkpoint is converted once to DeepSpeed's universal format
 (one folder per parameter: fp32 weights, Adam moments, step), cached as <tag>/universal beside the original files,
 and loaded with `load_universal`. DeepSpeed converts and loads ZeRO 1-3 only; a ZeRO-0 side (the whole optimizer
-in every rank's file) is written and read by engine/elastic_zero0.py. That path restores only what the optimizer
+in every rank's file) is written and read by elastic_zero0.py. That path restores only what the optimizer
 holds, so afterwards:
 - the target branch (EMA, outside DeepSpeed) and the module buffers (fixed pos-embeds, BatchNorm statistics) are
   copied from the module state saved in the checkpoint;
@@ -35,9 +36,8 @@ import torch
 from ...config import ConfigError
 from ...config.ds_config import resolve_precision
 from ...modelfiles.safe_load import checked_deepspeed_loads, load_checkpoint_file, scan_folder
-from ..dist import barrier
 from . import elastic_zero0
-from .store import MARKER, engine_layout, read_marker
+from .store import MARKER, read_marker
 
 UNIVERSAL = 'universal'
 SOURCE = 'source.json'  # the original's marker, copied: a rewritten tag invalidates the cache
@@ -71,14 +71,14 @@ class Layout:
         )
 
 
-def _model_states_file(tag_dir: Path) -> Path:
+def model_states_file(tag_dir: Path) -> Path:
     for path in (tag_dir / ZERO1_FILES, tag_dir / ZERO3_FILES.format(0)):
         if path.is_file():
             return path
     raise ConfigError(f'{tag_dir}: no DeepSpeed model states file ({ZERO1_FILES} or {ZERO3_FILES.format(0)})')
 
 
-def _open_states(path: Path, trust: bool = False) -> dict:
+def open_states(path: Path, trust: bool = False) -> dict:
     """A DeepSpeed states file, memory-mapped (reading its metadata does not read its tensors), through
     cmae_ds.modelfiles.safe_load like every checkpoint file."""
     return load_checkpoint_file(path, trust=trust, mmap=True)
@@ -90,8 +90,8 @@ def saved_facts(ckpt_dir: Path, tag: str, trust: bool = False) -> tuple[Layout, 
     marker = read_marker(ckpt_dir, tag)
     if marker.get('layout', {}).get('precision'):
         return Layout(**marker['layout']), marker.get('model')
-    path = _model_states_file(ckpt_dir / tag)
-    states = _open_states(path, trust)
+    path = model_states_file(ckpt_dir / tag)
+    states = open_states(path, trust)
     ds = states.get('ds_config') or {}
     layout = Layout(
         world_size=int(states['dp_world_size']),
@@ -168,7 +168,7 @@ def convert(tag_dir: Path, workers: int = 1) -> Path:
         # DeepSpeed's reader walks the folder recursively: a leftover copy of the model states would be read too
         shutil.rmtree(stale, ignore_errors=True)
     tmp = tag_dir / f'.{UNIVERSAL}.{os.getpid()}'
-    states = _open_states(_model_states_file(tag_dir))
+    states = open_states(model_states_file(tag_dir))
     if elastic_zero0.is_zero0(states):  # DeepSpeed's converter reads ZeRO 1-3 shards only
         try:
             elastic_zero0.write_universal(states, tag_dir, tmp)
@@ -251,7 +251,7 @@ def _compact_saves(module):
 def _add_model_states_names(folder: Path) -> None:
     """The universal load reads the client state from the model states file under the name the *loading* stage
     uses (ZeRO-3: per-rank files; 1-2: one file); give the folder both names (hard links where possible)."""
-    ours = _model_states_file(folder)
+    ours = model_states_file(folder)
     for name in (ZERO1_FILES, ZERO3_FILES.format(0)):
         if not (folder / name).exists():
             try:
@@ -309,7 +309,7 @@ def ensure_universal(tag_dir: Path, is_main: bool) -> Path:
 # --- loading ----------------------------------------------------------------------------------------------------
 
 
-def _base_optimizer(engine):
+def base_optimizer(engine):
     return getattr(engine.optimizer, 'optimizer', engine.optimizer)
 
 
@@ -321,7 +321,7 @@ def _group_settings(optimizer) -> list[dict]:
 def load_universal(engine, model, folder: Path, trust: bool = False) -> dict:
     """Load a universal checkpoint folder into the engine and the module state DeepSpeed leaves out; returns the
     client state. Every file of the folder is checked first (DeepSpeed opens the shards with its own torch.load)."""
-    optimizer = _base_optimizer(engine)
+    optimizer = base_optimizer(engine)
     settings = _group_settings(optimizer)
     scan_folder(folder, trust=trust)
     engine._config.load_universal_checkpoint = True
@@ -341,7 +341,7 @@ def load_universal(engine, model, folder: Path, trust: bool = False) -> dict:
     for group, own in zip(optimizer.param_groups, settings):
         group.update(own)
     _unshare_step_counters(optimizer)
-    restore_unoptimized_state(model, _open_states(_model_states_file(folder), trust)['module'], folder)
+    restore_unoptimized_state(model, open_states(model_states_file(folder), trust)['module'], folder)
     return client_state
 
 
@@ -400,77 +400,3 @@ def carry_position(progress: dict, saved: Layout, now: Layout, steps_per_epoch: 
         'so that the lr and momentum schedules keep their place in the epochs'
     )
     return {**progress, 'epoch': epoch, 'batch_in_epoch': step_in_epoch * now.grad_accum, 'step': step}, note
-
-
-def _check_adam_state(engine, saved: Layout, where: Path) -> None:
-    """DeepSpeed's universal format carries Adam's two moments and nothing else: LARS or SGD momentum would be
-    dropped without a word."""
-    optimizer = _base_optimizer(engine)
-    if 'betas' not in optimizer.param_groups[0]:
-        raise ConfigError(
-            f"{where}: resuming a {type(optimizer).__name__} run on another layout is not supported: DeepSpeed's "
-            "universal checkpoints carry Adam's moments only, and this optimizer's momentum would be lost; resume "
-            f"with the layout it was written with ({saved.describe()}), or use ZeRO-0 (the probe's default), "
-            'which resumes on any number of ranks'
-        )
-
-
-# --- the one entry point of the tasks ---------------------------------------------------------------------------
-
-
-def resume(
-    engine, model, ckpt_dir: Path, tag: str, model_cfg, steps_per_epoch: int, is_main: bool, trust: bool = False
-) -> dict:
-    """Collective. Load checkpoint `tag` into the engine on whatever layout this run has (converting when the
-    world size or ZeRO stage differs); returns its client state with 'progress' in this run's layout."""
-    from . import store
-
-    where = ckpt_dir / tag
-    saved, saved_model = saved_facts(ckpt_dir, tag, trust)
-    check_model_config(saved_model, model_cfg, str(where))
-    now = Layout(**engine_layout(engine))
-    form = _other_zero0_form(engine, saved, now, where, trust)
-    if form or needs_universal(saved, now, str(where)):
-        _check_adam_state(engine, saved, where)
-        folder = ensure_universal(where, is_main)
-        if now.zero_stage == 0:
-            states = _open_states(_model_states_file(folder), trust)
-            state = elastic_zero0.load_universal(engine, folder, states, trust)
-            restore_unoptimized_state(model, states['module'], folder)
-        else:
-            state = load_universal(engine, model, folder, trust)
-        _say(
-            is_main,
-            f'{where}: written by {saved.describe()}{form or ""}, resumed on {now.describe()} through its '
-            f'universal form {folder}',
-        )
-    else:
-        state = store.load(engine, ckpt_dir, tag, trust=trust)
-    if now.zero_stage == 3:
-        # Loading leaves some ZeRO-3 parameters gathered (persistent ones among them); the first step after the
-        # resume then records DeepSpeed's prefetch trace from that state, and the second fails on it with
-        # 'tracing error ... expected the next 1 parameters'. Released, every step starts as on a fresh engine.
-        engine.empty_partition_cache()
-    state['progress'], note = carry_position(state['progress'], saved, now, steps_per_epoch)
-    if note:
-        _say(is_main, note)
-    barrier()
-    return state
-
-
-def _other_zero0_form(engine, saved: Layout, now: Layout, where: Path, trust: bool) -> Optional[str]:
-    """ZeRO-0 on both sides in one precision, but the optimizer in another form (bf16 with FusedAdam keeps one flat
-    fp32 tensor per group, a non-fused optimizer a copy per parameter), which DeepSpeed's loader cannot read: the
-    change, for the log; None when there is none."""
-    if (saved.zero_stage, now.zero_stage) != (0, 0) or saved.precision != now.precision:
-        return None
-    states = _open_states(_model_states_file(where), trust)
-    if not elastic_zero0.is_zero0(states):
-        return None
-    then, here = elastic_zero0.saved_form(states['optimizer']), elastic_zero0.live_form(engine)
-    return None if then == here else f' (optimizer form {then}, here {here})'
-
-
-def _say(is_main: bool, message: str) -> None:
-    if is_main:
-        print(f'cmae_ds: {message}', flush=True)
