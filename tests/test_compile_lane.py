@@ -59,6 +59,7 @@ def assert_compiled_within_the_limit(caplog, at_most: int) -> int:
     assert not fell_back, fell_back
     graphs = len(_debug_get_cache_entry_list(Block.forward.__code__))
     assert 1 <= graphs <= at_most <= torch._dynamo.config.recompile_limit, (graphs, at_most)
+    print(f'compiled graphs of Block.forward: {graphs}')
     return graphs
 
 
@@ -76,8 +77,8 @@ def _knn(train: Path, val: Path) -> list:
 
 
 def _pretrain(tmp: Path, images: Path, *extra, observer=None):
-    """A 2-step in-process pretraining run (ZeRO-1, one rank) with the lane's overrides; returns its result."""
-    ds = write_ds(tmp, 'ds.json', zero_optimization={'stage': 1})
+    """A 2-step in-process pretraining run (bf16 ZeRO-1, one rank) with the lane's overrides; returns its result."""
+    ds = write_ds(tmp, 'ds.json', zero_optimization={'stage': 1}, bf16={'enabled': True})
     args = [f'data.root={images}', f'train.output_dir={tmp}', *BLOCKS, 'train.epochs=1', 'train.max_steps=2', *extra]
     cfg = load_config(None, ARGS + args)
     monitor = observer(cfg) if observer else None
@@ -107,17 +108,17 @@ def test_pretraining_with_checkpointing_and_the_knn_monitor(pretrained, caplog):
     run_dir, result, knn, graphs, limit = pretrained
     assert result.steps == 2 and run_model_file(run_dir).is_file()
     assert [step for step, _ in knn] == [2], knn
-    # online encoder, decoder and target branch: two block shapes (encoder, decoder), so a limit of two shapes' worth
-    assert 1 <= graphs <= 2 * VARIANTS_PER_SHAPE <= limit, (graphs, limit)
+    # online encoder, decoder, target branch and the kNN pass: one block shape at debug size (its decoder has the
+    # encoder's width), 8 graphs (the sequence lengths of the visible, full and decoder inputs, train and no_grad,
+    # checkpointing's recompute): at torch's default limit of 8, one more variant would have stopped the run
+    assert 1 <= graphs <= VARIANTS_PER_SHAPE <= limit, (graphs, limit)
 
 
 def test_mae_pretraining(tmp_path, folders, caplog):
     with one_rank_group():
-        rec = run(
-            tmp_path, folders[0], 'mae', *BLOCKS, 'model.mode=mae', 'train.epochs=1', 'train.max_steps=2', accum=1
-        )
-    assert rec.result.steps == 2
-    assert_compiled_within_the_limit(caplog, 2 * VARIANTS_PER_SHAPE)
+        result, _ = _pretrain(tmp_path, folders[0], 'model.mode=mae')
+    assert result.steps == 2
+    assert_compiled_within_the_limit(caplog, VARIANTS_PER_SHAPE)
 
 
 def _task(task: str, preset: str, overrides: list):
@@ -188,7 +189,7 @@ def test_the_benchmark_cell(tmp_path, caplog):
     with one_rank_group():
         result = benchmark.run_cell('model', cfg, ds, 'ds.json', setup_distributed(), 1, 2)
     assert result.error is None and result.extra['compile'] == 'blocks' and 'compile_fallback' not in result.extra
-    assert_compiled_within_the_limit(caplog, 2 * VARIANTS_PER_SHAPE)
+    assert_compiled_within_the_limit(caplog, VARIANTS_PER_SHAPE)
 
 
 def test_the_fine_tuning_engine_under_bf16_zero2(tmp_path, caplog):

@@ -117,9 +117,12 @@ def compiled_graphs(state: CompileState) -> dict:
     return {name: len(_debug_get_cache_entry_list(code)) for name, code in codes.items()}
 
 
+_LIMIT_HIT = getattr(torch._dynamo.exc, 'FailOnRecompileLimitHit', torch._dynamo.exc.TorchDynamoException)
+
+
 def _compile_errors() -> tuple:
     # FailOnRecompileLimitHit (fullgraph=True past the recompile limit) is an Exception, not a TorchDynamoException
-    errors = [torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit]
+    errors = [torch._dynamo.exc.TorchDynamoException, _LIMIT_HIT]
     try:
         from torch._inductor.exc import InductorError
 
@@ -189,7 +192,7 @@ def _fall_back(state: CompileState, error: Exception) -> None:
     for region in state.regions:
         region._compiled_call_impl = None
     # dynamo's line, then the cause (the recompile limit's message is in the exception it was raised from)
-    limit_hit = isinstance(error, torch._dynamo.exc.FailOnRecompileLimitHit)
+    limit_hit = isinstance(error, _LIMIT_HIT) and _LIMIT_HIT is not torch._dynamo.exc.TorchDynamoException
     text = f'{error}\n{error.__cause__ or ""}' if limit_hit else str(error)
     lines = [line.strip() for line in text.splitlines() if line.strip()][:2]
     if limit_hit:
