@@ -32,6 +32,8 @@ from engine_helpers import write_ds
 from finetune_helpers import write_class_folder
 from run_recorder import ARGS, one_rank_group
 
+pytestmark = pytest.mark.slow  # ~50 s in all (DeepSpeed engines in this process), the CI's lane, not the everyday one
+DEFAULT_LIMIT = 8  # torch._dynamo.config.recompile_limit's default
 PRESETS = Path(finetune.__file__).resolve().parents[1] / 'presets'
 BLOCKS = ['model.compile=blocks']
 TASK_SMALL = ['model.size=debug', 'model.img_size=32', 'model.patch_size=8', 'data.num_workers=0']
@@ -52,9 +54,10 @@ def _compiled_on_the_cpu(monkeypatch, caplog):
     configure_kernels()
 
 
-def assert_compiled_within_the_limit(caplog, at_most: int) -> int:
+def assert_compiled_within_the_limit(caplog, at_most: int = DEFAULT_LIMIT) -> int:
     """No fall-back (its one warning line), some graphs of Block.forward (the code every compiled block shares),
-    and no more than `at_most`, itself within the limit. Returns the count."""
+    and no more than `at_most`, itself within the limit. Returns the count. At most torch's default limit by
+    default: graphs that grow with the number of blocks (a per-block constant read inside one) pass it at 12."""
     fell_back = [r.getMessage()[:300] for r in caplog.records if r.name == 'cmae_ds.engine.compile']
     assert not fell_back, fell_back
     graphs = len(_debug_get_cache_entry_list(Block.forward.__code__))
@@ -118,7 +121,7 @@ def test_mae_pretraining(tmp_path, folders, caplog):
     with one_rank_group():
         result, _ = _pretrain(tmp_path, folders[0], 'model.mode=mae')
     assert result.steps == 2
-    assert_compiled_within_the_limit(caplog, VARIANTS_PER_SHAPE)
+    assert_compiled_within_the_limit(caplog)
 
 
 def _task(task: str, preset: str, overrides: list):
@@ -154,7 +157,7 @@ def test_finetuning_twelve_blocks_with_drop_path_and_its_evaluation(tmp_path, fo
     with one_rank_group():
         result = finetune.train(cfg, write_ds(tmp_path, train_micro_batch_size_per_gpu=8))
     assert result.steps == 2 and len(result.evals) == 1
-    assert_compiled_within_the_limit(caplog, VARIANTS_PER_SHAPE)
+    assert_compiled_within_the_limit(caplog)
 
 
 def test_linear_probing_from_the_pretraining(tmp_path, folders, pretrained, caplog):
@@ -172,7 +175,7 @@ def test_linear_probing_from_the_pretraining(tmp_path, folders, pretrained, capl
     with one_rank_group():
         result = finetune.train(cfg, write_ds(tmp_path, train_micro_batch_size_per_gpu=8))
     assert result.steps == 2 and len(result.evals) == 1
-    assert_compiled_within_the_limit(caplog, VARIANTS_PER_SHAPE)
+    assert_compiled_within_the_limit(caplog)
 
 
 def test_the_benchmark_cell(tmp_path, caplog):
@@ -189,7 +192,7 @@ def test_the_benchmark_cell(tmp_path, caplog):
     with one_rank_group():
         result = benchmark.run_cell('model', cfg, ds, 'ds.json', setup_distributed(), 1, 2)
     assert result.error is None and result.extra['compile'] == 'blocks' and 'compile_fallback' not in result.extra
-    assert_compiled_within_the_limit(caplog, VARIANTS_PER_SHAPE)
+    assert_compiled_within_the_limit(caplog)
 
 
 def test_the_fine_tuning_engine_under_bf16_zero2(tmp_path, caplog):
@@ -221,7 +224,7 @@ def test_the_fine_tuning_engine_under_bf16_zero2(tmp_path, caplog):
         for _ in range(2):
             finetune.train_step(engine, batch, torch.bfloat16, mixup, criterion)
         engine.eval()
-        with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-            engine(batch['img'])
+        with torch.no_grad():  # as run_evaluation: the input in the engine's dtype
+            engine(batch['img'].to(torch.bfloat16))
     assert model.compiled.scope == 'blocks'
-    assert_compiled_within_the_limit(caplog, VARIANTS_PER_SHAPE)
+    assert_compiled_within_the_limit(caplog)
