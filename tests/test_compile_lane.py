@@ -115,6 +115,7 @@ def test_pretraining_with_checkpointing_and_the_knn_monitor(pretrained, caplog):
     # encoder's width), 8 graphs (the sequence lengths of the visible, full and decoder inputs, train and no_grad,
     # checkpointing's recompute): at torch's default limit of 8, one more variant would have stopped the run
     assert 1 <= graphs <= VARIANTS_PER_SHAPE <= limit, (graphs, limit)
+    print(f'compiled graphs of Block.forward: {graphs}')
 
 
 def test_mae_pretraining(tmp_path, folders, caplog):
