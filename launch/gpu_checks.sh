@@ -4,7 +4,7 @@
 #   bash launch/gpu_checks.sh prepare     # here, with PyPI: wheels for what the GPU image lacks -> .whl/
 #   bash launch/gpu_checks.sh run         # there: results under $OUT (default gpu_out/), at most 8 minutes
 #   bash launch/gpu_checks.sh dry-run     # here, on the CPU: the same steps on the debug model and tiny inputs
-#                                         # (GPU-only steps skipped; limits and budget x3; about 5 minutes)
+#                                         # (GPU-only steps skipped; limits and budget x3; 6-10 minutes)
 #
 # With the device tool: run(command="bash launch/gpu_checks.sh run", carry=[".whl"], timeout_s=540).
 # The GPU image has torch 2.11 (this project is developed on 2.14), triton, timm, einops, msgpack, ninja, psutil,
@@ -261,8 +261,9 @@ steps() {  # in order of importance: the headline figures first, then the proofs
     adamw_choice >>"$OUT/log.txt" 2>&1
     # On the CPU, DeepSpeed's first process group compiles its shared-memory collectives (a GPU has none to build).
     ((DRY)) && step shm_comm 120 python3 -m cmae_ds.kernels.optim.jit_ops build deepspeed_shm_comm
-    # The project on the image's torch: its compile tests trace every model with dynamo (on the CPU).
-    step torch_compat 60 python3 -m pytest -q -x -p no:cacheprovider -m 'not slow' tests/test_compile.py
+    # The project on the image's torch: its compile tests trace every model with dynamo (on the CPU; the dry run
+    # skips them: the suite runs them on this torch).
+    gpu_step torch_compat 60 python3 -m pytest -q -x -p no:cacheprovider -m 'not slow' tests/test_compile.py
     smoke_config
     step make_jpegs 60 make_jpegs
     step data_torch_gpu 60 data_rate
