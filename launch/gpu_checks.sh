@@ -26,13 +26,13 @@
 # cmae_ds.tasks.flops: ViT-B 112 G, ViT-L 291 G, ViT-H 730 G; a step takes 18-36 ms for ViT-B at micro 64-128,
 # 47-94 ms for ViT-L, 58-117 ms for ViT-H at 32-64, so engine set-up (~6-10 s a cell), process starts and compiling
 # dominate), in order, seconds:
-#   install 20, imports 5, torch_compat 20 (the project's compile tests on the image's torch, on its CPU),
+#   install 20, imports 10, torch_compat 20 (the project's compile tests on the image's torch, on its CPU),
 #   make_jpegs 20, data_torch_gpu 15, model_b 40 (fused and unfused), e2e_b 25, model_l 25
-#     -> 170 s: the headline figures (ViT-B model-only and e2e images/s and MFU, the data rate, one ViT-L cell);
-#   pretrain_smoke 25, pretrain_resume 15, data_gpu_tests 25, kernels 30, attention_tests 20 -> 285 s;
-#   compile_bl 130 (ViT-B and ViT-L on ZeRO-2: per pair ~10 s eager, ~55 s compiling cold) -> 415 s;
+#     -> 175 s: the headline figures (ViT-B model-only and e2e images/s and MFU, the data rate, one ViT-L cell);
+#   pretrain_smoke 25, pretrain_resume 15, data_gpu_tests 25, kernels 30, attention_tests 20 -> 290 s;
+#   compile_bl 130 (ViT-B and ViT-L on ZeRO-2: per pair ~10 s eager, ~55 s compiling cold) -> 420 s;
 #   sweep_bl 80, sweep_h 65, ckpt_h 25, fused_adam 50, adamw_tests 10, report 3:
-# about 415 s (7 min) expected up to compile_bl; sweep_bl and what follows (optional_steps last) run on what the
+# about 420 s (7 min) expected up to compile_bl; sweep_bl and what follows (optional_steps last) run on what the
 # budget has left (a sweep cut by its limit still returns the cells it finished), else are skipped.
 #
 # What comes back (at most 8 files): log.txt (every step's output), summary.txt (one line per step), env.txt,
@@ -257,7 +257,7 @@ run() {
 }
 
 steps() {  # in order of importance: the headline figures first, then the proofs, the compiler, the rest
-    step imports 30 imports || { stop "cmae_ds does not import on this torch (log.txt)"; return; }
+    step imports 60 imports || { stop "cmae_ds does not import on this torch (log.txt)"; return; }
     adamw_choice >>"$OUT/log.txt" 2>&1
     # On the CPU, DeepSpeed's first process group compiles its shared-memory collectives (a GPU has none to build).
     ((DRY)) && step shm_comm 120 python3 -m cmae_ds.kernels.optim.jit_ops build deepspeed_shm_comm
