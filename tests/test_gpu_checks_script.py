@@ -120,7 +120,7 @@ def test_report_names_what_is_missing(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     md = (out / 'benchmarks.md').read_text()
-    assert 'install: rc=0' in md and 'No data result' in md and 'No e2e comparison' in md
+    assert 'install: rc=0' in md and 'No data result' in md and 'No e2e comparison' in md and 'No ViT-L cell' in md
     assert 'kernels.md missing' in md
 
 
