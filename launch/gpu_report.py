@@ -15,7 +15,7 @@ from pathlib import Path
 
 GOAL_DATA = 8000  # images/s, both views, one H100/H200 (issue 15)
 GOAL_E2E = 0.9  # e2e throughput / model-only throughput
-BENCH_FILES = ('model_b', 'e2e_b', 'sweep_bl', 'sweep_h', 'ckpt_h', 'compile_b', 'compile_l')
+BENCH_FILES = ('model_b', 'e2e_b', 'model_l', 'sweep_bl', 'sweep_h', 'ckpt_h', 'compile_b', 'compile_l')
 
 
 def read_rows(work: Path) -> dict[str, list[dict]]:
@@ -77,7 +77,19 @@ def e2e_section(rows: dict) -> list[str]:
         f'{m["size"]} ZeRO-{m["zero_stage"]} {m["precision"]} micro {m["micro_batch"]}: '
         f'model only {m["images_per_s_per_device"]:.0f} images/s, '
         f'fed by torch_gpu {e["images_per_s_per_device"]:.0f} images/s = **{ratio:.2f}x** ({verdict} the 10% goal), '
-        f'data-wait fraction {_fmt(e.get("data_wait_fraction"), ".2f")}.'
+        f'data-wait fraction {_fmt(e.get("data_wait_fraction"), ".2f")}; MFU {_fmt(m.get("mfu"), ".1f", 100)}% '
+        f'model only, {_fmt(e.get("mfu"), ".1f", 100)}% fed.'
+    ]
+
+
+def large_section(rows: dict) -> list[str]:
+    cells = [r for r in rows['model_l'] if not r.get('error')]
+    if not cells:
+        return ['No ViT-L cell (model_l failed or was skipped; see log.txt).']
+    r = cells[0]
+    return [
+        f'{r["size"]} ZeRO-{r["zero_stage"]} {r["precision"]} micro {r["micro_batch"]}: '
+        f'**{r["images_per_s_per_device"]:.0f} images/s**, MFU {_fmt(r.get("mfu"), ".1f", 100)}%.'
     ]
 
 
@@ -106,9 +118,13 @@ def fragment(out: Path, work: Path) -> str:
         '',
         *e2e_section(rows),
         '',
+        '### One ViT-L cell',
+        '',
+        *large_section(rows),
+        '',
         '### Model throughput, bf16, ZeRO-1/2/3',
         '',
-        *model_table(rows['model_b'] + rows['sweep_bl'] + rows['sweep_h']),
+        *model_table(rows['model_b'] + rows['model_l'] + rows['sweep_bl'] + rows['sweep_h']),
         '',
         '### ViT-H activation checkpointing (ZeRO-2; the rows without it are in the table above)',
         '',

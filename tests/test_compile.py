@@ -11,11 +11,12 @@ import torch
 from torch._dynamo.utils import counters
 
 from cmae_ds.config import ConfigError, ModelConfig
-from cmae_ds.engine.compile import apply_compile, head_dims, resolve_mode
+from cmae_ds.engine.compile import VARIANTS_PER_SHAPE, apply_compile, compiled_graphs, head_dims, resolve_mode
 from cmae_ds.kernels import configure as configure_kernels
 from cmae_ds.kernels import resolve
 from cmae_ds.modelfiles.model_file import read_model_file, run_model_file
 from cmae_ds.models import CMAE, ViTClassifier, build_probe
+from cmae_ds.models.vit import Block
 
 # What model.compile=model pins (engine.compile.apply_compile): the Triton interpreter (TRITON_INTERPRET=1 in the
 # tests) cannot be traced.
@@ -184,3 +185,67 @@ def test_pretraining_compiled_under_zero2_bf16_matches_eager(tmp_path):
     for k in a:
         if a[k].is_floating_point():
             torch.testing.assert_close(a[k].float(), b[k].float(), rtol=1e-2, atol=1e-3, msg=k)
+
+
+def _classifier_steps(model, n, batch=2):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        opt.zero_grad()
+        model(torch.randn(batch, 3, 32, 32, generator=g)).logsumexp(1).mean().backward()
+        opt.step()
+
+
+def test_a_12_block_classifier_with_drop_path_stays_compiled_past_its_first_step(caplog):
+    """ViT-B/L fine-tuning's shape of the model: twelve blocks, drop-path 0.1 (twelve rates). Each rate read inside
+    a compiled block was a constant dynamo guarded on: a graph per block, FailOnRecompileLimitHit at the ninth."""
+    configure_kernels(off=INTERPRETED, environment=False)
+    torch.manual_seed(0)
+    model = ViTClassifier(ModelConfig(size='debug', img_size=32, patch_size=8, depth=12), 5, drop_path=0.1).train()
+    torch._dynamo.reset()
+    state = apply_compile(model, 'blocks', 'cpu', backend='eager')
+    with caplog.at_level(logging.WARNING):
+        _classifier_steps(model, 2)
+        model.eval()
+        with torch.no_grad():
+            model(torch.randn(2, 3, 32, 32))
+    assert not state.fallback and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert all(b._compiled_call_impl is not None for b in state.regions)  # still compiled, no fall-back
+    graphs = compiled_graphs(state)['Block']
+    assert 1 <= graphs <= 4, graphs  # train without drop-path (block 0, rate 0), train with, eval; not one per block
+
+
+def test_a_recompile_storm_falls_back_to_eager_with_one_warning(caplog):
+    """Planted: each block draws stochastic depth at its own Python rate inside its compiled call, as it once did,
+    over more blocks than the recompile limit holds: fullgraph=True then raises FailOnRecompileLimitHit (an
+    Exception, not a dynamo one) at the first block past the limit."""
+    configure_kernels(off=INTERPRETED, environment=False)
+    cfg = ModelConfig(size='debug', img_size=32, patch_size=8, depth=VARIANTS_PER_SHAPE + 2)
+    torch.manual_seed(0)
+    model = ViTClassifier(cfg, 5).train()
+    want = ViTClassifier(cfg, 5).train()
+    want.load_state_dict(model.state_dict())
+    forward = Block.forward
+
+    def guarded_per_block(self, x, *keeps):
+        keep = 1.0 - self.rate  # bernoulli_ needs it concrete: dynamo guards on its value
+        return forward(self, x * x.new_empty(x.shape[0], 1, 1).bernoulli_(keep).div_(keep), *keeps)
+
+    for m in (model, want):
+        for i, block in enumerate(m.encoder.blocks):
+            block.rate = i / 100
+    torch._dynamo.reset()
+    state = apply_compile(model, 'blocks', 'cpu', backend='eager')
+    img = torch.randn(2, 3, 32, 32)
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.WARNING):
+        mp.setattr(Block, 'forward', guarded_per_block)
+        torch.manual_seed(1)
+        got = model(img)
+        model(img).sum().backward()
+        torch.manual_seed(1)
+        expected = want(img)
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.name for r in warnings] == ['cmae_ds.engine.compile'], [r.getMessage()[:200] for r in warnings]
+    assert 'FailOnRecompileLimitHit' in state.fallback and 'recompile limit' in state.fallback, state.fallback
+    assert all(b._compiled_call_impl is None for b in state.regions)
+    torch.testing.assert_close(got, expected)

@@ -96,13 +96,17 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth per sample: the residual branch is dropped for a random subset of the batch."""
-    if p == 0.0 or not training:
-        return x
+def drop_path_keep(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Stochastic depth's per-sample factor (N, 1, ..., 1): 0 for a dropped residual branch, 1/(1-p) for a kept one.
+
+    Drawn by the caller of a block, outside a compiled block: a rate read inside it would be a Python constant that
+    dynamo guards on, and twelve blocks with twelve rates would be twelve graphs (the recompile limit is 8)."""
     keep = 1.0 - p
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+    return x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
+
+
+def _scaled(branch: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    return branch if keep is None else branch * keep.to(branch.dtype)
 
 
 class Block(nn.Module):
@@ -116,9 +120,12 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = drop_path
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
-        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+    def forward(
+        self, x: torch.Tensor, attn_keep: Optional[torch.Tensor] = None, mlp_keep: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """attn_keep, mlp_keep: the branches' stochastic-depth factors (`drop_path_keep`), None for none."""
+        x = x + _scaled(self.attn(self.norm1(x)), attn_keep)
+        return x + _scaled(self.mlp(self.norm2(x)), mlp_keep)
 
 
 class Blocks(nn.ModuleList):
@@ -128,11 +135,14 @@ class Blocks(nn.ModuleList):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self:
+            # timm's draws, in its order (attention's then the MLP's, none at rate 0), made here: see drop_path_keep
+            drop = self.training and block.drop_path > 0
+            keeps = (drop_path_keep(x, block.drop_path), drop_path_keep(x, block.drop_path)) if drop else ()
             if self.checkpointing and self.training and torch.is_grad_enabled():
                 # Non-reentrant: works with inputs that do not require grad and with ZeRO-3's parameter hooks.
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, *keeps, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, *keeps)
         return x
 
 
