@@ -33,7 +33,7 @@ def _to_host(func, args, kwargs) -> bool:
 
 
 def _where() -> str:
-    for frame in reversed(traceback.extract_stack()[:-3]):
+    for frame in reversed(traceback.extract_stack()[:-1]):
         if not frame.filename.startswith(TORCH) and not frame.filename.endswith('host_read_helpers.py'):
             return f'{frame.filename}:{frame.lineno} {frame.name}'
     return '?'
