@@ -20,15 +20,30 @@ from run_recorder import one_rank_group
 
 pytestmark = [pytest.mark.slow]
 
-STEPS = 5  # steps 1-4 are counted: the last one saves and logs, as a run's last step does
+STEPS = 5
+# Counted: steps 2-4. The first is DeepSpeed's warm-up under ZeRO-3 (it records the order parameters are fetched in
+# and checks it against rank 0's, deepspeed/runtime/zero/partitioned_param_coordinator.py, with reads of its own);
+# the last saves and logs, as a run's last step does.
+COUNTED = range(2, STEPS)
 DS_OWN = 'is_invalid_grad_norm'  # DeepSpeed's one read of the global norm, the step's own overflow check
-CONFIGS = [(stage, precision) for stage in (0, 1, 2, 3) for precision in ('fp32', 'bf16')]
+# bf16 without ZeRO takes DeepSpeed's fp16-style optimizer (runtime/engine.py _do_optimizer_sanity_check: DDP_BFLOAT16),
+# whose step checks every gradient for overflow on the host (runtime/utils.py has_overflow_serial, a bool() per
+# tensor) whatever the JSON says: only the linear probe runs so (ds_configs/linprobe_bf16.json), on a head of a
+# few tensors. Held as a strict xfail: the day DeepSpeed drops that check, this test says so.
+PER_TENSOR = pytest.mark.xfail(strict=True, reason="DeepSpeed's bf16 ZeRO-0 step reads one flag per gradient")
+CONFIGS = [
+    pytest.param(
+        stage, precision, id=f'zero{stage}-{precision}', marks=PER_TENSOR if (stage, precision) == (0, 'bf16') else ()
+    )
+    for stage in (0, 1, 2, 3)
+    for precision in ('fp32', 'bf16')
+]
 
 
 def deepspeed_reads(stage: int, precision: str) -> int:
     """DeepSpeed 0.19's own reads per step that no JSON key turns off (its source, named in the module docstring)."""
     if stage == 0:
-        return 1 if precision == 'bf16' else 0
+        return 0
     if stage in (1, 2):
         return 0 if precision == 'bf16' else 1
     return 1
@@ -84,11 +99,11 @@ def count_run(tmp_path, stage: int, precision: str, monkeypatch) -> dict:
     return cuts.steps
 
 
-@pytest.mark.parametrize('stage,precision', CONFIGS, ids=[f'zero{s}-{p}' for s, p in CONFIGS])
+@pytest.mark.parametrize('stage,precision', CONFIGS)
 def test_at_most_one_host_read_per_step(tmp_path, monkeypatch, stage, precision):
     steps = count_run(tmp_path, stage, precision, monkeypatch)
     assert sorted(steps)[-1] == STEPS, steps.keys()
-    for step in range(1, STEPS):
+    for step in COUNTED:
         reads, syncs = steps[step]
         ours = [r for r in reads if '/deepspeed/' not in r[0]]
         theirs = [r for r in reads if '/deepspeed/' in r[0]]
@@ -97,7 +112,7 @@ def test_at_most_one_host_read_per_step(tmp_path, monkeypatch, stage, precision)
         assert len(theirs) <= deepspeed_reads(stage, precision), f'step {step}: {by_place(theirs)}'
         assert syncs == 0, f'step {step}: the accelerator was synchronized {syncs} times'
     # the guard's read is there once a step is waiting to be judged: it judges every step
-    assert all(len([r for r in steps[s][0] if '/deepspeed/' not in r[0]]) == 1 for s in range(2, STEPS))
+    assert all(len([r for r in steps[s][0] if '/deepspeed/' not in r[0]]) == 1 for s in COUNTED)
 
 
 def test_the_counter_sees_every_kind_of_read():
