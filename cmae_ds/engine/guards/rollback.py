@@ -7,7 +7,8 @@ a margin, optionally scales the lr down for a while, and goes on; at most `max_r
 
 A step's loss and gradient norm are judged one step late (guards.agreement): they travel to the host while the next
 step runs, so the one read of each step never waits for the step in flight, and they share one all-reduce with the
-stop requests. A step followed by a save or the run's end is judged at once, so no diverged weights are written.
+stop requests. A step that is logged, saved or the run's last is judged at once (those read the loss anyway), so
+no diverged weights are written.
 The values are sent only with rollbacks on (`max_rollbacks` > 0).
 
 The events and the detector's history live in the run's progress (saved in every checkpoint); `rollbacks.json` in
@@ -106,8 +107,8 @@ class RollbackGuard:
             self._count += 1
 
     def check(self, step: int, now: bool = False) -> Optional[Event]:
-        """The agreed verdict of the step before this one, and of this one too when `now` (a save or the end
-        follows: nothing diverged may be written); also agrees on the stop requests (guards.agreement). Collective:
+        """The agreed verdict of the step before this one, and of this one too when `now` (a log, a save or the
+        end follows: nothing diverged may be written); also agrees on the stop requests (guards.agreement). Collective:
         every rank calls it at every boundary."""
         if self.on and self._loss is not None:
             norm, overflow = self.engine.get_global_grad_norm(), _fp16_overflow(self.engine)
