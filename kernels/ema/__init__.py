@@ -1,6 +1,6 @@
 """Momentum update of the target network: `FlatEMA(target_tensors, online_tensors).update(m)`.
 
-Under DeepSpeed's ZeRO-1/2 (and its bf16 ZeRO-0) optimizer `MasterEMA` reads the fp32 master weights instead: one
+Under DeepSpeed's ZeRO-1/2 optimizers `MasterEMA` reads the fp32 master weights instead: one
 launch per parameter group, and one all-gather per group with several ranks.
 One Triton launch over flat buffers on CUDA or under TRITON_INTERPRET=1, else a flat torch lerp.
 Switch: CMAE_FUSED_EMA=0 (or CMAE_FUSED=0) forces the torch path.

@@ -1,6 +1,6 @@
 """MasterEMA: the momentum update read from DeepSpeed's fp32 master weights, one launch per parameter group.
 
-DeepSpeed's ZeRO-1/2 optimizer (and its bf16 optimizer under ZeRO-0) keeps each parameter group's weights in one flat
+DeepSpeed's ZeRO-1/2 optimizer (and its BF16_Optimizer, which ZeRO-1 takes with fp32 gradient accumulation) keeps each parameter group's weights in one flat
 buffer (`bit16_groups_flat`, `bf16_groups_flat`: the model's parameters are views of it) and this rank's partition
 of it in fp32 (`single_partition_of_fp32_groups`, `fp32_groups_flat_partition`), padded so that every rank's part
 has the same size (deepspeed/runtime/zero/stage_1_and_2.py, runtime/bf16_optimizer.py). The target weights are laid
