@@ -1,11 +1,12 @@
 """MasterEMA: the momentum update read from DeepSpeed's fp32 master weights, one launch per parameter group.
 
-DeepSpeed's ZeRO-1/2 optimizer (and its BF16_Optimizer, which ZeRO-1 takes with fp32 gradient accumulation) keeps each parameter group's weights in one flat
-buffer (`bit16_groups_flat`, `bf16_groups_flat`: the model's parameters are views of it) and this rank's partition
-of it in fp32 (`single_partition_of_fp32_groups`, `fp32_groups_flat_partition`), padded so that every rank's part
-has the same size (deepspeed/runtime/zero/stage_1_and_2.py, runtime/bf16_optimizer.py). The target weights are laid
-out the same way in fp32: each rank updates its part from its fp32 master in one launch, and one all-gather per
-group fills in the others' parts. The EMA then averages the weights the optimizer holds, not their bf16 copies.
+DeepSpeed's ZeRO-1/2 optimizer (and its BF16_Optimizer, which ZeRO-1 takes with fp32 gradient accumulation) keeps each
+parameter group's weights in one flat buffer (`bit16_groups_flat`, `bf16_groups_flat`: the model's parameters are views
+of it) and this rank's partition of it in fp32 (`single_partition_of_fp32_groups`, `fp32_groups_flat_partition`), padded
+so that every rank's part has the same size (deepspeed/runtime/zero/stage_1_and_2.py, runtime/bf16_optimizer.py). The
+target weights are laid out the same way in fp32: each rank updates its part from its fp32 master in one launch, and one
+all-gather per group fills in the others' parts. The EMA then averages the weights the optimizer holds, not their bf16
+copies.
 """
 
 from __future__ import annotations
