@@ -8,6 +8,8 @@
       --deepspeed_config ds_configs/zero2_bf16.json ds_configs/zero3_bf16.json --micro 64 128   # a sweep
   python launch/benchmark.py --compare-fusion model.size=vit_base                  # fused paths on vs all off
   python launch/benchmark.py --compare-compile model.size=vit_base                 # eager vs compiled per block
+  python launch/benchmark.py --guards both model.size=vit_base                     # the rollback guard on and off
+  python launch/benchmark.py --compare-step-settings --mode e2e ...                # the step before and after issue 33
 
 A sweep runs every (size, ds_config, micro-batch) cell, records a cell's failure (out of memory, ...) and goes on.
 For a sweep the micro-batch of each cell replaces the JSON's train_micro_batch_size_per_gpu in a copy (the file on
@@ -54,6 +56,20 @@ def parse(argv=None):
         help='run each cell eager (model.compile=eager), then compiled per block (model.compile=blocks), and '
         'nothing else; report the ratio and the compile time',
     )
+    p.add_argument(
+        '--guards',
+        choices=['on', 'off', 'both'],
+        default='on',
+        help='the rollback guard and stop agreement at every step as a run has them (on), the bare step (off), or '
+        'each cell both ways with the ratio',
+    )
+    p.add_argument(
+        '--compare-step-settings',
+        action='store_true',
+        help="each cell with the step's settings before issue 33 (DeepSpeed's bf16 overflow check and synchronized "
+        'throughput timers on, the guard judging each step at once with a stop all-reduce of its own, the EMA from '
+        'the bf16 weights), then as now; report the ratio',
+    )
     p.add_argument('--out', default='benchmark.json')
     p.add_argument('--local_rank', type=int, default=None)
     p.add_argument('overrides', nargs='*')
@@ -76,13 +92,14 @@ def cells(args, base_cfg_overrides):
                 yield Path(ds_path).name, ds, overrides
 
 
-def run_one(args, ds_name, ds, overrides, ctx):
+def run_one(args, ds_name, ds, overrides, ctx, guards=None, ema='auto'):
     from cmae_ds.config import load_config
     from cmae_ds.tasks.benchmark import BenchResult, run_cell
 
     cfg = load_config(args.config, overrides)
     try:
-        return run_cell(args.mode, cfg, ds, ds_name, ctx, args.warmup, args.steps, args.peak_tflops)
+        guards = guards or ('on' if args.guards == 'both' else args.guards)
+        return run_cell(args.mode, cfg, ds, ds_name, ctx, args.warmup, args.steps, args.peak_tflops, guards, ema)
     except Exception as e:  # a cell's failure (OOM above all) is a result; the sweep goes on
         if os.environ.get('CMAE_BENCH_DEBUG'):
             traceback.print_exc()
@@ -142,6 +159,33 @@ def compiled_pair(args, ds_name, ds, overrides, ctx):
     return [eager, compiled]
 
 
+def old_settings(ds: dict) -> dict:
+    """The DeepSpeed JSON as ds_configs/ had it before issue 33: the bf16 overflow check and throughput timers on."""
+    old = copy.deepcopy(ds)
+    if old.get('bf16', {}).get('enabled'):
+        old['bf16']['check_grad_overflow'] = True
+    old['timers'] = {'throughput': {'enabled': True, 'synchronized': True}}
+    return old
+
+
+def step_settings_pair(args, ds_name, ds, overrides, ctx):
+    """The cell with the step's settings before issue 33, then as now; the new row carries speedup_vs_old."""
+    old = run_one(args, ds_name, old_settings(ds), overrides, ctx, guards='immediate', ema='bf16')
+    old.extra['settings'] = 'before issue 33'
+    new = run_one(args, ds_name, ds, overrides, ctx, guards='on')
+    new.extra['settings'] = 'now'
+    if old.step_ms_median and new.step_ms_median:
+        new.extra['speedup_vs_old'] = old.step_ms_median / new.step_ms_median
+    return [old, new]
+
+
+def guards_pair(args, ds_name, ds, overrides, ctx, on):
+    off = run_one(args, ds_name, ds, overrides, ctx, guards='off')
+    if on.step_ms_median and off.step_ms_median:
+        on.extra['guard_cost'] = on.step_ms_median / off.step_ms_median
+    return off
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     from cmae_ds.engine.dist import setup_distributed
@@ -156,13 +200,20 @@ def main(argv=None) -> int:
 
         configure(**load_config(args.config, args.overrides).kernels.switches())
         for ds_name, ds, overrides in cells(args, args.overrides):
+            pair = None
             if args.compare_compile and args.mode != 'data':  # the pair alone: a cell before it would warm the cache
-                results.extend(compiled_pair(args, ds_name, ds, overrides, ctx))
+                pair = compiled_pair
+            elif args.compare_step_settings and args.mode != 'data':
+                pair = step_settings_pair
+            if pair is not None:
+                results.extend(pair(args, ds_name, ds, overrides, ctx))
                 if ctx.is_main:
                     write_results(args.out, results)
                 continue
             fused = run_one(args, ds_name, ds, overrides, ctx)
             results.append(fused)
+            if args.guards == 'both' and args.mode != 'data':
+                results.append(guards_pair(args, ds_name, ds, overrides, ctx, fused))
             if args.compare_fusion and args.mode != 'data':
                 plain = unfused(lambda cell=(ds_name, ds, overrides): run_one(args, *cell, ctx))
                 plain.extra['fusion'] = 'off'
@@ -182,6 +233,16 @@ def main(argv=None) -> int:
                 print(
                     f'{r.size} {r.ds_config} micro {r.micro_batch}: fused step is '
                     f'{r.extra["speedup_vs_unfused"]:.2f}x the unfused one (median step time ratio)'
+                )
+            if 'guard_cost' in r.extra:
+                print(
+                    f'{r.size} {r.ds_config} micro {r.micro_batch}: the step with the guards is '
+                    f'{r.extra["guard_cost"]:.3f}x the step without (median step time ratio)'
+                )
+            if 'speedup_vs_old' in r.extra:
+                print(
+                    f'{r.size} {r.ds_config} micro {r.micro_batch}: the step as now is '
+                    f'{r.extra["speedup_vs_old"]:.2f}x as fast as with the settings before issue 33 (median ratio)'
                 )
             if 'speedup_vs_eager' in r.extra:
                 print(

@@ -31,9 +31,10 @@
 #     -> 175 s: the headline figures (ViT-B model-only and e2e images/s and MFU, the data rate, one ViT-L cell);
 #   pretrain_smoke 25, pretrain_resume 15, data_gpu_tests 25, kernels 30, attention_tests 20 -> 290 s;
 #   compile_bl 130 (ViT-B and ViT-L on ZeRO-2: per pair ~10 s eager, ~55 s compiling cold) -> 420 s;
+#   step_settings_b 40 (two e2e cells: the step's host reads and syncs before issue 33, then now),
 #   sweep_bl 80, sweep_h 65, ckpt_h 25, fused_adam 50, adamw_tests 10, report 3:
-# about 420 s (7 min) expected up to compile_bl; sweep_bl and what follows (optional_steps last) run on what the
-# budget has left (a sweep cut by its limit still returns the cells it finished), else are skipped.
+# about 420 s (7 min) expected up to compile_bl; step_settings_b and what follows (optional_steps last) run on what
+# the budget has left (a sweep cut by its limit still returns the cells it finished), else are skipped.
 #
 # What comes back (at most 8 files): log.txt (every step's output), summary.txt (one line per step), env.txt,
 # kernels.md, data.json, results.json (every benchmark row), benchmarks.md (a fragment for docs/benchmarks.md).
@@ -183,6 +184,11 @@ e2e_b() {  # the same ViT-B step fed by torch_gpu from the JPEGs: its data-wait 
         data.source=folder data.root="$WORK/jpegs" data.pipeline=torch_gpu
 }
 
+step_settings_b() {  # the e2e ViT-B step with the settings before issue 33 and now, side by side in one process
+    bench step_settings_b --mode e2e --compare-step-settings --deepspeed_config ds_configs/zero2_bf16.json \
+        --micro "$MICRO_B" model.size="$SIZE_B" data.source=folder data.root="$WORK/jpegs" data.pipeline=torch_gpu
+}
+
 model_l() {  # one ViT-L cell (ZeRO-2): the headline's large-model figure, before the sweeps
     bench model_l --mode model --deepspeed_config ds_configs/zero2_bf16.json --micro "$MICRO_L" \
         model.size="${SIZES_BL##* }"
@@ -279,6 +285,7 @@ steps() {  # in order of importance: the headline figures first, then the proofs
     gpu_step kernels 90 python3 -m cmae_ds.kernels.bench --iters 30 --out "$OUT/kernels.md"
     gpu_step attention_tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_attention.py
     step compile_bl 150 compile_bl
+    step step_settings_b 60 step_settings_b
     step sweep_bl 120 sweep_bl
     step sweep_h 90 sweep_h
     step ckpt_h 60 ckpt_h
@@ -291,8 +298,8 @@ optional_steps() {  # the place for steps a later change adds (`step NAME LIMIT 
     :
 }
 
-export -f install imports make_jpegs data_rate bench model_b e2e_b model_l sweep_bl compile_bl sweep_h ckpt_h pretrain_smoke \
-    pretrain_resume build_fused_adam
+export -f install imports make_jpegs data_rate bench model_b e2e_b step_settings_b model_l sweep_bl compile_bl \
+    sweep_h ckpt_h pretrain_smoke pretrain_resume build_fused_adam
 [[ "${BASH_SOURCE[0]}" != "$0" ]] && return 0  # sourced (tests): functions only
 case "${1:-}" in
     prepare) prepare ;;

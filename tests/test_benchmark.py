@@ -49,3 +49,27 @@ def test_compare_fusion_runs_both_paths(tmp_path):
     assert fused['extra']['fusion'] == 'on' and plain['extra']['fusion'] == 'off'
     assert plain['attention'] == 'math'
     assert fused['extra']['speedup_vs_unfused'] > 0
+
+
+def test_guards_on_and_off_and_the_step_settings_side_by_side(tmp_path):
+    """--guards both: the cell as a run has it (the rollback guard judging every step) and bare; then
+    --compare-step-settings on a bf16 ZeRO-2 JSON: the settings before issue 33 and now, in one process."""
+    out = tmp_path / 'guards.json'
+    proc = run_python(['launch/benchmark.py', '--guards', 'both', '--out', str(out), *SMALL])
+    assert proc.returncode == 0, tail(proc)
+    on, off = json.loads(out.read_text())
+    assert (on['extra']['guards'], off['extra']['guards']) == ('on', 'off')
+    assert on['extra']['guard_events'] == 0 and 'guard_events' not in off['extra']
+    assert on['extra']['guard_cost'] > 0 and 'guards is' in proc.stdout
+    ds = tmp_path / 'z2.json'
+    z2 = {'train_micro_batch_size_per_gpu': 2, 'bf16': {'enabled': True, 'check_grad_overflow': False}}
+    ds.write_text(json.dumps({**z2, 'zero_optimization': {'stage': 2}, 'timers': {'throughput': {'enabled': False}}}))
+    out = tmp_path / 'settings.json'
+    args = ['--compare-step-settings', '--deepspeed_config', str(ds), '--out', str(out), *SMALL]
+    proc = run_python(['launch/benchmark.py', *args])
+    assert proc.returncode == 0, tail(proc)
+    old, new = json.loads(out.read_text())
+    assert old['error'] is None and new['error'] is None
+    assert (old['extra']['guards'], new['extra']['guards']) == ('immediate', 'on')
+    assert old['extra']['ema_impl'] == 'foreach' and new['extra']['ema_impl'].startswith('master')
+    assert new['extra']['speedup_vs_old'] > 0 and 'settings before issue 33' in proc.stdout

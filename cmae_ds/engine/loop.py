@@ -194,7 +194,9 @@ class Loop:
         """True when the step was rolled back: the progress moved and the data starts elsewhere."""
         step, watchdog = self.progress.step, self.start.watchdog
         watchdog.beat(step)
-        event = self.guard.check(step)
+        # A step that is saved or logged (both read the loss) is judged at once, the others one step late.
+        now = self.checkpointer.due(step, final=final, epoch_end=epoch_done) or self.metrics.due(step, final)
+        event = self.guard.check(step, now=now)  # also agrees on the stop requests: one collective per step
         if event is not None:
             with watchdog.phase('rollback'):
                 rolled_back = self.guard.roll_back(event, task)

@@ -40,7 +40,7 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
             return self._local(x)
         dtype = x.dtype
         x32 = x.float()
-        count = x32.new_tensor([float(x.shape[0])])
+        count = x32.new_full((1,), x.shape[0])  # a fill on the device; new_tensor([...]) was a host-to-device copy
         sums = all_reduce_sum(torch.cat([x32.sum(dim=0), count]))
         total = sums[-1]
         mean = sums[:-1] / total

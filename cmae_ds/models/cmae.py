@@ -10,6 +10,7 @@ from torch import nn
 
 from ..config import DECODER_MLP_RATIO, ModelConfig
 from ..kernels import FlatEMA, fused_enabled, record
+from ..kernels.ema import MasterEMA, master_groups
 from .batchnorm import keep_dtype
 from .decoder import MAEDecoder
 from .heads import ProjectionMLP
@@ -79,6 +80,7 @@ class CMAE(nn.Module):
             target = TargetBranch(cfg)
         object.__setattr__(self, 'target', target)
         object.__setattr__(self, '_flat_ema', None)  # see enable_flat_ema
+        object.__setattr__(self, '_master_ema', None)  # see enable_master_ema
         self.set_activation_checkpointing(cfg.activation_checkpointing)
         self._register_state_dict_hook(_add_target_state)
         self._register_load_state_dict_pre_hook(_load_target_state, with_module=True)
@@ -153,6 +155,9 @@ class CMAE(nn.Module):
         target tensor; CMAE_FUSED_EMA=0 gives the plain per-tensor loop. `online` replaces the module's online
         parameters (in ema_pairs order), e.g. full values gathered from ZeRO-3 partitions.
         """
+        if online is None and self._master_ema is not None:
+            self._master_ema.update(m)
+            return
         if online is None and self._flat_ema is not None and fused_enabled('ema'):
             self._flat_ema.update(m)
             return
@@ -177,6 +182,15 @@ class CMAE(nn.Module):
         # Under ZeRO-1/2 or DeepSpeed's bf16 optimizer the online weights are views of DeepSpeed's own flat
         # buffers and cannot be laid out again; the foreach update below is then the fast path.
         object.__setattr__(self, '_flat_ema', flat if flat.flat else None)
+
+    def enable_master_ema(self, optimizer) -> bool:
+        """The EMA from the fp32 master weights of DeepSpeed's `optimizer` (cmae_ds.kernels.ema.MasterEMA), in one
+        launch per parameter group; False (nothing changed) where the optimizer keeps none on the device."""
+        groups = master_groups(optimizer)
+        if self.target is None or groups is None or not fused_enabled('ema'):
+            return False
+        object.__setattr__(self, '_master_ema', MasterEMA(*self.ema_pairs(), groups))
+        return True
 
     @torch.no_grad()
     def copy_online_to_target(self) -> None:

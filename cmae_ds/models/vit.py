@@ -82,7 +82,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, length, dim = x.shape
         qkv = self.qkv(x).reshape(n, length, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = attention(qkv[0], qkv[1], qkv[2])  # (N, H, L, Dh); FA3 / FA2 / SDPA / math by cmae_ds.kernels
+        # unbind: one backward writing the three slices, not three SelectBackwards each zeroing a full-size gradient
+        out = attention(*qkv.unbind(0))  # (N, H, L, Dh); FA3 / FA2 / SDPA / math by cmae_ds.kernels
         return self.proj(out.transpose(1, 2).reshape(n, length, dim))
 
 

@@ -8,6 +8,12 @@ The unit timed in 'model' and 'e2e' is the whole optimizer step: every micro-ste
 the target's momentum update. images/s is the images of the timed steps over their summed time, and MFU follows
 from it; a median over micro-steps would leave out the ones that carry the optimizer step and the momentum update
 (at accumulation 4 it is a bare forward-backward) and overstate both. In 'data' the unit is one micro-batch.
+
+`guards`: 'on' runs the rollback guard and the stop agreement at every step as a run has them (engine.guards: the
+step's values judged a step late, one collective with the stop flag); 'immediate' judges each step at once and
+agrees on the stop in a collective of its own (the step before issue 33); 'off' times the bare step.
+`ema`: 'auto' the run's EMA (from the fp32 master where DeepSpeed keeps one on the device); 'bf16' the update from the
+model's weights (the foreach path before issue 33).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -130,6 +137,8 @@ def run_cell(
     warmup: int,
     steps: int,
     peak_override: Optional[float] = None,
+    guards: str = 'on',
+    ema: str = 'auto',
 ) -> BenchResult:
     """Benchmark one (model size, DeepSpeed config, micro-batch) cell. Collective under a launcher."""
     batch_cfg = validate(ds, cfg, ctx.world_size, path=ds_name)
@@ -152,7 +161,8 @@ def run_cell(
     if mode == 'data':
         times, wait = _time_data(batches, warmup, steps, ctx.device)
     else:
-        times, wait = _time_steps(cfg, ds, batch_cfg, ctx, batches, warmup, steps, result)
+        result.extra.update(guards=guards, ema=ema)
+        times, wait = _time_steps(cfg, ds, batch_cfg, ctx, batches, warmup, steps, result, guards, ema)
     _fill(result, cfg, batch_cfg, ctx, times, wait, peak_override)
     return result
 
@@ -168,7 +178,38 @@ def _time_data(batches, warmup: int, steps: int, device) -> tuple[list[float], f
     return timer.durations_ms(), 1.0
 
 
-def _time_steps(cfg, ds, batch_cfg, ctx, batches, warmup, steps, result) -> tuple[list[float], float]:
+class Guards:
+    """The rollback guard and the stop requests of a run (engine.guards), fed the benchmark's steps; nothing is
+    written (no checkpoint: a verdict is only counted)."""
+
+    def __init__(self, cfg, batch_cfg, ctx, engine, immediate: bool):
+        import tempfile
+        from types import SimpleNamespace
+
+        from ..engine.guards.preemption import StopRequests
+        from ..engine.guards.rollback import RollbackGuard
+        from ..engine.guards.skips import Layout
+        from ..engine.loop import Progress
+
+        self.tmp = tempfile.TemporaryDirectory()
+        self.stop = StopRequests()
+        self.stop.attach(ctx.world_size)
+        start = SimpleNamespace(ctx=ctx, stop=self.stop, run_dir=Path(self.tmp.name), ckpt_dir=Path(self.tmp.name))
+        layout = Layout(batch_cfg.global_batch, 10**9)
+        self.guard = RollbackGuard(cfg.train, start, engine, Progress(), layout, batch_cfg.grad_accum, None)
+        self.immediate, self.events = immediate, 0
+
+    def after_micro_step(self, out: dict) -> None:
+        self.guard.accumulate(out)
+
+    def after_step(self, step: int) -> None:
+        self.events += self.guard.check(step, now=self.immediate) is not None
+        if self.immediate:
+            self.stop._decided = None  # the stop agreed in a collective of its own, as before
+        self.stop.agreed()
+
+
+def _time_steps(cfg, ds, batch_cfg, ctx, batches, warmup, steps, result, guards='off', ema='auto'):
     """`warmup` and `steps` count optimizer steps, each of grad_accum micro-steps and the momentum update; the
     timer marks the end of each (the durations are whole optimizer steps)."""
     from .pretrain import build_engine
@@ -176,6 +217,9 @@ def _time_steps(cfg, ds, batch_cfg, ctx, batches, warmup, steps, result) -> tupl
     engine, model, result.optimizer = build_engine(
         cfg, ds, batch_cfg, ctx, scaled_lr(cfg.train.base_lr, batch_cfg.global_batch)
     )
+    if ema == 'bf16':
+        object.__setattr__(model, '_master_ema', None)
+    guard = None if guards == 'off' else Guards(cfg, batch_cfg, ctx, engine, immediate=guards == 'immediate')
     dtype, gen = compute_dtype(batch_cfg), mask_generator(cfg, ctx)
     timer, wait = StepTimer(ctx.device), 0.0
     for i in range(warmup + steps):
@@ -186,7 +230,11 @@ def _time_steps(cfg, ds, batch_cfg, ctx, batches, warmup, steps, result) -> tupl
             batch = next(batches)
             if i >= warmup:
                 wait += clock() - t0
-            train_step(engine, batch, dtype, gen)
+            out = train_step(engine, batch, dtype, gen)
+            if guard is not None:
+                guard.after_micro_step(out)
+        if guard is not None:
+            guard.after_step(i + 1)
         momentum_step(model, 0.996, batch_cfg.zero_stage)
         if i >= warmup:
             timer.mark()
@@ -196,6 +244,9 @@ def _time_steps(cfg, ds, batch_cfg, ctx, batches, warmup, steps, result) -> tupl
     if model.compiled.fallback:
         result.extra['compile_fallback'] = model.compiled.fallback
     result.extra['micro_steps_per_step'] = batch_cfg.grad_accum
+    result.extra['ema_impl'] = last_impl('ema')
+    if guard is not None:
+        result.extra['guard_events'] = guard.events
     del engine, model
     gc.collect()
     return times, wait * 1000 / max(sum(times), 1e-9)

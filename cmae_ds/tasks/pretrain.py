@@ -124,7 +124,8 @@ def build_engine(cfg: Config, ds: dict, batch_cfg: ResolvedBatch, ctx: DistConte
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     undo_initial_step(engine)
     model.to(engine.device)
-    if batch_cfg.zero_stage != 3:  # ZeRO-3 partitions the online weights: momentum_step gathers them instead
+    # ZeRO-3 partitions the online weights: momentum_step gathers them instead
+    if batch_cfg.zero_stage != 3 and not model.enable_master_ema(engine.optimizer):
         model.enable_flat_ema()
     model.compiled = compiled
     return engine, model, opt_name

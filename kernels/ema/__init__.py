@@ -1,10 +1,13 @@
 """Momentum update of the target network: `FlatEMA(target_tensors, online_tensors).update(m)`.
 
+Under DeepSpeed's ZeRO-1/2 optimizers `MasterEMA` reads the fp32 master weights instead: one
+launch per parameter group, and one all-gather per group with several ranks.
 One Triton launch over flat buffers on CUDA or under TRITON_INTERPRET=1, else a flat torch lerp.
 Switch: CMAE_FUSED_EMA=0 (or CMAE_FUSED=0) forces the torch path.
 """
 
 from .flat import FlatEMA
+from .master import MasterEMA, master_groups
 from .reference import ema_flat_reference, ema_list_reference
 
-__all__ = ['FlatEMA', 'ema_flat_reference', 'ema_list_reference']
+__all__ = ['FlatEMA', 'MasterEMA', 'master_groups', 'ema_flat_reference', 'ema_list_reference']

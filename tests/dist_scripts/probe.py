@@ -16,8 +16,13 @@ from cmae_ds.tasks.pretrain import build_engine, train
 
 
 def full_state(model, zero_stage):
-    """Online parameters as full fp32 tensors (gathered under ZeRO-3); collective."""
+    """Online parameters as full fp32 tensors (gathered under ZeRO-3); under ZeRO-1/2 the optimizer's fp32 master,
+    which the EMA reads there (kernels/ema/master.py), as DeepSpeed's own accessor gathers it; collective."""
     params = list(model.named_parameters())
+    if zero_stage in (1, 2):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return {n: safe_get_full_fp32_param(p).detach().float().clone() for n, p in params}
     if zero_stage == 3:
         import deepspeed
 

@@ -1,6 +1,7 @@
 """Preemption: SIGTERM (Slurm and Kubernetes before a kill), SIGINT (Ctrl-C), SIGUSR1 (Slurm's
 `--signal=USR1@120`) or the death of the launcher become a request to stop. The ranks agree on it at the next
-optimizer-step boundary (one all-reduce of one flag on a CPU group, so no device sync), write a complete
+optimizer-step boundary (one all-reduce on a CPU group, so no device sync: the rollback guard's, which carries
+the flag beside the step's loss, guards.agreement), write a complete
 checkpoint and exit with cli.EXIT_PREEMPTED. A second SIGINT exits at once: the previous complete checkpoint
 stays the resume point, since a checkpoint counts only once marked complete.
 """
@@ -66,6 +67,7 @@ class StopRequests:
         self._done = threading.Event()
         self._poll_s = poll_s
         self._pid = os.getpid()
+        self._decided: Optional[bool] = None
 
     def install(self) -> 'StopRequests':
         """Signal handlers (main thread only) and the launcher watch; before the process group exists."""
@@ -126,8 +128,19 @@ class StopRequests:
                 self.request(f'launcher process {gone[0]} exited')
                 return
 
+    def decide(self, any_rank: bool) -> None:
+        """This step's agreement, reached inside the rollback guard's collective (guards.agreement): the next
+        `agreed()` returns it without a collective of its own."""
+        if any_rank and self.reason is None:
+            self.reason = PEER_REQUEST
+        self._decided = any_rank
+
     def agreed(self) -> bool:
-        """True on every rank when any rank has a request (collective: every rank calls it at every boundary)."""
+        """True on every rank when any rank has a request (collective: every rank calls it at every boundary,
+        unless this step's `decide()` already carried the flag)."""
+        if self._decided is not None:
+            decided, self._decided = self._decided, None
+            return decided
         local = self.reason is not None
         if self.world_size == 1:
             return local

@@ -5,8 +5,11 @@ newest complete checkpoint before the event, skips the data from that checkpoint
 a margin, optionally scales the lr down for a while, and goes on; at most `max_rollbacks` times within
 `rollback_window_steps`, past which it stops with exit code 3 and the events named.
 
-Reading the step's loss on the host is one device sync per optimizer step (the price of judging every step); it is
-taken only with rollbacks on (`max_rollbacks` > 0).
+A step's loss and gradient norm are judged one step late (guards.agreement): they travel to the host while the next
+step runs, so the one read of each step never waits for the step in flight, and they share one all-reduce with the
+stop requests. A step that is logged, saved or the run's last is judged at once (those read the loss anyway), so
+no diverged weights are written.
+The values are sent only with rollbacks on (`max_rollbacks` > 0).
 
 The events and the detector's history live in the run's progress (saved in every checkpoint); `rollbacks.json` in
 the run folder lists the events with the dataset indices skipped, and a resume from any checkpoint, also one older
@@ -30,6 +33,7 @@ from ...storage.atomic_write import atomic_write_text
 from ..checkpoints import store
 from ..checkpoints.verify import MARKER, check_tag
 from ..dist import barrier, gather_objects
+from .agreement import StepValues, agree
 from .divergence import DivergenceDetector, SpikeRule, Verdict
 from .lineage import Lineage
 from .skips import Layout, dataset_indices, first_unskipped, ranges_between
@@ -43,6 +47,8 @@ class Event:
     verdict: Verdict
     ranks: list
     """Ranks whose own loss was non-finite (empty for a spike, which is judged on the mean over ranks)."""
+    at: Optional[tuple] = None
+    """(epoch, position) of the data right after the step: judged a step late, the run has moved on since."""
 
     def describe(self) -> str:
         seen = f' (seen on rank {", ".join(map(str, self.ranks))})' if self.ranks else ''
@@ -74,6 +80,7 @@ class RollbackGuard:
         )
         self._loss: Optional[torch.Tensor] = None
         self._count = 0
+        self._pending: list[StepValues] = []  # steps whose values are on their way to the host, judged one step late
         self._last_n = max((e['n'] for e in state['events']), default=0)
         if self.on:
             self._merge_recorded()
@@ -101,24 +108,29 @@ class RollbackGuard:
             self._loss = loss if self._loss is None else self._loss + loss
             self._count += 1
 
-    def check(self, step: int) -> Optional[Event]:
-        """The agreed verdict of this optimizer step (collective: every rank calls it at every boundary)."""
-        if not self.on or self._loss is None:
-            return None
-        local = float(self._loss) / self._count  # the one host sync per step
-        self._loss, self._count = None, 0
-        bad = not math.isfinite(local)
-        values = torch.tensor([local, 1.0 if bad else 0.0], dtype=torch.float64)
-        if self.start.ctx.world_size > 1:
-            torch.distributed.all_reduce(values, group=self.start.stop.group)
-        loss = float(values[0]) / self.start.ctx.world_size
-        if values[1] > 0:
-            loss = math.nan
-        verdict = self.detector.observe(step, loss, _grad_norm(self.engine), _fp16_overflow(self.engine))
-        if verdict is None:
-            return None
-        ranks = [rank for rank, b in enumerate(gather_objects(bad)) if b]
-        return Event(step, verdict, ranks)
+    def check(self, step: int, now: bool = False) -> Optional[Event]:
+        """The agreed verdict of the step before this one, and of this one too when `now` (a log, a save or the
+        end follows: nothing diverged may be written); also agrees on the stop requests (guards.agreement). Collective:
+        every rank calls it at every boundary."""
+        if self.on and self._loss is not None:
+            norm, overflow = self.engine.get_global_grad_norm(), _fp16_overflow(self.engine)
+            self._pending.append(StepValues(step, self._loss, self._count, norm, overflow, self._position()))
+            self._loss, self._count = None, 0
+        judged = self._pending if now else self._pending[:-1]
+        self._pending = self._pending[len(judged) :]
+        world = self.start.ctx.world_size
+        event = None
+        for values, (local, reduced) in zip(judged, agree(judged, self.start.stop, world)):
+            loss = math.nan if reduced[1] > 0 else reduced[0] / world
+            verdict = self.detector.observe(values.step, loss, values.norm(reduced[2], world), values.overflow)
+            if verdict is not None and event is None:
+                ranks = [rank for rank, bad in enumerate(gather_objects(bool(local[1] > 0))) if bad]
+                event = Event(values.step, verdict, ranks, values.at)
+        return event
+
+    def _position(self) -> tuple[int, int]:
+        p = self.progress
+        return p.epoch, p.batch_in_epoch * self.layout.global_batch // self.grad_accum
 
     # --- response ----------------------------------------------------------------------------------------------
 
@@ -127,7 +139,7 @@ class RollbackGuard:
         record the skipped data; False when a spike has no checkpoint before it (the run goes on, the event is
         recorded). Raises Diverged past the budget, NonFiniteLoss when a non-finite loss has nothing to return to."""
         p, s = self.progress, self.section
-        at = (p.epoch, p.batch_in_epoch * self.layout.global_batch // self.grad_accum)
+        at = event.at or self._position()
         self._last_n += 1
         record = {
             'n': self._last_n,
@@ -164,7 +176,7 @@ class RollbackGuard:
         )
         self.state['events'].append(compact(record))
         self.detector.state['loss_run'] = self.detector.state['norm_run'] = 0
-        self._loss, self._count = None, 0
+        self._loss, self._count, self._pending = None, 0, []
         images = dataset_indices(self.plan, record['skipped']) if self.plan is not None and self._main else []
         self._write(record, images)
         skipped = sum(e - b for _, b, e in record['skipped'])
@@ -288,12 +300,6 @@ def read_record(path: Path) -> list:
 
 def _ranges_text(ranges: list) -> str:
     return ', '.join(f'epoch {e} positions {b}-{end - 1}' for e, b, end in ranges)
-
-
-def _grad_norm(engine) -> Optional[float]:
-    # Read here rather than from engine.metrics: the guards sit below the loop's metrics (docs/architecture.md).
-    norm = engine.get_global_grad_norm()
-    return None if norm is None else float(norm)
 
 
 def _fp16_overflow(engine) -> bool:
