@@ -194,7 +194,8 @@ class Guards:
         self.tmp = tempfile.TemporaryDirectory()
         self.stop = StopRequests()
         self.stop.attach(ctx.world_size)
-        start = SimpleNamespace(ctx=ctx, stop=self.stop, run_dir=Path(self.tmp.name), ckpt_dir=Path(self.tmp.name))
+        tmp = Path(self.tmp.name)
+        start = SimpleNamespace(ctx=ctx, stop=self.stop, run_dir=tmp, ckpt_dir=tmp, tag=None)  # a fresh run
         layout = Layout(batch_cfg.global_batch, 10**9)
         self.guard = RollbackGuard(cfg.train, start, engine, Progress(), layout, batch_cfg.grad_accum, None)
         self.immediate, self.events = immediate, 0
