@@ -42,7 +42,7 @@ SHARED_RUNS = {
 def pytest_collection_modifyitems(config, items):
     grouping = getattr(config.option, 'loadgroup', False)  # set in xdist's workers under --dist loadgroup
     for item in items:
-        module = item.module.__name__.rpartition('.')[2]
+        module = getattr(getattr(item, 'module', None), '__name__', '').rpartition('.')[2]
         if SHARED_RUNS.get(module) not in getattr(item, 'fixturenames', ()):
             continue
         group = f'{module}.{SHARED_RUNS[module]}'
