@@ -25,6 +25,43 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 
+# Module fixtures that start a run (or build something as costly) shared by several tests of their module. Under
+# pytest-xdist (pytest.ini) each worker makes its own copy of a module fixture its tests need: the tests using one
+# of these are put in one xdist_group, so `--dist loadgroup` sends them to one worker and the run is made once.
+# A module fixture that only writes a few images needs no entry: its tests spread over the workers.
+SHARED_RUNS = {
+    'test_elastic': 'chain',
+    'test_preemption': 'straight',
+    'test_run_wiring': 'straight',
+    'test_data_shards': 'packed',
+    'test_data_views': 'views',
+}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the marks into node ids
+def pytest_collection_modifyitems(config, items):
+    grouping = getattr(config.option, 'loadgroup', False)  # set in xdist's workers under --dist loadgroup
+    for item in items:
+        module = getattr(getattr(item, 'module', None), '__name__', '').rpartition('.')[2]
+        if SHARED_RUNS.get(module) not in getattr(item, 'fixturenames', ()):
+            continue
+        group = f'{module}.{SHARED_RUNS[module]}'
+        item.add_marker(pytest.mark.xdist_group(group))
+        if grouping and hasattr(item, '_id'):
+            _suffix_group(item, group)
+
+
+def _suffix_group(item, group: str) -> None:
+    """The node id `...@group` that xdist's scheduler groups by. xdist 3.8 writes it into `item._nodeid`, which
+    pytest 9.2 no longer reads (node ids are structured, `item._id`): the groups were silently ignored and each
+    worker made the shared run again (https://github.com/pytest-dev/pytest-xdist/issues/1386, fix proposed in
+    pull 1388). Written here the way that fix does; a suffix xdist adds again later is harmless (it splits at the
+    last @)."""
+    from _pytest.nodeid import NodeId
+
+    item._id = NodeId.parse(f'{item.nodeid}@{group}')
+
+
 @pytest.fixture(scope='session')
 def fixture_a():
     """The official code's outputs. A fresh clone has no shared/ beside it: the parity tests skip there, saying
@@ -71,3 +108,48 @@ def _process_group_env():
     if not had_group and torch.distributed.is_available() and torch.distributed.is_initialized():
         dist.shutdown_distributed()
     restore_group_env(saved)
+
+
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """A folder that `make(folder)` fills once per session, whichever xdist worker asks first; the others wait for
+    it (a file lock in the session's temporary folder, which the workers share) and reuse it. A failed make is
+    reported to every test that asks, without making it again."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get('PYTEST_XDIST_WORKER'):
+        root = root.parent  # pytest-of-<user>/pytest-<n>/: the workers' folders are popen-gw0, popen-gw1, ...
+    from filelock import FileLock
+
+    folder, failed = root / name, root / f'{name}.failed'
+    with FileLock(str(root / f'{name}.lock')):
+        if failed.exists():
+            pytest.fail(f'{name} failed in another worker: {failed.read_text()}')
+        if not (folder / '.made').exists():
+            folder.mkdir(exist_ok=True)
+            try:
+                make(folder)
+            except BaseException as e:
+                failed.write_text(f'{type(e).__name__}: {e}'[-3000:])
+                raise
+            (folder / '.made').touch()
+    return folder
+
+
+def _pretrain(folder: Path) -> None:
+    from engine_helpers import TINY, run_python, tail, write_ds
+
+    ds = write_ds(folder, zero_optimization={'stage': 1})
+    run = folder / 'run'
+    args = ['launch/pretrain.py', '--deepspeed_config', ds, *TINY, 'train.max_steps=2', 'train.save_every_steps=2']
+    proc = run_python([*args, f'train.output_dir={run}'])
+    assert proc.returncode == 0, tail(proc)
+
+
+@pytest.fixture(scope='session')
+def pretrained_run(tmp_path_factory):
+    """One tiny pretraining run, made once per session: the debug model of engine_helpers.TINY, 2 steps on ZeRO-1
+    (model and optimizer states in separate files), its checkpoint at step 2, model.safetensors and README.md.
+    The tests that start from a pretrained run or its checkpoint (fine-tuning, probing, evaluation, safe loading)
+    share it: read it, or copy it before changing anything in it."""
+    folder = made_once(tmp_path_factory, 'pretrained_run', _pretrain)
+    run = folder / 'run'
+    return dict(ds=str(folder / 'ds.json'), run=run, tag=run / 'checkpoints' / 'step_00000002')

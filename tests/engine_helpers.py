@@ -48,9 +48,9 @@ TIMEOUT = 900
 
 
 def run_deepspeed(
-    script_args: list, *, num_gpus: int = 2, timeout: int = TIMEOUT, extra: list = ()
+    script_args: list, *, num_gpus: int = 2, timeout: int = TIMEOUT, extra: list = (), port: int | None = None
 ) -> subprocess.CompletedProcess:
-    cmd = [DEEPSPEED, '--num_gpus', str(num_gpus), '--master_port', str(free_port()), *extra, *script_args]
+    cmd = [DEEPSPEED, '--num_gpus', str(num_gpus), '--master_port', str(port or free_port()), *extra, *script_args]
     return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
 
 

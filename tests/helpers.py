@@ -1,6 +1,9 @@
 """Small shared test helpers."""
 
 import contextlib
+import itertools
+import os
+import random
 import socket
 import sys
 import types
@@ -26,10 +29,31 @@ def debug_cfg(**kw) -> ModelConfig:
     return ModelConfig(size='debug', img_size=64, **kw)
 
 
+# Ports for the launchers' rendezvous (--master_port, MASTER_PORT): below Linux's ephemeral range (32768-60999,
+# /proc/sys/net/ipv4/ip_local_port_range), which the kernel hands to every bind(0) and outgoing connection, so gloo's
+# connections in a test running beside this one (pytest-xdist) cannot take a port between its pick and the
+# launcher's bind; one block per xdist worker, walked from a random start, so that the workers of this session never
+# pick the same port and another session on the machine is unlikely to.
+PORT_BASE, PORT_BLOCK = 20000, 1000
+_port_walk = itertools.count(random.randrange(PORT_BLOCK))
+
+
+def _worker_index() -> int:
+    worker = os.environ.get('PYTEST_XDIST_WORKER', 'gw0')  # gw0, gw1, ... under xdist
+    return int(worker[2:]) if worker[2:].isdigit() else 0
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+    base = PORT_BASE + (_worker_index() % 12) * PORT_BLOCK
+    for _ in range(PORT_BLOCK):
+        port = base + next(_port_walk) % PORT_BLOCK
+        with socket.socket() as s:
+            try:
+                s.bind(('127.0.0.1', port))
+            except OSError:  # in use, or still in TIME_WAIT from an earlier run
+                continue
+            return port
+    raise RuntimeError(f'no free port in {base}-{base + PORT_BLOCK - 1}')
 
 
 def fixture_config(fx) -> ModelConfig:

@@ -4,7 +4,6 @@ import copy
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,8 @@ import pytest
 
 from cmae_ds.config import Config, ConfigError, load_config
 from cmae_ds.config.ds_config import ResolvedBatch, check_precision_supported, load_ds_config, validate
+
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 PATH = 'ds_configs/test.json'
@@ -249,18 +250,12 @@ _ENGINE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def test_cpu_debug_builds_a_real_engine():
     """cpu_debug.json drives a real DeepSpeed engine on the CPU (gloo, one process) and agrees with validate()."""
     env = dict(
         os.environ,
         MASTER_ADDR='127.0.0.1',
-        MASTER_PORT=str(_free_port()),
+        MASTER_PORT=str(free_port()),
         RANK='0',
         WORLD_SIZE='1',
         LOCAL_RANK='0',

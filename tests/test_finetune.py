@@ -8,7 +8,7 @@ import torch
 
 from cmae_ds.modelfiles.formats import read_file
 
-from engine_helpers import TINY, run_deepspeed, run_python, tail, write_ds
+from engine_helpers import run_deepspeed, run_python, tail, write_ds
 from finetune_helpers import write_class_folder
 from helpers import model_state
 
@@ -29,30 +29,14 @@ FT = [
 
 
 @pytest.fixture(scope='module')
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, pretrained_run):
+    """Class folders, and the session's tiny pretraining run (tests/conftest.py) to start from."""
     root = tmp_path_factory.mktemp('ft')
     train = write_class_folder(root / 'train', [8, 8], seed=1)
     val = write_class_folder(root / 'val', [4, 3], seed=2)  # 7 images: not divisible by 2 ranks
-    ds = write_ds(root)
-    proc = run_python(
-        [
-            'launch/pretrain.py',
-            '--deepspeed_config',
-            ds,
-            *TINY,
-            'data.source=folder',
-            f'data.root={train}',
-            'data.pipeline=torch',
-            'data.num_workers=0',
-            'train.epochs=1',
-            'train.warmup_epochs=0',
-            'train.max_steps=2',
-            f'train.output_dir={root / "pre"}',
-        ]
-    )
-    assert proc.returncode == 0, tail(proc)
-    assert (root / 'pre' / 'model.safetensors').is_file() and (root / 'pre' / 'README.md').is_file()
-    return dict(root=root, train=train, val=val, ds=ds, pre=root / 'pre')
+    pre = pretrained_run['run']
+    assert (pre / 'model.safetensors').is_file() and (pre / 'README.md').is_file()
+    return dict(root=root, train=train, val=val, ds=write_ds(root), pre=pre)
 
 
 def finetune(s, out, *extra, script='launch/finetune.py', config='finetune_debug', ds=None):

@@ -225,7 +225,7 @@ def test_a_signalled_launcher_leaves_one_checkpoint_every_rank_saved(tmp_path, f
 
 
 @pytest.mark.parametrize('task', ['finetune', 'linprobe'])
-def test_classification_runs_stop_with_a_checkpoint_and_resume(tmp_path, folder, straight, task):
+def test_classification_runs_stop_with_a_checkpoint_and_resume(tmp_path, folder, pretrained_run, task):
     """Fine-tuning and probing share the loop: SIGTERM after the first epoch's checkpoint -> 75 -> resume -> done."""
     config = 'finetune_debug' if task == 'finetune' else 'linprobe_vit_base'
     cmd = [
@@ -242,7 +242,7 @@ def test_classification_runs_stop_with_a_checkpoint_and_resume(tmp_path, folder,
         f'val_data.root={folder}',
         'data.num_workers=0',
         'val_data.num_workers=0',
-        f'{task}.pretrained={straight.run_dir}',
+        f'{task}.pretrained={pretrained_run["run"]}',  # the session's tiny run (tests/conftest.py)
         f'{task}.output_dir={tmp_path / "run"}',
         'data.source=folder',
         'val_data.source=folder',

@@ -278,25 +278,11 @@ def test_every_file_of_a_deepspeed_tag_is_scanned_whatever_its_name(tmp_path, ma
 # ---- pretraining resume, the CLIs: real DeepSpeed runs in subprocesses ----------------------------------------
 
 
-@pytest.fixture(scope='module')
-def pretrained(tmp_path_factory):
-    """One tiny ZeRO-1 pretraining run (model and optimizer states in separate files) shared by the slow tests."""
-    root = tmp_path_factory.mktemp('safe')
-    ds = write_ds(root, zero_optimization={'stage': 1})
-    run = root / 'run'
-    proc = run_python(
-        [
-            'launch/pretrain.py',
-            '--deepspeed_config',
-            ds,
-            *TINY,
-            'train.max_steps=2',
-            'train.save_every_steps=2',
-            f'train.output_dir={run}',
-        ]
-    )
-    assert proc.returncode == 0, tail(proc)
-    return dict(root=root, ds=ds, run=run, tag=run / 'checkpoints' / 'step_00000002')
+@pytest.fixture
+def pretrained(pretrained_run):
+    """The session's tiny ZeRO-1 pretraining run (tests/conftest.py: model and optimizer states in separate files);
+    each test copies it before planting anything."""
+    return pretrained_run
 
 
 def resume(s, run, *extra):
