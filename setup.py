@@ -31,6 +31,13 @@ setup(
     ],
     extras_require={
         'dali': ['nvidia-dali-cuda120'],
-        'test': ['pytest', 'pytest-xdist', 'nvidia-dali-cuda120', 'ruff==0.17.6', 'webdataset==1.0.2', 'markdown-it-py'],
+        'test': [
+            'pytest',
+            'pytest-xdist',
+            'nvidia-dali-cuda120',
+            'ruff==0.17.6',
+            'webdataset==1.0.2',
+            'markdown-it-py',
+        ],
     },
 )
