@@ -35,6 +35,8 @@ SHARED_RUNS = {
     'test_run_wiring': 'straight',
     'test_data_shards': 'packed',
     'test_data_views': 'views',
+    'test_compile_lane': 'pretrained',
+    'test_shards_at_scale': 'packed',
 }
 
 
