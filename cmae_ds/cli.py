@@ -56,17 +56,25 @@ def run_guarded(body: Callable[[], int]) -> int:
     try:
         code = body()
     except USER_ERRORS as e:
-        print(f'error: {e}', file=sys.stderr)
+        _say(f'error: {e}')
         return EXIT_USER_ERROR
     except NonFiniteLoss as e:
-        print(f'training stopped: {e}', file=sys.stderr)
+        _say(f'training stopped: {e}')
         return EXIT_NONFINITE
     except Preempted as e:
-        print(f'preempted: {e}', file=sys.stderr)
+        _say(f'preempted: {e}')
         code = EXIT_PREEMPTED
     # every rank ends a finished or preempted run together (the stop is agreed at a step boundary)
     shutdown_distributed()
     return code
+
+
+def _say(line: str) -> None:
+    """One line on stderr in one write: every rank of a run says its ending into the same log at the same moment,
+    and unbuffered (PYTHONUNBUFFERED=1, as the tests run the ranks) print() writes the text and its newline apart,
+    so two ranks' lines ran together ('...itpreempted: ...')."""
+    sys.stderr.write(line + '\n')
+    sys.stderr.flush()
 
 
 def exit_process(code: int) -> None:
