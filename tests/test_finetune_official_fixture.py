@@ -2,7 +2,8 @@
 the finetune_vit_base preset's rules, the real DeepSpeed engine, its parameter groups, schedule and loop) replays a
 trajectory made by the OFFICIAL code's own mmengine Runner (tests/fixtures/finetune_official/make_fixture.py: the
 official fine-tuning config, the repository's LearningRateDecayOptimWrapperConstructor, LinearLR + CosineAnnealingLR
-per iteration; ViT 96 wide, 3 blocks, 64 px, 4 classes, 20 iterations, drop path and mixup off on both sides).
+per iteration; ViT 96 wide, 2 blocks with MLP 192, 64 px, 4 classes, 20 iterations, drop path and mixup off on
+both sides).
 
 Only the data and the starting weights are handed in: the fixture's batches instead of a folder, and its initial
 weights (the official init) through the project's own official-classifier loader. Bounds: the same official run from
