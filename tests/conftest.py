@@ -95,6 +95,22 @@ def _kernel_switches():
     _switch._set(saved)  # and the ops forget the choices made under the test's switches
 
 
+TORCH_FUNCTIONS = {name: getattr(torch.nn.functional, name) for name in ('linear', 'embedding')}
+
+
+@pytest.fixture(autouse=True)
+def _torch_functions_untouched():
+    """No test leaves torch's functions replaced. ZeRO-3's engine swaps `functional.linear` for its own for good
+    (engine/torch_globals.py); a run in this process left it so, and a later test on the same xdist worker that
+    scripted an nn.Linear failed inside TorchScript, depending on which worker drew which tests. This fails the test
+    that leaks, and puts torch back for the rest."""
+    yield
+    leaked = [n for n, fn in TORCH_FUNCTIONS.items() if getattr(torch.nn.functional, n) is not fn]
+    for name in leaked:
+        setattr(torch.nn.functional, name, TORCH_FUNCTIONS[name])
+    assert not leaked, f'torch.nn.functional.{leaked} left replaced (by DeepSpeed?)'
+
+
 @pytest.fixture(autouse=True)
 def _process_group_env():
     """A test that builds an engine in this process (setup_distributed writes RANK, MASTER_PORT, ... for its one-rank

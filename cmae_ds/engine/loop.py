@@ -23,7 +23,7 @@ from ..config.ds_config import ResolvedBatch, check_precision_supported, load_ds
 from ..errors import Preempted
 from ..kernels import configure as configure_kernels
 from ..storage.atomic_write import atomic_write_text
-from . import startup
+from . import startup, torch_globals
 from .checkpoints.resume import choose
 from .checkpoints.store import Checkpointer
 from .checkpoints.store import tag_for as checkpoint_tag
@@ -105,12 +105,15 @@ def start_run(
     resumed tag is otherwise scanned here, before anything is built); `take_over_lock`: take the run folder's lock
     from a run that is gone. Before anything is built, the run folder must take a write and have room for a
     checkpoint, and rank 0 holds its lock (run_lock) until the run ends. Signals are caught from here on, restored
-    on leaving."""
+    on leaving, as are the torch functions DeepSpeed replaces (engine/torch_globals.py)."""
     stop = StopRequests().install()
     startup.begin()  # until the first step, a stop signal ends the process at once
     configure_kernels(**kernels.switches())
     try:
-        with run_lock.guard(section.output_dir, take_over=take_over_lock, key=f'{section.section}.output_dir'):
+        with (
+            torch_globals.restored(),
+            run_lock.guard(section.output_dir, take_over=take_over_lock, key=f'{section.section}.output_dir'),
+        ):
             yield from _started(ds_path, cfg, section, resume, check, trust, stop)
     finally:
         startup.end()
