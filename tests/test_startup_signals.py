@@ -2,9 +2,12 @@
 
 Real launch/pretrain.py processes started as rank 0 of 2 (RANK=0 WORLD_SIZE=2, as a launcher sets them) with no
 second rank: each waits in torch's TCPStore for a peer that never comes. Once it listens on MASTER_PORT (it waits
-from then on), one gets SIGINT and the other SIGTERM; each must end within a few seconds with one line and the
-code a shell gives for death by that signal (128 + the signal's number). Before, both signals were turned into a
-request for the next step, which never came: the process waited for the 30-minute collective timeout."""
+from then on), one gets SIGINT, one SIGTERM and one SIGUSR1; each must end within a few seconds with one line, the
+code that signal gives mid-run (75 for the scheduler's two, which the batch script requeues: launch/slurm/
+pretrain.sbatch; 130 for Ctrl-C), and without leaving rank 0's run.lock. Before, the signals were turned into a
+request for the next step, which never came: the process waited for the 30-minute collective timeout; then they
+exited with 128 + the signal's number and left the lock, which a requeued job on another node could take over only
+with --take-over-lock once its heartbeat was two minutes stale."""
 
 import signal
 import subprocess
@@ -14,7 +17,9 @@ import time
 import psutil
 import pytest
 
+from cmae_ds.cli import EXIT_PREEMPTED
 from cmae_ds.engine import dist, startup
+from cmae_ds.engine.guards.run_lock import LOCK
 
 from engine_helpers import ROOT, TINY, env, write_ds
 from helpers import free_port
@@ -46,19 +51,23 @@ def wait_listening(proc, port, timeout=300):
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_sigint_and_sigterm_end_a_rank_waiting_for_its_peer(tmp_path):
-    procs = {sig: waiting_rank0(tmp_path, sig.name) for sig in (signal.SIGINT, signal.SIGTERM)}
+def test_each_stop_signal_ends_a_rank_waiting_for_its_peer(tmp_path):
+    codes = {signal.SIGINT: 130, signal.SIGTERM: EXIT_PREEMPTED, signal.SIGUSR1: EXIT_PREEMPTED}
+    procs = {sig: waiting_rank0(tmp_path, sig.name) for sig in codes}
     try:
         for sig, (proc, port) in procs.items():
-            signal_ends_it(proc, port, sig)
+            lock = tmp_path / sig.name / LOCK
+            signal_ends_it(proc, port, sig, codes[sig], lock)
+            assert not lock.exists(), f'{sig.name}: run.lock left behind'
     finally:
         for proc, _ in procs.values():
             proc.kill() if proc.poll() is None else None
 
 
-def signal_ends_it(proc, port, sig):
+def signal_ends_it(proc, port, sig, code, lock):
     wait_listening(proc, port)
     time.sleep(1)  # well inside the wait
+    assert lock.exists(), "rank 0 waits for its peer holding the run folder's lock"
     sent = time.monotonic()
     proc.send_signal(sig)
     try:
@@ -67,8 +76,8 @@ def signal_ends_it(proc, port, sig):
         proc.kill()
         raise AssertionError(f'{sig.name}: still waiting 10 s after the signal') from None
     took = time.monotonic() - sent
-    assert proc.returncode == 128 + sig, (sig.name, proc.returncode, err[-2000:])
-    assert f'cmae_ds: {sig.name} during start-up (before the first step): exiting now' in err, err[-2000:]
+    assert proc.returncode == code, (sig.name, proc.returncode, err[-2000:])
+    assert f'cmae_ds: {sig.name} during start-up (before the first step): exiting now with code {code}' in err, err
     assert took < 5, took
 
 

@@ -1,5 +1,5 @@
 """A stop signal during start-up (waiting for peers, building the index, loading a checkpoint) ends the process
-within a second, with one line and the signal's exit code.
+within a second, with one line.
 
 The run's signal handlers (guards/preemption.py) turn a signal into a request for the next optimizer step, and
 before the first step there is none: a rank waiting for its peers in `init_process_group` sat in C++ (torch's
@@ -8,6 +8,12 @@ C-level handler still writes the signal's number to the wakeup fd (`signal.set_w
 whatever the main thread is doing: a thread reading that fd ends the process. Nothing is lost: before the first
 step a run has written nothing since its last complete checkpoint. From the first step on, the handlers' requests
 and the checkpoint they lead to take over (`end()`).
+
+SIGTERM and SIGUSR1 (a scheduler's preemption or time-limit warning) exit 75, cli.EXIT_PREEMPTED, as they do
+mid-run, so a batch script requeues the job (the same command resumes from the last complete checkpoint); SIGINT (a
+person's Ctrl-C) exits 130, as a shell reports it. Before leaving, the cleanups registered with `cleanup` run: rank
+0's run.lock is removed, which a requeued job on another node could otherwise take over only with --take-over-lock
+after its heartbeat went stale.
 """
 
 from __future__ import annotations
@@ -16,9 +22,13 @@ import os
 import signal
 import sys
 import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 STOPS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
+PREEMPTED = 75  # cli.EXIT_PREEMPTED (cli imports the engine, not the other way round)
 _active: dict = {}  # 'read', 'write' (the pipe) while start-up lasts
+_cleanups: list[Callable[[], None]] = []
 
 
 def begin() -> bool:
@@ -52,9 +62,19 @@ def end() -> None:
     os.close(write)  # the watcher reads EOF and ends
 
 
+@contextmanager
+def cleanup(fn: Callable[[], None]) -> Iterator[None]:
+    """While inside, `fn` runs (on the watcher thread) if a start-up signal ends the process."""
+    _cleanups.append(fn)
+    try:
+        yield
+    finally:
+        _cleanups.remove(fn)
+
+
 def exit_code(signum: int) -> int:
-    """What a shell reports for death by the signal (130 for SIGINT, 143 for SIGTERM, 138 for SIGUSR1)."""
-    return 128 + signum
+    """75 for the scheduler's signals (requeue); for SIGINT what a shell reports for death by it, 130."""
+    return 128 + signum if signum == signal.SIGINT else PREEMPTED
 
 
 def _watch(read: int) -> None:
@@ -79,6 +99,11 @@ def _exit(signum: int) -> None:
         file=sys.stderr,
         flush=True,
     )
+    for fn in reversed(list(_cleanups)):
+        try:
+            fn()
+        except Exception as e:  # the exit goes on: a cleanup that fails must not keep the process waiting
+            print(f'cmae_ds: start-up cleanup {fn!r} failed: {e}', file=sys.stderr, flush=True)
     os._exit(code)
 
 

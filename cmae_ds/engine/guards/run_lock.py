@@ -25,6 +25,7 @@ from typing import Callable, Iterator, Optional
 
 from ...errors import RunLockedError
 from ...storage.output_dir import MIN_FREE_BYTES, check_output_dir
+from .. import startup
 from ..checkpoints import store
 from ..slurm import slurm_rank
 
@@ -237,7 +238,9 @@ def guard(run_dir: Path | str, take_over: bool = False, key: str = 'train.output
     if lock is not None:
         lock.acquire(take_over)
     try:
-        yield
+        # a start-up signal ends the process without unwinding this: the lock goes with it
+        with startup.cleanup(lock.release if lock is not None else lambda: None):
+            yield
     finally:
         if lock is not None:
             lock.release()
