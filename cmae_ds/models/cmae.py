@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import DECODER_MLP_RATIO, ModelConfig
 from ..kernels import FlatEMA, fused_enabled, record
-from ..kernels.ema import MasterEMA, master_groups
+from ..kernels.ema import MasterEMA, Zero3MasterEMA, master_groups, zero3_groups
 from .batchnorm import keep_dtype
 from .decoder import MAEDecoder
 from .heads import ProjectionMLP
@@ -184,13 +184,22 @@ class CMAE(nn.Module):
         object.__setattr__(self, '_flat_ema', flat if flat.flat else None)
 
     def enable_master_ema(self, optimizer) -> bool:
-        """The EMA from the fp32 master weights of DeepSpeed's `optimizer` (cmae_ds.kernels.ema.MasterEMA), in one
-        launch per parameter group; False (nothing changed) where the optimizer keeps none on the device."""
-        groups = master_groups(optimizer)
-        if self.target is None or groups is None or not fused_enabled('ema'):
+        """The EMA from the fp32 master weights of DeepSpeed's `optimizer` (cmae_ds.kernels.ema: MasterEMA under
+        ZeRO-1/2, Zero3MasterEMA under ZeRO-3), in one launch per parameter group; False (nothing changed) where the
+        optimizer keeps none on the device."""
+        if self.target is None or not fused_enabled('ema'):
             return False
-        object.__setattr__(self, '_master_ema', MasterEMA(*self.ema_pairs(), groups))
+        groups, kind = master_groups(optimizer), MasterEMA
+        if groups is None:
+            groups, kind = zero3_groups(optimizer), Zero3MasterEMA
+        if groups is None:
+            return False
+        object.__setattr__(self, '_master_ema', kind(*self.ema_pairs(), groups))
         return True
+
+    @property
+    def ema_from_master(self) -> bool:
+        return self._master_ema is not None
 
     @torch.no_grad()
     def copy_online_to_target(self) -> None:

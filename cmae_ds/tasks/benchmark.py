@@ -30,6 +30,7 @@ import torch
 
 from ..config import Config
 from ..config.ds_config import ResolvedBatch, check_precision_supported, compute_dtype, validate
+from ..engine import torch_globals
 from ..engine.dist import DistContext
 from ..engine.schedules import scaled_lr
 from ..kernels import last_impl
@@ -162,7 +163,8 @@ def run_cell(
         times, wait = _time_data(batches, warmup, steps, ctx.device)
     else:
         result.extra.update(guards=guards, ema=ema)
-        times, wait = _time_steps(cfg, ds, batch_cfg, ctx, batches, warmup, steps, result, guards, ema)
+        with torch_globals.restored():  # a ZeRO-3 cell's linear must not time the cells after it
+            times, wait = _time_steps(cfg, ds, batch_cfg, ctx, batches, warmup, steps, result, guards, ema)
     _fill(result, cfg, batch_cfg, ctx, times, wait, peak_override)
     return result
 

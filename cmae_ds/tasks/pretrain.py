@@ -41,11 +41,12 @@ def momentum_at_step(cfg: Config, schedule, step: int) -> float:
 
 
 def momentum_step(model: CMAE, m: float, zero_stage: int) -> None:
-    """EMA of the target towards the online weights. ZeRO-3 partitions the online parameters, so they are
-    gathered (all at once, one collective) for the duration of the update."""
+    """EMA of the target towards the online weights: their fp32 master where the model took it (every ZeRO stage
+    without offload), else the weights, which ZeRO-3 partitions: they are then gathered (all at once, one
+    collective) for the duration of the update."""
     if model.target is None:
         return
-    if zero_stage == 3:
+    if zero_stage == 3 and not model.ema_from_master:
         import deepspeed
 
         _, sources = model.ema_pairs()
@@ -124,8 +125,8 @@ def build_engine(cfg: Config, ds: dict, batch_cfg: ResolvedBatch, ctx: DistConte
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     undo_initial_step(engine)
     model.to(engine.device)
-    # ZeRO-3 partitions the online weights: momentum_step gathers them instead
-    if batch_cfg.zero_stage != 3 and not model.enable_master_ema(engine.optimizer):
+    # ZeRO-3's online weights are partitions: without its master EMA momentum_step gathers them
+    if not model.enable_master_ema(engine.optimizer) and batch_cfg.zero_stage != 3:
         model.enable_flat_ema()
     model.compiled = compiled
     return engine, model, opt_name
