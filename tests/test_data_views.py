@@ -238,3 +238,32 @@ def test_dali_gpu_graph_makes_the_cpu_graphs_views(tmp_path):
         assert torch.equal(cpu['debug'][k], gpu['debug'][k].cpu()), k
     std = torch.tensor(STD).view(1, 3, 1, 1)
     assert ((cpu['img'] - gpu['img'].cpu()) * std).abs().max() < 8
+
+
+@pytest.mark.parametrize('pipeline', PIPELINES)
+def test_mae_mode_makes_the_official_mae_view(tmp_path, pipeline):
+    """MAE's official pipeline (configs/pre-training/mae/mae_vit-base-p16_32xb128-coslr-300e_in1k.py in the official
+    repository): RandomResizedCrop straight to the view's size, crop ratio (0.2, 1.0), bicubic with the pillow
+    backend (mmcv's imcrop of the box, then imresize), RandomFlip 0.5. Here the crop and resize come from torchvision
+    (`resized_crop` on the PIL image: PIL's crop, then its bicubic resize) for each sample's drawn box and flip; the
+    model mode alone picks it (CMAE's master is 32 pixels larger, its online view a window of it)."""
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+
+    from cmae_ds.config import load_config
+
+    paths = write_folder(tmp_path, {'wide': [coord_image(160, 120)] * 4, 'tall': [coord_image(120, 160)] * 4})
+    mae = load_config(
+        None, ['model.mode=mae', f'data.root={tmp_path}', f'data.pipeline={pipeline}', 'data.source=folder']
+    )
+    assert mae.data.master_extra == 0 and load_config(None, []).data.master_extra == 32
+    loader = build_pretrain_loader(mae.data, img_size=S, batch_size=8, debug=True)
+    batch = next(iter(loader))
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    for i, index in enumerate(batch['index'].tolist()):
+        top, left, h, w = batch['debug']['box'][i].tolist()
+        ref = TF.resized_crop(Image.open(paths[index]), top, left, h, w, [S, S], TF.InterpolationMode.BICUBIC)
+        ref = TF.hflip(ref) if batch['debug']['flip'][i] else ref
+        ref = (TF.pil_to_tensor(ref).float() - mean) / std
+        levels = ((batch['img'][i] - ref) * std).abs().max().item()  # 0-255 levels
+        assert levels < (1e-3 if pipeline == 'torch' else 3), (pipeline, i, levels)

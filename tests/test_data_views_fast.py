@@ -16,11 +16,12 @@ from cmae_ds.data.views.draws import draw_views, rrc_box
 
 
 def _before(path: str, d, size: int, extra: int):
-    """cmae_views as it was before the cuts (torchvision's colour ops, numpy copies)."""
+    """cmae_views as it was before the cuts (torchvision's colour ops, numpy copies), with the master cropped and
+    then resized as the official RandomResizedCrop does (mmcv's imcrop, then imresize)."""
     with Image.open(path) as im:
         im.load()
         img = im.convert('RGB')
-    master = img.resize((size + extra,) * 2, Image.BICUBIC, box=_pil_box(rrc_box(d, img.width, img.height)))
+    master = img.crop(_pil_box(rrc_box(d, img.width, img.height))).resize((size + extra,) * 2, Image.BICUBIC)
     if d.flip:
         master = master.transpose(Image.FLIP_LEFT_RIGHT)
     online, target = master.crop((0, 0, size, size)), master.crop((d.dx, d.dy, d.dx + size, d.dy + size))

@@ -13,6 +13,7 @@ from .sizes import ENCODER_SIZES, size_defaults
 
 PIPELINES = ('auto', 'dali', 'torch_gpu', 'torch')
 SOURCES = ('embedded', 'folder', 'json', 'filelist', 'shards', 'synthetic')
+CMAE_MASTER_EXTRA = 32  # docs/spec.md section 7: a 256 master for 224 views
 
 
 @dataclass
@@ -123,8 +124,9 @@ class DataConfig:
     num_workers: int = ranged(-1, ge=-1)
     """DataLoader workers (torch pipelines) or DALI CPU threads per rank; -1: sized to the cores this rank owns
     (cmae_ds/data/pipelines/threads.py)."""
-    master_extra: int = ranged(32, ge=0)
-    """The master crop is view + this many pixels (docs/spec.md section 7: 256 for 224 views)."""
+    master_extra: Optional[int] = ranged(None, ge=0)
+    """The master crop is view + this many pixels (docs/spec.md section 7). Unset: by the model's mode, 32 for CMAE
+    (256 for 224 views) and 0 for MAE, whose official view is a random resized crop straight to the view's size."""
     hw_decoder_load: float = ranged(0.65, ge=0, le=1)
     """DALI on a GPU: share of JPEG decoding sent to the hardware decoder (A100/H100 nvJPEG engine)."""
 
@@ -277,8 +279,18 @@ class Config:
     knn_train: DataConfig = field(default_factory=DataConfig)
     knn_val: DataConfig = field(default_factory=DataConfig)
 
+    def __post_init__(self) -> None:
+        if self.data.master_extra is None:
+            self.data.master_extra = master_extra_for(self.model.mode)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def master_extra_for(mode: str) -> int:
+    """The official view of each pretraining mode: CMAE's master of view + 32 pixels (its online view the
+    top-left window); MAE's RandomResizedCrop to the view's size (configs/pre-training/mae/*.py)."""
+    return 0 if mode == 'mae' else CMAE_MASTER_EXTRA
 
 
 SECTIONS = {

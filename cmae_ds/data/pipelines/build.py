@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from ...config.sections import CMAE_MASTER_EXTRA
 from ..errors import DataSourceError
 from ..sources.files import Sample, list_samples
 from .base import EpochLoader
@@ -71,6 +72,8 @@ def _make(
 ) -> EpochLoader:
     pipeline = resolve_pipeline(data_cfg.pipeline, device)
     erase = mode == 'cls_train'
+    # a Config sets it by the model's mode; a DataConfig on its own makes CMAE's views
+    extra = CMAE_MASTER_EXTRA if data_cfg.master_extra is None else data_cfg.master_extra
     workers = data_workers(data_cfg.num_workers, device)
     if pipeline == 'dali':
         from .dali import DaliLoader
@@ -81,7 +84,7 @@ def _make(
             plan,
             device,
             img_size,
-            data_cfg.master_extra,
+            extra,
             workers,
             data_cfg.hw_decoder_load,
             debug,
@@ -90,12 +93,12 @@ def _make(
     elif pipeline == 'torch_gpu':
         from .torch_gpu import BytesDataset, GpuLoader
 
-        ds = BytesDataset(samples, mode, img_size, data_cfg.master_extra, plan.seed, debug)
+        ds = BytesDataset(samples, mode, img_size, extra, plan.seed, debug)
         loader = GpuLoader(ds, plan, device, workers, erase)
     else:
         from .torch_workers import TorchLoader, ViewDataset
 
-        ds = ViewDataset(samples, mode, img_size, data_cfg.master_extra, plan.seed, debug)
+        ds = ViewDataset(samples, mode, img_size, extra, plan.seed, debug)
         loader = TorchLoader(ds, plan, device, workers, erase)
     log.info('data: %s pipeline, %d images, %r', loader.name, len(samples), loader)
     return loader

@@ -86,8 +86,9 @@ def draw_batch(seed: int, epoch: int, indices, extra: int, scale=C.MASTER_SCALE,
         u_top=v[:, 0].astype(np.float32),
         u_left=v[:, 1].astype(np.float32),
         flip=v[:, 2] < 0.5,
-        dy=np.minimum((v[:, 3] * extra).astype(np.int32), extra - 1),
-        dx=np.minimum((v[:, 4] * extra).astype(np.int32), extra - 1),
+        # uniform in [0, extra - 1]; with no margin (MAE's view) the target window is the master itself
+        dy=np.minimum((v[:, 3] * extra).astype(np.int32), max(extra - 1, 0)),
+        dx=np.minimum((v[:, 4] * extra).astype(np.int32), max(extra - 1, 0)),
         factors=np.concatenate([1 - amount + 2 * amount * v[:, 5:8], -C.HUE + 2 * C.HUE * v[:, 8:9]], 1),
         order=np.argsort(v[:, 9:13], axis=1),  # a uniform random permutation per sample
         jitter=v[:, 13] < C.JITTER_P,

@@ -28,8 +28,11 @@ def decode_rgb(path: str) -> Image.Image:
 
 
 def resized_crop(img: Image.Image, box, size: int) -> Image.Image:
+    """Crop, then resize, as the official RandomResizedCrop (mmcv's imcrop, then imresize with the pillow backend)
+    and torchvision's: PIL's resize with `box=` reads pixels beyond the box for the filter's support at its edges
+    (up to a level or two there)."""
     top, left, h, w = box
-    return img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+    return img.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
 
 
 def adjust_hue(img: Image.Image, factor: float) -> Image.Image:
