@@ -98,17 +98,33 @@ def _kernel_switches():
 TORCH_FUNCTIONS = {name: getattr(torch.nn.functional, name) for name in ('linear', 'embedding')}
 
 
+def _process_state() -> dict:
+    """What one test can change for the tests after it on the same xdist worker, whichever they are. (Not the
+    intra-op threads: a run sizes them for its process, engine/dist.py, and the suite's timings assume it.)"""
+    return {
+        'default dtype': torch.get_default_dtype(),
+        'grad mode': torch.is_grad_enabled(),
+        'deterministic': torch.are_deterministic_algorithms_enabled(),
+        **{f'functional.{n}': getattr(torch.nn.functional, n) for n in TORCH_FUNCTIONS},
+    }
+
+
 @pytest.fixture(autouse=True)
-def _torch_functions_untouched():
-    """No test leaves torch's functions replaced. ZeRO-3's engine swaps `functional.linear` for its own for good
+def _torch_state_untouched():
+    """No test leaves torch's process state changed. ZeRO-3's engine swaps `functional.linear` for its own for good
     (engine/torch_globals.py); a run in this process left it so, and a later test on the same xdist worker that
     scripted an nn.Linear failed inside TorchScript, depending on which worker drew which tests. This fails the test
     that leaks, and puts torch back for the rest."""
+    before = _process_state()
     yield
-    leaked = [n for n, fn in TORCH_FUNCTIONS.items() if getattr(torch.nn.functional, n) is not fn]
-    for name in leaked:
-        setattr(torch.nn.functional, name, TORCH_FUNCTIONS[name])
-    assert not leaked, f'torch.nn.functional.{leaked} left replaced (by DeepSpeed?)'
+    after = _process_state()
+    for name, fn in TORCH_FUNCTIONS.items():
+        setattr(torch.nn.functional, name, fn)
+    torch.set_default_dtype(before['default dtype'])
+    torch.set_grad_enabled(before['grad mode'])
+    torch.use_deterministic_algorithms(before['deterministic'])
+    changed = {k: (before[k], after[k]) for k in before if after[k] != before[k]}
+    assert not changed, f'the test left torch changed (before, after): {changed}'
 
 
 @pytest.fixture(autouse=True)
