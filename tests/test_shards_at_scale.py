@@ -25,8 +25,10 @@ from cmae_ds.data import build_pretrain_loader, list_samples
 from cmae_ds.data.pipelines.dali import RecordFeed
 from cmae_ds.data.sources import shard_index
 from cmae_ds.data.sources import shards as shards_mod
-from cmae_ds.data.sources.shard_index import INDEX_NAME, LOCK_NAME, ShardError
+from cmae_ds.data.sources.index_lock import LOCK_NAME
+from cmae_ds.data.sources.shard_index import INDEX_NAME, ShardError
 from cmae_ds.data.sources.shards import ShardSamples
+from cmae_ds.data.sources.tar_walk import IMAGE_EXTS
 
 from data_helpers import PIPELINES, cfg
 
@@ -160,7 +162,7 @@ def _wds_samples(urls: list[str]) -> list[dict]:
 def _image_of(sample: dict):
     """The first field whose last extension is an image's, as webdataset's imagehandler decides (autodecode.py)."""
     for k, v in sample.items():
-        if not k.startswith('__') and k.rpartition('.')[2] in shard_index.IMAGE_EXTS:
+        if not k.startswith('__') and k.rpartition('.')[2] in IMAGE_EXTS:
             return v
     return None
 

@@ -98,7 +98,8 @@ def scan_shards(root: str, workers: int = 1, report: Optional[str] = None) -> Sc
     every pipeline then leaves them out), beside the shards or in the cache when ROOT is read-only. The bad records,
     'shard.tar:member<TAB>reason' a line, go to `report` (default ROOT/shards.bad.txt, or the cache folder).
     ScanResult.good lists (record, label)."""
-    from .shard_index import cache_dir, index_shards, load_index_file, report_notes, shard_names, shown, store_index
+    from .shard_index import cache_dir, index_shards, load_index_file, shard_names, store_index
+    from .tar_walk import report_notes, shown
 
     rootp = Path(root)
     names = shard_names(rootp)

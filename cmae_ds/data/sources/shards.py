@@ -26,7 +26,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .shard_index import Index, ShardError, load_index, shown
+from .shard_index import Index, ShardError, load_index
+from .tar_walk import shown
 
 MAX_OPEN = 16384  # every shard of a large dataset where the limit allows: random order then opens nothing
 OPEN_ENV = 'CMAE_DS_SHARD_OPEN_FILES'
