@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..config import ConfigError, FinetuneConfig, LinearProbeConfig, TaskConfig
+from ..config import ConfigError, LinearProbeConfig, TaskConfig
 from ..config.ds_config import ResolvedBatch, compute_dtype
 from ..data import build_classification_loader, list_samples
 from ..engine.checkpoints.model_state import consolidated_state_dict
@@ -42,6 +42,7 @@ from ..modelfiles.model_card import run_facts
 from ..modelfiles.model_file import run_model_file
 from ..models import ViTClassifier
 from ..seeds import model_seed, seed_classifier_rank
+from .batch_mix import BatchMix
 from .evaluate import EvalResult, check_labels, evaluate
 
 __all__ = ['train', 'train_step', 'FinetuneResult', 'NonFiniteLoss']
@@ -79,11 +80,6 @@ def _check_task(cfg: TaskConfig, ds: dict, batch_cfg: ResolvedBatch, path: str) 
         raise ConfigError(
             f'{task.section}.pretrained: set the starting weights (a pretraining run folder or its '
             f'model.safetensors, an extracted encoder, an official checkpoint){scratch}'
-        )
-    if isinstance(task, FinetuneConfig) and task.mixes and micro % 2:
-        raise ConfigError(
-            f'{path}: train_micro_batch_size_per_gpu {micro} must be even: Mixup/CutMix pairs images '
-            'within a batch (or turn mixing off: finetune.mixup=0 finetune.cutmix=0)'
         )
     if _is_probe(cfg):
         if micro < 2:
@@ -155,23 +151,16 @@ def build_engine(
 
 
 def build_criterion(cfg: TaskConfig):
-    """(mixup or None, loss(logits fp32 (N, C), target) -> scalar). timm's Mixup makes soft targets that already
-    include the label smoothing."""
+    """(mixup or None, loss(logits fp32 (N, C), target) -> scalar). The official batch mixing (batch_mix.py) makes
+    soft targets that already include the label smoothing."""
     task = cfg.task
     if _is_probe(cfg):
         return None, nn.CrossEntropyLoss()
     if task.mixes:
-        from timm.data import Mixup
         from timm.loss import SoftTargetCrossEntropy
 
-        mixup = Mixup(
-            mixup_alpha=task.mixup,
-            cutmix_alpha=task.cutmix,
-            prob=task.mixup_prob,
-            switch_prob=task.mixup_switch_prob,
-            mode='batch',
-            label_smoothing=task.smoothing,
-            num_classes=task.num_classes,
+        mixup = BatchMix(
+            task.mixup, task.cutmix, task.mixup_prob, task.mixup_switch_prob, task.smoothing, task.num_classes
         )
         return mixup, SoftTargetCrossEntropy()
     if task.smoothing > 0:
