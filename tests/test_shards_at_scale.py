@@ -321,7 +321,9 @@ def test_two_processes_building_one_index_at_once_produce_one_index(packed, tmp_
     shutil.copytree(packed[1], root)
     (root / INDEX_NAME).unlink()
     marks.mkdir()
-    ctx = mp.get_context('fork')
+    # spawned, not forked: a child forked from a pytest-xdist worker inherits any lock another of its threads held
+    # at that moment (in one CI run both children hung for the 60 s below, one building, one waiting for it)
+    ctx = mp.get_context('spawn')
     barrier = ctx.Barrier(2)
     procs = [ctx.Process(target=_build_in_child, args=(str(root), barrier, str(marks), True)) for _ in range(2)]
     for p in procs:
